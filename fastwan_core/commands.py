@@ -1,0 +1,5 @@
+"""CLI subcommands of the headless pipeline (generate, demo, convert)."""
+
+
+def register(subparsers) -> None:
+    pass

@@ -1,0 +1,67 @@
+"""The flow-matching noise schedule, written once.
+
+Convention (Wan / rectified flow): x_t = (1 - sigma) * x0 + sigma * noise, the model predicts
+v = noise - x0, so x0 = x_t - sigma * v, and the model is conditioned on t = 1000 * sigma.
+The shift warps sigma towards noise: shifted = s * sigma / (1 + (s - 1) * sigma).
+
+Training uses a grid of 1000 shifted sigmas (unshifted 1, 0.999, ..., 0.001). A few-step student's
+timesteps such as (1000, 757, 522) are points of that *shifted* grid: each snaps to the nearest
+grid entry, giving sigma = 1.0, 0.7568, 0.5217 at shift 8.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def shift_sigma(sigma, shift: float):
+    """Apply the timestep shift to sigma in [0, 1] (float or tensor)."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def sigma_grid(shift: float, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
+    """The training grid: shifted sigmas, descending from 1.0, float64 [num_train_timesteps]."""
+    unshifted = torch.linspace(1.0, 1.0 / num_train_timesteps, num_train_timesteps, dtype=torch.float64)
+    return shift_sigma(unshifted, shift)
+
+
+def sigma_to_timestep(sigma):
+    """The model is conditioned on t = 1000 * sigma (sigma already shifted)."""
+    return sigma * NUM_TRAIN_TIMESTEPS
+
+
+def student_sigmas(timesteps: Sequence[float], shift: float) -> list[float]:
+    """Few-step student: timesteps on the shifted grid (e.g. 1000, 757, 522) -> their sigmas
+    (1.0, 0.7568, 0.5217 at shift 8), each snapped to the nearest grid entry."""
+    grid_timesteps = sigma_grid(shift) * NUM_TRAIN_TIMESTEPS
+    sigmas = []
+    for t in timesteps:
+        t = float(t)
+        if not 0.0 < t <= NUM_TRAIN_TIMESTEPS:
+            raise ValueError(f"student timestep {t} is outside (0, {NUM_TRAIN_TIMESTEPS}]")
+        index = int(torch.argmin((grid_timesteps - t).abs()))
+        sigmas.append(float(grid_timesteps[index]) / NUM_TRAIN_TIMESTEPS)
+    return sigmas
+
+
+def teacher_sigmas(num_steps: int, shift: float) -> torch.Tensor:
+    """Multi-step sampler: num_steps+1 shifted sigmas from 1 down to 0 (float64, CPU)."""
+    base = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    return shift_sigma(base, shift)
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
+    """x_t = (1 - sigma) x0 + sigma noise; sigma a float or a [B] tensor."""
+    if isinstance(sigma, torch.Tensor) and sigma.ndim == 1:
+        sigma = sigma.view(-1, *([1] * (x0.ndim - 1)))
+    return (1 - sigma) * x0 + sigma * noise
+
+
+def predict_x0(x_t: torch.Tensor, velocity: torch.Tensor, sigma) -> torch.Tensor:
+    """x0 = x_t - sigma * v."""
+    if isinstance(sigma, torch.Tensor) and sigma.ndim == 1:
+        sigma = sigma.view(-1, *([1] * (x_t.ndim - 1)))
+    return x_t - sigma * velocity
