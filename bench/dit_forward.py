@@ -1,0 +1,128 @@
+"""One DiT forward at 480p x 81 frames: ours vs diffusers' WanTransformer3DModel, same weights.
+
+Full-size Wan2.1-T2V-1.3B with random weights, bf16, latent 21x60x104, context 512x4096. Reports
+eager and torch.compile (regional: each block compiled, as both models repeat one block) medians,
+the VSA backend at 0.8 when its kernel is available, and peak memory. Prints one JSON object.
+
+    python bench/dit_forward.py            # on a GPU
+    python bench/dit_forward.py --smoke    # tiny config on CPU, checks the script runs
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from fastwan.fastwan_core import AttentionConfig, WanConfig, WanDiT
+from fastwan.fastwan_core.checkpoint import dit_state_dict
+
+
+def time_ms(fn, repeats: int, warmup: int, device) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - begin) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--smoke", action="store_true", help="tiny config on CPU")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--no-vsa", action="store_true", help="skip the VSA backend")
+    args = parser.parse_args()
+
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    if args.smoke:
+        config, grid, text_len, dtype, repeats = WanConfig.tiny(), (3, 8, 12), 16, torch.float32, 2
+    else:
+        config, grid, text_len, dtype, repeats = WanConfig.t2v_1_3b(), (21, 60, 104), 512, torch.bfloat16, args.repeats
+    torch.manual_seed(0)
+    with torch.device(device):
+        ours = WanDiT(config).cast_for_inference(dtype).eval()
+    x = torch.randn(1, 16, *grid, device=device, dtype=dtype)
+    t = torch.tensor([757.0], device=device)
+    ctx = torch.randn(1, text_len, config.text_dim, device=device, dtype=dtype)
+    result = {"shape": {"latent": list(grid), "context": [text_len, config.text_dim]},
+              "model": "tiny" if args.smoke else "wan2.1-t2v-1.3b (random weights)",
+              "dtype": str(dtype).replace("torch.", ""), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+
+    from diffusers import WanTransformer3DModel
+
+    kwargs = {k: v for k, v in config.to_diffusers_config().items() if k != "_class_name"}
+    with torch.device(device):
+        reference = WanTransformer3DModel(**kwargs)
+    state = {k: v for k, v in dit_state_dict(ours, "diffusers").items() if "to_gate_compress" not in k}
+    reference.load_state_dict(state, strict=True)
+    reference = reference.to(dtype).eval()
+    # diffusers keeps these in fp32 when loading bf16 weights (_keep_in_fp32_modules); match it.
+    for name, module in reference.named_modules():
+        if any(part in name for part in ("time_embedder", "norm1", "norm2", "norm3")):
+            module.float()
+    reference.scale_shift_table.data = reference.scale_shift_table.data.float()
+    for block in reference.blocks:
+        block.scale_shift_table.data = block.scale_shift_table.data.float()
+
+    with torch.no_grad():
+        out_ours = ours(x, t, ctx).float()
+        out_ref = reference(x, t, ctx, return_dict=False)[0].float()
+    result["rel_err_vs_diffusers"] = float((out_ours - out_ref).norm() / out_ref.norm())
+
+    def run(model, **kw):
+        if model is reference:
+            return lambda: reference(x, t, ctx, return_dict=False)
+        return lambda: ours(x, t, ctx, **kw)
+
+    vsa = AttentionConfig.vsa(0.8)
+    try:
+        from fastwan.kernels.vsa import video_sparse_attention_tiled  # noqa: F401
+        have_vsa = not args.no_vsa
+    except ImportError:
+        have_vsa = False
+
+    timings = {}
+    with torch.no_grad():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        timings["ours_eager_ms"] = time_ms(run(ours), repeats, 2, device)
+        if device.type == "cuda":
+            result["ours_peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.reset_peak_memory_stats()
+        timings["diffusers_eager_ms"] = time_ms(run(reference), repeats, 2, device)
+        if device.type == "cuda":
+            result["diffusers_peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if have_vsa:
+            timings["ours_vsa0.8_eager_ms"] = time_ms(run(ours, attention=vsa), repeats, 2, device)
+        if not args.no_compile:
+            for block in ours.blocks:
+                block.compile()
+            for block in reference.blocks:
+                block.compile()
+            timings["ours_compiled_ms"] = time_ms(run(ours), repeats, 3, device)
+            timings["diffusers_compiled_ms"] = time_ms(run(reference), repeats, 3, device)
+            if have_vsa:
+                timings["ours_vsa0.8_compiled_ms"] = time_ms(run(ours, attention=vsa), repeats, 3, device)
+    result.update({k: round(v, 2) for k, v in timings.items()})
+    result["speedup_eager_vs_diffusers"] = round(timings["diffusers_eager_ms"] / timings["ours_eager_ms"], 3)
+    if "ours_compiled_ms" in timings:
+        result["speedup_compiled_vs_diffusers"] = round(timings["diffusers_compiled_ms"] / timings["ours_compiled_ms"], 3)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
