@@ -1,5 +1,156 @@
-"""CLI subcommands of the headless pipeline (generate, demo, convert)."""
+"""CLI subcommands of the headless pipeline: `fastwan generate`, `fastwan demo`, `fastwan convert`.
+
+Heavy imports (torch models, transformers, diffusers) happen inside the run functions so that
+`fastwan --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
 
 
 def register(subparsers) -> None:
-    pass
+    _register_generate(subparsers)
+    _register_demo(subparsers)
+    _register_convert(subparsers)
+
+
+def _timesteps(text: str):
+    try:
+        values = tuple(float(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 1000,757,522; got {text!r}")
+    if not values or any(not 0 < v <= 1000 for v in values):
+        raise argparse.ArgumentTypeError(f"timesteps must be in (0, 1000]; got {text!r}")
+    return values
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser, frames: int, height: int, width: int) -> None:
+    parser.add_argument("--seed", type=int, default=0, help="noise seed (same seed, same video on any device)")
+    parser.add_argument("--frames", type=int, default=frames, help=f"frame count, 4k+1 (default {frames})")
+    parser.add_argument("--height", type=int, default=height, help=f"multiple of 16 (default {height})")
+    parser.add_argument("--width", type=int, default=width, help=f"multiple of 16 (default {width})")
+    parser.add_argument("--fps", type=float, default=16.0, help="frames per second of the file (Wan: 16)")
+    parser.add_argument("--quality", type=int, default=None, help="0..100, higher is better (default 80)")
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                        help="weights dtype (default bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda if available)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _register_generate(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate", help="text -> video with a FastWan (or Wan2.1 T2V) diffusers folder",
+        description="Generate a video: umT5 text encoder -> 3-step DMD sampler (or --steps N teacher sampler "
+                    "with CFG: UniPC or Euler) -> Wan VAE -> mp4/webm/webp/gif.")
+    parser.add_argument("--prompt", required=True, help="what the video shows")
+    parser.add_argument("--model", required=True,
+                        help="FastWan diffusers folder (transformer/, text_encoder/, tokenizer/, vae/) or a hub id "
+                             "such as FastVideo/FastWan2.1-T2V-1.3B-Diffusers (needs network)")
+    parser.add_argument("--out", default="fastwan.mp4", help="output video (.mp4, .webm, .webp, .gif)")
+    _add_sampling_arguments(parser, frames=81, height=480, width=832)
+    parser.add_argument("--sparsity", type=float, default=0.0,
+                        help="VSA sparsity in [0, 1): FastWan runs at 0.8; 0 = dense attention")
+    parser.add_argument("--timesteps", type=_timesteps, default=(1000.0, 757.0, 522.0),
+                        help="student timesteps for the DMD sampler (default 1000,757,522)")
+    parser.add_argument("--shift", type=float, default=None, help="flow shift (default 8 student, 5 teacher)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="use a multi-step teacher sampler with CFG for this many steps "
+                             "(dense Wan baselines, e.g. 50)")
+    parser.add_argument("--sampler", choices=["unipc", "euler"], default="unipc",
+                        help="teacher sampler for --steps: unipc (Wan's default) or euler")
+    parser.add_argument("--guidance", type=float, default=5.0, help="CFG scale of the teacher sampler")
+    parser.add_argument("--negative-prompt", default=None,
+                        help="teacher sampler's negative prompt (default: Wan's default negative prompt)")
+    parser.add_argument("--vae-tiling", action="store_true", help="decode in spatial tiles (less GPU memory)")
+    parser.set_defaults(run=_run_generate)
+
+
+def _request_from_args(args, model: str):
+    from .pipeline import GenerateRequest
+
+    return GenerateRequest(prompt=args.prompt, model=model, out=args.out, seed=args.seed, frames=args.frames,
+                           height=args.height, width=args.width, sparsity=getattr(args, "sparsity", 0.0),
+                           timesteps=getattr(args, "timesteps", (1000.0, 757.0, 522.0)),
+                           shift=getattr(args, "shift", None), steps=getattr(args, "steps", None),
+                           sampler=getattr(args, "sampler", "unipc"),
+                           guidance=getattr(args, "guidance", 5.0),
+                           negative_prompt=getattr(args, "negative_prompt", None), dtype=args.dtype,
+                           device=args.device, fps=args.fps, quality=args.quality,
+                           vae_tiling=getattr(args, "vae_tiling", False), progress=not args.no_progress)
+
+
+def _run_generate(args) -> int:
+    from .pipeline import generate
+
+    result = generate(_request_from_args(args, args.model))
+    print(f"wrote {result.path}  (total {sum(result.timings.values()):.2f} s)")
+    return 0
+
+
+def _register_demo(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "demo", help="run the whole pipeline offline on tiny RANDOM-weight models (no download)",
+        description="Builds tiny random-weight models in the real FastWan folder layout and runs the full "
+                    "generate pipeline on them, offline. The video is noise: the weights are random. It shows "
+                    "that the installation works end to end.")
+    parser.add_argument("--prompt", default="A cat walks on the grass in the sun.")
+    parser.add_argument("--out", default="fastwan_demo.mp4", help="output video (.mp4, .webm, .webp, .gif)")
+    parser.add_argument("--model-dir", default=None,
+                        help="keep the tiny model folder here (default: a temporary folder, deleted after)")
+    _add_sampling_arguments(parser, frames=17, height=64, width=96)
+    parser.add_argument("--sparsity", type=float, default=0.0, help="VSA sparsity in [0, 1)")
+    parser.set_defaults(run=_run_demo)
+
+
+def _run_demo(args) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from .demo_models import build_demo_model_folder
+    from .pipeline import generate
+
+    print("fastwan demo: building tiny models with RANDOM weights; the video will be noise, not the prompt.")
+    with tempfile.TemporaryDirectory(prefix="fastwan-demo-") as scratch:
+        folder = Path(args.model_dir) if args.model_dir else Path(scratch) / "FastWan-tiny-random"
+        if not (folder / "transformer").is_dir():
+            build_demo_model_folder(folder, seed=0)
+        print(f"fastwan demo: model folder {folder}")
+        result = generate(_request_from_args(args, str(folder)))
+    print(f"wrote {result.path}  ({args.frames} frames, {args.width}x{args.height}, random weights; "
+          f"total {sum(result.timings.values()):.2f} s)")
+    print("For real videos: fastwan generate --model FastWan2.1-T2V-1.3B-Diffusers --prompt '...'")
+    return 0
+
+
+def _register_convert(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "convert", help="a FastWan transformer -> one safetensors file (ComfyUI-ready, VSA gates kept)",
+        description="Read a Wan/FastWan DiT (diffusers folder, its transformer/, a sharded index or a "
+                    ".safetensors file) and write it as one .safetensors file.")
+    parser.add_argument("--model", required=True, help="model folder, transformer/ folder, or .safetensors file")
+    parser.add_argument("--out", required=True, help="output .safetensors file")
+    parser.add_argument("--layout", choices=["comfy", "diffusers", "original", "fastwan"], default="comfy",
+                        help="key names: comfy (model.diffusion_model.*, default), diffusers, original Wan, fastwan")
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                        help="weights dtype (default: keep the file's)")
+    parser.set_defaults(run=_run_convert)
+
+
+def _run_convert(args) -> int:
+    from pathlib import Path
+
+    from .checkpoint import load_dit, save_dit
+    from .errors import InputError
+    from .pipeline import DTYPES
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise InputError(f"--out {out}: must end in .safetensors (one file that Load FastWan / ComfyUI reads)")
+    model = load_dit(args.model, dtype=DTYPES[args.dtype] if args.dtype else None)
+    save_dit(model, out, layout=args.layout)
+    gates = "with trained VSA gates" if model.has_trained_gates() else "no trained VSA gates (dense model)"
+    config = model.config
+    print(f"wrote {out}: {config.num_layers} blocks, width {config.dim}, layout {args.layout}, {gates}",
+          file=sys.stdout)
+    return 0

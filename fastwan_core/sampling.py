@@ -5,6 +5,7 @@ seed gives the same video on every device.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -70,3 +71,189 @@ def sample_dmd(
         if callback is not None:
             callback(step, len(sigmas), x0)
     return x0
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-step teacher sampling (dense baselines, data synthesis)
+
+DEFAULT_TEACHER_STEPS = 50
+DEFAULT_TEACHER_SHIFT = 5.0  # Wan2.1 text-to-video's default sample shift
+DEFAULT_GUIDANCE = 5.0  # Wan2.1 text-to-video's default guidance scale
+
+
+def wan_flow_sigmas(num_steps: int, shift: float, num_train_timesteps: int = 1000) -> list[float]:
+    """The sigma grid of Wan's (and diffusers' WanPipeline's) flow sampler: `num_steps` shifted
+    values of linspace(1, 1/num_train_timesteps, num_steps + 1)[:-1], then a final 0.
+
+    This is the grid of diffusers' UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=shift),
+    which starts at sigma = 1 - 1e-6 rather than 1 (to keep its log-SNR finite); we start at 1.
+    Returns num_steps + 1 floats, descending from 1.0 to 0.0.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    base = torch.linspace(1.0, 1.0 / num_train_timesteps, num_steps + 1, dtype=torch.float64)[:-1]
+    shifted = shift * base / (1 + (shift - 1) * base)
+    return [float(s) for s in shifted] + [0.0]
+
+
+def guided_velocity(model, x: torch.Tensor, timestep: torch.Tensor, context, negative_context,
+                    guidance: float) -> torch.Tensor:
+    """Classifier-free guidance on the velocity: v_uncond + guidance * (v_cond - v_uncond).
+
+    guidance 1 (or no negative context) is the conditional velocity alone, one model call.
+    """
+    v_cond = model(x, timestep, context).float()
+    if negative_context is None or guidance == 1.0:
+        return v_cond
+    v_uncond = model(x, timestep, negative_context).float()
+    return v_uncond + guidance * (v_cond - v_uncond)
+
+
+@torch.no_grad()
+def sample_euler(
+    model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    context: torch.Tensor,
+    shape: Sequence[int],
+    seed: int,
+    negative_context: Optional[torch.Tensor] = None,
+    guidance: float = DEFAULT_GUIDANCE,
+    num_steps: int = DEFAULT_TEACHER_STEPS,
+    shift: float = DEFAULT_TEACHER_SHIFT,
+    sigmas: Optional[Sequence[float]] = None,
+    callback: Optional[StepCallback] = None,
+    device=None,
+) -> torch.Tensor:
+    """Multi-step Euler sampling of the flow ODE dx/dsigma = v, with classifier-free guidance.
+
+    x starts as noise at sigmas[0]; each step x <- x + (sigma_next - sigma) * v_guided(x, sigma),
+    where the model is called at t = 1000 * sigma. At sigma_next = 0 this is x0 = x - sigma * v.
+
+    Args:
+        model, context, shape, seed, callback, device: as in `sample_dmd`.
+        negative_context: embeddings of the negative prompt (Wan's default negative prompt for the
+            reference recipe), same shape as context; None disables guidance.
+        guidance: CFG scale (1 = no guidance).
+        num_steps, shift: build the Wan grid `wan_flow_sigmas(num_steps, shift)` unless `sigmas`
+            (descending, ending at 0) is given.
+    Returns:
+        float32 normalized latents of `shape`.
+    """
+    if device is None:
+        device = context.device if isinstance(context, torch.Tensor) else "cpu"
+    sigmas = list(sigmas) if sigmas is not None else wan_flow_sigmas(num_steps, shift)
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    batch = shape[0]
+    x = seeded_noise(shape, generator, device)  # pure noise, as at sigma = 1
+    total = len(sigmas) - 1
+    for step in range(total):
+        sigma, next_sigma = sigmas[step], sigmas[step + 1]
+        t = torch.full((batch,), sigma_to_timestep(sigma), device=device, dtype=torch.float32)
+        velocity = guided_velocity(model, x, t, context, negative_context, guidance)
+        x0 = predict_x0(x, velocity, sigma)
+        x = x + (next_sigma - sigma) * velocity
+        if callback is not None:
+            callback(step, total, x0)
+    return x
+
+
+def _log_snr(sigma: float) -> float:
+    """lambda = log(alpha / sigma) with alpha = 1 - sigma (flow matching); +inf at sigma = 0."""
+    if sigma <= 0.0:
+        return math.inf
+    return math.log(1.0 - sigma) - math.log(sigma)
+
+
+def _expm1_neg(h: float) -> float:
+    """expm1(-h), exact at h = +inf (a step to sigma = 0)."""
+    return -1.0 if math.isinf(h) else math.expm1(-h)
+
+
+@torch.no_grad()
+def sample_unipc(
+    model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    context: torch.Tensor,
+    shape: Sequence[int],
+    seed: int,
+    negative_context: Optional[torch.Tensor] = None,
+    guidance: float = DEFAULT_GUIDANCE,
+    num_steps: int = DEFAULT_TEACHER_STEPS,
+    shift: float = DEFAULT_TEACHER_SHIFT,
+    callback: Optional[StepCallback] = None,
+    device=None,
+) -> torch.Tensor:
+    """Wan's default sampler: UniPC (B(h) = e^h - 1, order 2, data prediction, corrector on every
+    step, first order at the first and last step) on the flow grid `wan_flow_sigmas`, with CFG.
+
+    Matches diffusers' `UniPCMultistepScheduler(prediction_type="flow_prediction",
+    use_flow_sigmas=True, flow_shift=shift, solver_order=2, solver_type="bh2",
+    lower_order_final=True)` stepping as WanPipeline does; as there, the first sigma is 1 - 1e-6 so
+    that log(alpha/sigma) stays finite. One difference: the model is conditioned on the float
+    t = 1000 * sigma, where diffusers passes it truncated to an integer.
+    Arguments and return as in `sample_euler`.
+    """
+    if device is None:
+        device = context.device if isinstance(context, torch.Tensor) else "cpu"
+    sigmas = wan_flow_sigmas(num_steps, shift)
+    if abs(sigmas[0] - 1.0) < 1e-6:
+        sigmas[0] -= 1e-6
+    lambdas = [_log_snr(s) for s in sigmas]
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    batch = shape[0]
+    x = seeded_noise(shape, generator, device)
+    x0_history: list[torch.Tensor] = []  # data predictions m_{i-1}, m_i of the last two steps
+    last_sample, last_order = None, 0
+    for step in range(num_steps):
+        sigma = sigmas[step]
+        t = torch.full((batch,), sigma_to_timestep(sigma), device=device, dtype=torch.float32)
+        velocity = guided_velocity(model, x, t, context, negative_context, guidance)
+        x0 = predict_x0(x, velocity, sigma)
+
+        if step > 0:  # UniC: re-do the last step knowing the prediction at its end
+            previous, earlier = x0_history[-1], (x0_history[-2] if last_order == 2 else None)
+            x = _unipc_update(last_sample, previous, earlier, sigmas, lambdas, step - 1, last_order, corrector=x0)
+        x0_history = (x0_history + [x0])[-2:]
+        # Second order needs one earlier prediction; the last step (to sigma = 0) is first order.
+        order = min(2, step + 1, num_steps - step)
+        last_sample, last_order = x, order
+        earlier = x0_history[-2] if order == 2 else None
+        x = _unipc_update(x, x0, earlier, sigmas, lambdas, step, order)  # UniP: predict x_{step+1}
+        if callback is not None:
+            callback(step, num_steps, x0)
+    return x
+
+
+def _unipc_update(x: torch.Tensor, m0: torch.Tensor, earlier: Optional[torch.Tensor], sigmas: list,
+                  lambdas: list, step: int, order: int, corrector: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One step of data-prediction UniPC-bh2 from sigmas[step] to sigmas[step + 1].
+
+    m0 is the data prediction at `step`, `earlier` the one at `step - 1` (used at order 2). Without
+    `corrector` this is the predictor UniP; with it (the new prediction at `step + 1`) the corrector
+    UniC, which re-does the step from the same x with that extra information.
+    """
+    sigma_s, sigma_t = sigmas[step], sigmas[step + 1]
+    alpha_t = 1.0 - sigma_t
+    h = lambdas[step + 1] - lambdas[step]
+    phi = _expm1_neg(h)  # e^{-h} - 1: both h*phi_1 and B(h) for bh2
+    base = (sigma_t / sigma_s) * x - alpha_t * phi * m0  # the first-order (DDIM) step
+    difference = None  # D1 = (m_{-1} - m0) / r1, a finite-difference derivative along lambda
+    r1 = None
+    if order == 2:
+        r1 = (lambdas[step - 1] - lambdas[step]) / h
+        difference = (earlier - m0) / r1
+    if corrector is None:
+        return base if difference is None else base - alpha_t * phi * 0.5 * difference
+    # Corrector weights: rho = 0.5 at order 1; at order 2 solve [[1, 1], [r1, 1]] rho = [b1, b2],
+    # b_k = k! * phi_{k+1}(-h) scaled by 1/B(h) (the B(h) expansion of UniPC).
+    if order == 1:
+        rho_prev, rho_new = 0.0, 0.5
+    else:
+        hh = -h
+        phi_1 = phi / hh - 1
+        phi_2 = phi_1 / hh - 0.5
+        b1, b2 = phi_1 / phi, 2 * phi_2 / phi
+        rho_prev = (b1 - b2) / (1 - r1)
+        rho_new = b1 - rho_prev
+    correction = rho_new * (corrector - m0)
+    if difference is not None:
+        correction = correction + rho_prev * difference
+    return base - alpha_t * phi * correction

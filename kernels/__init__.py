@@ -1,0 +1,1 @@
+"""Attention kernels (Triton) and their PyTorch references; knows nothing of models."""

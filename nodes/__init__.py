@@ -1,3 +1,24 @@
-"""ComfyUI nodes (filled in by the nodes work)."""
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+"""ComfyUI nodes: thin adapters that turn widget values into `fastwan_core` calls.
+
+Classic (V1) node classes, so they run unchanged in every ComfyUI release users have and can be
+tested without ComfyUI. Node ids start with FastWan; all live in the FastWan category.
+"""
+from .model_nodes import FastWanModelLoader, FastWanVSAPatch
+from .sampler_node import FastWanDMDSampler
+from .video_save_node import FastWanVideoSave
+
+NODE_CLASS_MAPPINGS = {
+    "FastWanModelLoader": FastWanModelLoader,
+    "FastWanVSAPatch": FastWanVSAPatch,
+    "FastWanDMDSampler": FastWanDMDSampler,
+    "FastWanVideoSave": FastWanVideoSave,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "FastWanModelLoader": "Load FastWan",
+    "FastWanVSAPatch": "VSA Attention Patch",
+    "FastWanDMDSampler": "3-Step DMD Sampler",
+    "FastWanVideoSave": "Video Save",
+}
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,0 +1,270 @@
+"""Headless text-to-video: prompt -> umT5 -> DiT sampler -> Wan VAE -> video file.
+
+The model is a FastWan (or Wan2.1 T2V) diffusers folder: `transformer/`, `text_encoder/`,
+`tokenizer/`, `vae/`. Each stage loads its model, runs, and frees it before the next, so the peak
+memory is the largest single stage rather than the sum (umT5-XXL alone is ~11 GB in bf16).
+
+Samplers: the 3-step DMD student sampler (FastWan's, no guidance) by default; a multi-step teacher
+sampler (UniPC as in Wan, or Euler) with classifier-free guidance when `steps` is given (for dense
+Wan baselines).
+"""
+from __future__ import annotations
+
+import gc
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .attention import AttentionConfig
+from .errors import CheckpointError, InputError
+from .latents import denormalize_latents, latent_shape, validate_video_size
+from .sampling import (DEFAULT_GUIDANCE, DEFAULT_SHIFT, DEFAULT_STUDENT_TIMESTEPS, DEFAULT_TEACHER_SHIFT,
+                       sample_dmd, sample_euler, sample_unipc)
+from .video_io import VIDEO_FORMATS, write_video
+
+MODEL_PARTS = ("transformer", "text_encoder", "tokenizer", "vae")
+FASTWAN_HUB_ID = "FastVideo/FastWan2.1-T2V-1.3B-Diffusers"
+DEFAULT_FPS = 16
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+TEACHER_SAMPLERS = {"unipc": sample_unipc, "euler": sample_euler}
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+
+
+def _download_hint(repo_id: str) -> str:
+    return (f"download it first, e.g. `huggingface-cli download {repo_id} --local-dir ./{repo_id.split('/')[-1]}` "
+            f"(or `hf download {repo_id} --local-dir ...`), then pass that folder as --model")
+
+
+def resolve_model_folder(spec: str) -> Path:
+    """A local model folder, or a Hugging Face hub id ("org/name") downloaded with huggingface_hub.
+
+    Raises:
+        InputError when `spec` is neither an existing folder nor a downloadable hub id, with the
+        command that downloads it.
+    """
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise InputError(f"--model {spec}: is a file; pass the model *folder* (the one holding "
+                             f"{', '.join(p + '/' for p in MODEL_PARTS)})")
+        return path
+    if not _HUB_ID.match(spec):
+        raise InputError(f"--model {spec}: no such folder. Pass a FastWan diffusers folder (holding "
+                         f"{', '.join(p + '/' for p in MODEL_PARTS)}) or a hub id such as {FASTWAN_HUB_ID}.")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise InputError(f"--model {spec}: not a local folder, and huggingface_hub is not installed to fetch it "
+                         f"from the hub; {_download_hint(spec)}") from None
+    try:
+        return Path(snapshot_download(repo_id=spec, allow_patterns=[f"{p}/*" for p in MODEL_PARTS] +
+                                      ["model_index.json", "scheduler/*"]))
+    except Exception as error:  # offline, unknown repo, gated repo, ...
+        raise InputError(f"--model {spec}: could not download it from the Hugging Face hub "
+                         f"({type(error).__name__}: {str(error)[:300]}). If this machine is offline, "
+                         f"{_download_hint(spec)}.") from error
+
+
+def check_model_folder(folder: Path) -> None:
+    """Raise CheckpointError naming every missing part of a diffusers model folder."""
+    missing = [part for part in MODEL_PARTS if not (folder / part).is_dir()]
+    if missing:
+        raise CheckpointError(f"{folder}: missing {', '.join(p + '/' for p in missing)}. A FastWan diffusers folder "
+                              f"holds {', '.join(p + '/' for p in MODEL_PARTS)}; download the whole repository "
+                              f"(`huggingface-cli download {FASTWAN_HUB_ID} --local-dir DIR`), or use "
+                              "`fastwan convert` / Load FastWan for a single transformer file.")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def parse_dtype(name: Optional[str], device: torch.device) -> torch.dtype:
+    if name is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise InputError(f"--dtype {name}: unknown; use one of bf16, fp16, fp32")
+    return DTYPES[name]
+
+
+@dataclass
+class GenerateRequest:
+    """Everything one `generate` run needs (the CLI's flags)."""
+
+    prompt: str
+    model: str
+    out: str = "fastwan.mp4"
+    seed: int = 0
+    frames: int = 81
+    height: int = 480
+    width: int = 832
+    sparsity: float = 0.0
+    timesteps: Sequence[float] = DEFAULT_STUDENT_TIMESTEPS
+    shift: Optional[float] = None  # default: 8 for the student, 5 for the teacher
+    steps: Optional[int] = None  # set -> multi-step teacher sampler with CFG
+    sampler: str = "unipc"  # teacher sampler: "unipc" (Wan's default) or "euler"
+    guidance: float = DEFAULT_GUIDANCE
+    negative_prompt: Optional[str] = None  # teacher only; default Wan's negative prompt
+    dtype: Optional[str] = None
+    device: Optional[str] = None
+    fps: float = DEFAULT_FPS
+    quality: Optional[int] = None
+    vae_tiling: bool = False
+    progress: bool = True
+
+
+@dataclass
+class GenerateResult:
+    path: Path
+    timings: dict = field(default_factory=dict)  # stage -> seconds
+    latents: Optional[torch.Tensor] = None  # un-normalized, [1, 16, T, H/8, W/8], CPU float32
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class _Stage:
+    """Times one stage and reports it as `<name>: <seconds> s` (synchronizing CUDA first)."""
+
+    def __init__(self, name: str, timings: dict, device: torch.device, log: Callable[[str], None]):
+        self.name, self.timings, self.device, self.log = name, timings, device, log
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        if kind is None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.timings[self.name] = time.perf_counter() - self.start
+            self.log(f"{self.name:>8}: {self.timings[self.name]:.2f} s")
+        return False
+
+
+def generate(request: GenerateRequest, log: Callable[[str], None] = print) -> GenerateResult:
+    """Run the whole pipeline for one prompt and write the video atomically to `request.out`.
+
+    Stages (each timed and logged): load+encode text, load DiT, denoise, load+decode VAE, write.
+    Raises:
+        InputError for bad sizes/options (before any model is loaded), CheckpointError for missing or
+        damaged model files. No output file is left behind on any failure.
+    """
+    # --- validate everything that can be checked without loading a model ---
+    validate_video_size(request.width, request.height, request.frames, where="generate")
+    out = Path(request.out)
+    if out.suffix.lower().lstrip(".") not in VIDEO_FORMATS:
+        raise InputError(f"--out {out}: unknown video type; end the name in "
+                         f"{', '.join('.' + f for f in VIDEO_FORMATS)}")
+    if not request.prompt or not request.prompt.strip():
+        raise InputError("--prompt is empty; describe the video to generate")
+    if request.steps is not None and request.steps < 1:
+        raise InputError(f"--steps {request.steps}: the teacher sampler needs at least 1 step")
+    if request.sampler not in TEACHER_SAMPLERS:
+        raise InputError(f"--sampler {request.sampler}: unknown; use one of {', '.join(TEACHER_SAMPLERS)}")
+    attention = AttentionConfig(backend="vsa" if request.sparsity > 0 else "dense", sparsity=request.sparsity)
+    device = torch.device(request.device) if request.device else default_device()
+    dtype = parse_dtype(request.dtype, device)
+    folder = resolve_model_folder(request.model)
+    check_model_folder(folder)
+    shape = latent_shape(1, request.width, request.height, request.frames)
+    timings: dict = {}
+    teacher = request.steps is not None
+
+    from .text_encoder import WAN_NEGATIVE_PROMPT, UMT5TextEncoder
+
+    with _Stage("text", timings, device, log):
+        # T5 activations overflow float16 (the reason Wan runs umT5 in bf16); keep fp16 for the rest.
+        text_dtype = torch.bfloat16 if dtype == torch.float16 else dtype
+        encoder = UMT5TextEncoder.from_folder(folder, dtype=text_dtype, device=device)
+        context = encoder.encode(request.prompt)
+        negative = None
+        if teacher and request.guidance != 1.0:
+            negative_prompt = WAN_NEGATIVE_PROMPT if request.negative_prompt is None else request.negative_prompt
+            negative = encoder.encode(negative_prompt)
+        del encoder
+        _free(device)
+
+    from .checkpoint import load_dit
+
+    with _Stage("load", timings, device, log):
+        model = load_dit(folder / "transformer", dtype=dtype, device=device)
+    if attention.backend == "vsa" and not model.has_trained_gates():
+        warnings.warn("--sparsity > 0 on a checkpoint without trained VSA gates (a dense Wan model): VSA "
+                      "quality will be poor; use a FastWan checkpoint or --sparsity 0.", stacklevel=2)
+    model.attention = attention
+
+    progress = _progress_bar(request, teacher)
+    callback = (lambda step, total, x0: progress.update(1)) if progress is not None else None
+    try:
+        with _Stage("denoise", timings, device, log):
+            try:
+                if teacher:
+                    shift = DEFAULT_TEACHER_SHIFT if request.shift is None else request.shift
+                    latents = TEACHER_SAMPLERS[request.sampler](
+                        model, context, shape, request.seed, negative_context=negative, guidance=request.guidance,
+                        num_steps=request.steps, shift=shift, callback=callback, device=device)
+                else:
+                    shift = DEFAULT_SHIFT if request.shift is None else request.shift
+                    latents = sample_dmd(model, context, shape, request.seed, timesteps=request.timesteps,
+                                         shift=shift, callback=callback, device=device)
+            except (NotImplementedError, ImportError, RuntimeError) as error:
+                if attention.backend != "vsa" or isinstance(error, torch.cuda.OutOfMemoryError):
+                    raise
+                raise InputError(f"--sparsity {request.sparsity}: VSA attention failed on {device} "
+                                 f"({type(error).__name__}: {error}). Run with --sparsity 0 for dense "
+                                 "attention.") from error
+    finally:
+        if progress is not None:
+            progress.close()
+    del model, context, negative
+    _free(device)
+    latents = denormalize_latents(latents)  # the VAE works on un-normalized latents
+
+    from .vae import WanVAE
+
+    with _Stage("decode", timings, device, log):
+        vae = WanVAE.from_folder(folder, dtype=dtype, device=device, tiling=request.vae_tiling)
+        frames = vae.decode(latents)[0]  # [F, H, W, 3] in 0..1
+        del vae
+        _free(device)
+
+    with _Stage("write", timings, device, log):
+        path = write_video(frames, out, fps=request.fps, quality=request.quality,
+                           metadata={"prompt": request.prompt, "fastwan": _describe(request)})
+    return GenerateResult(path=path, timings=timings, latents=latents.float().cpu())
+
+
+def _progress_bar(request: GenerateRequest, teacher: bool):
+    if not request.progress:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    total = request.steps if teacher else len(request.timesteps)
+    return tqdm(total=total, desc="denoise", unit="step", leave=False)
+
+
+def _describe(request: GenerateRequest) -> str:
+    import json
+
+    settings = {"seed": request.seed, "frames": request.frames, "height": request.height, "width": request.width,
+                "sparsity": request.sparsity}
+    if request.steps is None:
+        settings.update(sampler="dmd", timesteps=list(request.timesteps),
+                        shift=DEFAULT_SHIFT if request.shift is None else request.shift)
+    else:
+        settings.update(sampler=request.sampler, steps=request.steps, guidance=request.guidance,
+                        shift=DEFAULT_TEACHER_SHIFT if request.shift is None else request.shift)
+    return json.dumps(settings)

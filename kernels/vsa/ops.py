@@ -1,0 +1,404 @@
+"""Video Sparse Attention: public API, torch.library custom ops and their autograd.
+
+Two implementations share one semantics (``reference.py`` is the specification):
+  * ``triton``: Triton kernels for the pooling and the block-sparse fine branch (forward and
+    backward); the tiny tile-level coarse branch and the top-k stay in PyTorch.
+  * ``reference``: pure PyTorch, used on CPU, MPS, and wherever Triton is missing.
+    (On Windows, Triton comes from the ``triton-windows`` package.)
+
+Each implementation is a ``torch.library`` custom op with a fake (meta) implementation and
+autograd registered through ``register_autograd``; backward passes are custom ops too, so
+``torch.compile`` and FSDP see one opaque op each way.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ...fastwan_core.errors import InputError
+from .layout import TileLayout, from_tile_order, to_tile_order
+from .reference import select_key_tiles, video_sparse_attention_reference
+
+Tensor = torch.Tensor
+_TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
+_IMPLEMENTATIONS = ("auto", "triton", "reference")
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _triton_module():
+    from . import triton_vsa
+
+    return triton_vsa
+
+
+def _out_like_projection(q: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """[B, h, L, D] view of fresh [B, L, h, D] memory, so the result views back as [B, L, h*D] for free."""
+    B, heads, L, D = q.shape
+    return torch.empty(B, L, heads, D, dtype=dtype or q.dtype, device=q.device).transpose(1, 2)
+
+
+def _unit_stride_last(x: Tensor) -> Tensor:
+    # The kernels take any B/h/L strides but read D contiguously; only exotic views pay for a copy.
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _strides(x: Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton implementation (host side)
+# --------------------------------------------------------------------------------------------
+
+# Warps and pipeline depth per kernel and head dim; chosen from the H200 sweeps recorded in
+# bench/NOTES_vsa.md (bench/vsa_attention.py --sweep rewrites this table while it measures).
+LAUNCH_CONFIG = {
+    ("fwd", 64): dict(num_warps=4, num_stages=3),
+    ("fwd", 128): dict(num_warps=4, num_stages=3),
+    ("bwd_dq", 64): dict(num_warps=4, num_stages=2),
+    ("bwd_dq", 128): dict(num_warps=4, num_stages=2),
+    ("bwd_dkdv", 64): dict(num_warps=4, num_stages=2),
+    ("bwd_dkdv", 128): dict(num_warps=4, num_stages=2),
+}
+
+
+def _launch_config(kernel: str, D: int) -> dict:
+    if _triton_module().interpreting():
+        return {}
+    return LAUNCH_CONFIG.get((kernel, D), dict(num_warps=4, num_stages=2))
+
+
+def _coarse_forward(q: Tensor, k: Tensor, v: Tensor, tile_offsets: Tensor, topk: int):
+    """Tile means (Triton), tile-level scores, top-k and coarse outputs (PyTorch, fp32, tiny)."""
+    tv = _triton_module()
+    B, heads, L, D = q.shape
+    n = tile_offsets.numel() - 1
+    means = torch.empty(3, B, heads, n, D, dtype=torch.float32, device=q.device)
+    grid = (n, B * heads)
+    for i, x in enumerate((q, k, v)):
+        tv.kernels()["tile_means"][grid](x, means[i], tile_offsets, *_strides(x), heads, n, BLOCK=64, D=D)
+    scores = torch.matmul(means[0], means[1].transpose(-1, -2)) / math.sqrt(D)
+    key_tiles = select_key_tiles(scores, topk)
+    probs = torch.softmax(scores, dim=-1)
+    return means, probs, key_tiles
+
+
+def _triton_forward(q, k, v, gate, tile_offsets, topk):
+    tv = _triton_module()
+    B, heads, L, D = q.shape
+    n = tile_offsets.numel() - 1
+    means, probs, key_tiles = _coarse_forward(q, k, v, tile_offsets, topk)
+    coarse = torch.matmul(probs, means[2])  # [B, h, n, D] fp32
+    out = _out_like_projection(q)
+    lse = torch.empty(B, heads, L, dtype=torch.float32, device=q.device)
+    g = gate if gate is not None else q  # dummy pointer when HAS_GATE is False
+    tv.kernels()["fwd"][(n, B * heads)](
+        q, k, v, g, coarse, out, lse, key_tiles, tile_offsets,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(g), *_strides(out),
+        heads, n, topk, L, math.log2(math.e) / math.sqrt(D),
+        HAS_GATE=gate is not None, BLOCK=64, D=D, **_launch_config("fwd", D),
+    )
+    return out, lse, key_tiles, means, probs
+
+
+def _transpose_key_tiles(key_tiles: Tensor) -> tuple[Tensor, Tensor]:
+    """For each (batch*head, key tile): the query tiles that selected it.
+
+    key_tiles int32 [B, h, n, topk] -> (query_tiles int32 [B*h*n*topk] grouped by key tile with
+    queries ascending, query_offsets int32 [B*h*n + 1]). A histogram gives the offsets; a stable
+    sort places the entries (a counting sort in two library calls).
+    """
+    B, heads, n, topk = key_tiles.shape
+    bh = torch.arange(B * heads, device=key_tiles.device, dtype=torch.int64).view(B * heads, 1, 1)
+    key_ids = (bh * n + key_tiles.view(B * heads, n, topk).to(torch.int64)).view(-1)
+    order = torch.argsort(key_ids, stable=True)
+    query_tiles = ((order // topk) % n).to(torch.int32)
+    counts = torch.bincount(key_ids, minlength=B * heads * n)
+    query_offsets = torch.zeros(B * heads * n + 1, dtype=torch.int32, device=key_tiles.device)
+    query_offsets[1:] = torch.cumsum(counts, 0)
+    return query_tiles, query_offsets
+
+
+def _coarse_backward(d_coarse, means, probs, tile_offsets):
+    """Gradients of the tile means from d(coarse tile outputs), divided by each tile's count.
+
+    Every token of a tile receives its tile's mean-gradient / size; returns three fp32 [B, h, n, D].
+    """
+    q_means, k_means, v_means = means
+    scale = 1.0 / math.sqrt(q_means.shape[-1])
+    d_probs = torch.matmul(d_coarse, v_means.transpose(-1, -2))
+    dv_means = torch.matmul(probs.transpose(-1, -2), d_coarse)
+    d_scores = probs * (d_probs - (d_probs * probs).sum(-1, keepdim=True))
+    dq_means = torch.matmul(d_scores, k_means) * scale
+    dk_means = torch.matmul(d_scores.transpose(-1, -2), q_means) * scale
+    sizes = (tile_offsets[1:] - tile_offsets[:-1]).to(torch.float32).view(1, 1, -1, 1)
+    return dq_means / sizes, dk_means / sizes, dv_means / sizes
+
+
+def _triton_backward(grad_out, q, k, v, gate, out, lse, key_tiles, means, probs, tile_offsets):
+    tv = _triton_module()
+    B, heads, L, D = q.shape
+    n = tile_offsets.numel() - 1
+    topk = key_tiles.shape[-1]
+    grad_out = _unit_stride_last(grad_out)
+    grid = (n, B * heads)
+    has_gate = gate is not None
+    delta = torch.empty(B, heads, L, dtype=torch.float32, device=q.device)
+    if has_gate:
+        coarse = torch.matmul(probs, means[2])
+        d_gate = _out_like_projection(q, gate.dtype)
+        d_coarse = torch.empty(B, heads, n, D, dtype=torch.float32, device=q.device)
+        g = gate
+    else:
+        coarse = d_coarse = means[0]  # dummies, never read
+        d_gate = g = q
+    tv.kernels()["bwd_preprocess"][grid](
+        out, grad_out, g, coarse, delta, d_gate, d_coarse, tile_offsets,
+        *_strides(out), *_strides(grad_out), *_strides(g), *_strides(d_gate),
+        heads, n, L, HAS_GATE=has_gate, BLOCK=64, D=D,
+    )
+    if has_gate:
+        dq_c, dk_c, dv_c = _coarse_backward(d_coarse, means, probs, tile_offsets)
+    else:
+        dq_c = dk_c = dv_c = means[0]  # dummies, never read
+    qk_scale = math.log2(math.e) / math.sqrt(D)
+    sm_scale = 1.0 / math.sqrt(D)
+    dq = _out_like_projection(q)
+    dk = _out_like_projection(k)
+    dv = _out_like_projection(v)
+    tv.kernels()["bwd_dq"][grid](
+        q, k, v, grad_out, dq, lse, delta, key_tiles, tile_offsets, dq_c,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
+        heads, n, topk, L, qk_scale, sm_scale,
+        HAS_COARSE=has_gate, BLOCK=64, D=D, **_launch_config("bwd_dq", D),
+    )
+    query_tiles, query_offsets = _transpose_key_tiles(key_tiles)
+    tv.kernels()["bwd_dkdv"][grid](
+        q, k, v, grad_out, dk, dv, lse, delta, query_tiles, query_offsets, tile_offsets, dk_c, dv_c,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
+        heads, n, L, qk_scale, sm_scale,
+        HAS_COARSE=has_gate, BLOCK=64, D=D, **_launch_config("bwd_dkdv", D),
+    )
+    return dq, dk, dv, (d_gate if has_gate else None)
+
+
+# --------------------------------------------------------------------------------------------
+# Custom ops
+# --------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastwan::vsa_triton_fwd", mutates_args=())
+def _vsa_triton_fwd(
+    q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, tile_offsets: Tensor, topk: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (out [B,h,L,D], lse2 fp32 [B,h,L], key_tiles int32 [B,h,n,topk], means fp32 [3,B,h,n,D],
+    coarse probs fp32 [B,h,n,n])."""
+    return _triton_forward(q, k, v, gate, tile_offsets, topk)
+
+
+@_vsa_triton_fwd.register_fake
+def _(q, k, v, gate, tile_offsets, topk):
+    B, heads, L, D = q.shape
+    n = tile_offsets.shape[0] - 1
+    f32 = dict(dtype=torch.float32, device=q.device)
+    return (
+        _out_like_projection(q),
+        q.new_empty(B, heads, L, **f32),
+        q.new_empty(B, heads, n, topk, dtype=torch.int32),
+        q.new_empty(3, B, heads, n, D, **f32),
+        q.new_empty(B, heads, n, n, **f32),
+    )
+
+
+@torch.library.custom_op("fastwan::vsa_triton_bwd", mutates_args=())
+def _vsa_triton_bwd(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, out: Tensor, lse: Tensor,
+    key_tiles: Tensor, means: Tensor, probs: Tensor, tile_offsets: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dq, dk, dv, d_gate = _triton_backward(grad_out, q, k, v, gate, out, lse, key_tiles, means, probs, tile_offsets)
+    return dq, dk, dv, (d_gate if d_gate is not None else q.new_empty(0))
+
+
+@_vsa_triton_bwd.register_fake
+def _(grad_out, q, k, v, gate, out, lse, key_tiles, means, probs, tile_offsets):
+    d_gate = _out_like_projection(q, gate.dtype) if gate is not None else q.new_empty(0)
+    return _out_like_projection(q), _out_like_projection(k), _out_like_projection(v), d_gate
+
+
+def _triton_setup_context(ctx, inputs, output):
+    q, k, v, gate, tile_offsets, topk = inputs
+    out, lse, key_tiles, means, probs = output
+    ctx.has_gate = gate is not None
+    ctx.save_for_backward(q, k, v, gate, out, lse, key_tiles, means, probs, tile_offsets)
+
+
+def _triton_autograd(ctx, grad_out, _lse, _key_tiles, _means, _probs):
+    q, k, v, gate, out, lse, key_tiles, means, probs, tile_offsets = ctx.saved_tensors
+    dq, dk, dv, d_gate = _vsa_triton_bwd(grad_out, q, k, v, gate, out, lse, key_tiles, means, probs, tile_offsets)
+    return dq, dk, dv, (d_gate if ctx.has_gate else None), None, None
+
+
+_vsa_triton_fwd.register_autograd(_triton_autograd, setup_context=_triton_setup_context)
+
+
+@torch.library.custom_op("fastwan::vsa_reference", mutates_args=())
+def _vsa_reference(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, tile_offsets: Tensor, topk: int) -> Tensor:
+    with torch.no_grad():
+        out = video_sparse_attention_reference(q, k, v, tile_offsets, topk, gate)
+    result = _out_like_projection(q)
+    result.copy_(out)
+    return result
+
+
+@_vsa_reference.register_fake
+def _(q, k, v, gate, tile_offsets, topk):
+    return _out_like_projection(q)
+
+
+@torch.library.custom_op("fastwan::vsa_reference_bwd", mutates_args=())
+def _vsa_reference_bwd(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, tile_offsets: Tensor, topk: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    # The reference backward differentiates the reference forward again. Custom-op bodies run
+    # below the autograd dispatch key, so torch.func.vjp (its own transform) does the work.
+    has_gate = gate is not None
+
+    def forward(*inputs):
+        return video_sparse_attention_reference(*inputs[:3], tile_offsets, topk, inputs[3] if has_gate else None)
+
+    primals = (q, k, v, gate) if has_gate else (q, k, v)
+    _, vjp = torch.func.vjp(forward, *primals)
+    grads = vjp(grad_out.to(q.dtype))
+    d_gate = grads[3] if has_gate else q.new_empty(0)
+    return grads[0], grads[1], grads[2], d_gate
+
+
+@_vsa_reference_bwd.register_fake
+def _(grad_out, q, k, v, gate, tile_offsets, topk):
+    d_gate = torch.empty_like(gate) if gate is not None else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), d_gate
+
+
+def _reference_setup_context(ctx, inputs, output):
+    q, k, v, gate, tile_offsets, topk = inputs
+    ctx.topk = topk
+    ctx.has_gate = gate is not None
+    ctx.save_for_backward(q, k, v, gate, tile_offsets)
+
+
+def _reference_autograd(ctx, grad_out):
+    q, k, v, gate, tile_offsets = ctx.saved_tensors
+    dq, dk, dv, d_gate = _vsa_reference_bwd(grad_out, q, k, v, gate, tile_offsets, ctx.topk)
+    return dq, dk, dv, (d_gate if ctx.has_gate else None), None, None
+
+
+_vsa_reference.register_autograd(_reference_autograd, setup_context=_reference_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+def _check_inputs(q, k, v, gate, layout: TileLayout, topk: int, implementation: str) -> str:
+    if implementation not in _IMPLEMENTATIONS:
+        raise InputError(
+            f"VSA implementation must be one of {_IMPLEMENTATIONS}, got {implementation!r}; use 'auto' to pick "
+            "Triton on CUDA and the PyTorch reference elsewhere."
+        )
+    if q.dim() != 4:
+        raise InputError(f"VSA expects q, k, v of shape [B, heads, L, D]; got q of shape {tuple(q.shape)}.")
+    for name, t in (("k", k), ("v", v), ("gate", gate)):
+        if t is not None and t.shape != q.shape:
+            raise InputError(
+                f"VSA expects q, k, v and gate of one shape [B, heads, L, D]; q is {tuple(q.shape)} but {name} is "
+                f"{tuple(t.shape)}."
+            )
+        if t is not None and (t.device != q.device or t.dtype != q.dtype):
+            raise InputError(
+                f"VSA: {name} is {t.dtype} on {t.device} but q is {q.dtype} on {q.device}; cast/move them together."
+            )
+    if q.shape[2] != layout.num_tokens:
+        raise InputError(
+            f"VSA: q has {q.shape[2]} tokens but the grid {layout.grid} has {layout.num_tokens}; pass the grid of "
+            "the patchified latent that produced these tokens."
+        )
+    if not (isinstance(topk, int) and 1 <= topk <= layout.num_tiles):
+        raise InputError(
+            f"VSA topk must be an int in [1, {layout.num_tiles}] (tiles of grid {layout.grid}), got {topk!r}; "
+            "use topk_for_sparsity(num_tiles, sparsity)."
+        )
+    triton_ok = (
+        _triton_importable()
+        and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and q.shape[-1] in _TRITON_HEAD_DIMS
+        and (q.is_cuda or (q.device.type == "cpu" and _triton_module().interpreting()))
+    )
+    if implementation == "auto":
+        return "triton" if (triton_ok and q.is_cuda) else "reference"
+    if implementation == "triton" and not triton_ok:
+        raise InputError(
+            f"VSA implementation='triton' needs the triton package (triton-windows on Windows), CUDA tensors, "
+            f"fp16/bf16/fp32 and a head dim in {_TRITON_HEAD_DIMS}; got {q.dtype} on {q.device} with head dim "
+            f"{q.shape[-1]}. Use implementation='auto' to fall back to the PyTorch reference."
+        )
+    return implementation
+
+
+def video_sparse_attention_tiled(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    layout: TileLayout,
+    topk: int,
+    gate: Tensor | None = None,
+    implementation: str = "auto",
+) -> Tensor:
+    """VSA over inputs already in compact tile order.
+
+    Args:
+        q, k, v: [B, heads, L, D] in ``layout``'s tile order (views of a [B, L, heads, D] buffer are
+            fine: strides are honoured, nothing is copied). fp16/bf16 (Triton), any float (reference).
+        layout: ``TileLayout.for_grid(grid, device)``.
+        topk: key tiles kept per query tile (``topk_for_sparsity``).
+        gate: optional [B, heads, L, D] weight of the coarse branch; None means no coarse term.
+        implementation: "auto" (Triton on CUDA when importable, else reference), "triton", "reference".
+
+    Returns:
+        [B, heads, L, D] in tile order, in q's dtype, backed by [B, L, heads, D] memory so
+        ``out.transpose(1, 2).reshape(B, L, heads * D)`` is free.
+    """
+    impl = _check_inputs(q, k, v, gate, layout, topk, implementation)
+    tile_offsets = layout.tile_offsets.to(q.device)
+    if impl == "triton":
+        q, k, v = (_unit_stride_last(t) for t in (q, k, v))
+        gate = _unit_stride_last(gate) if gate is not None else None
+        return _vsa_triton_fwd(q, k, v, gate, tile_offsets, topk)[0]
+    return _vsa_reference(q, k, v, gate, tile_offsets, topk)
+
+
+def video_sparse_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    grid,
+    topk: int,
+    gate: Tensor | None = None,
+    implementation: str = "auto",
+) -> Tensor:
+    """VSA in (t, h, w) token order: q, k, v, gate [B, heads, L, D] with L = T*H*W over ``grid=(T, H, W)``.
+
+    Permutes to compact tile order, runs :func:`video_sparse_attention_tiled`, permutes back.
+    Returns [B, heads, L, D] in token order and q's dtype. Differentiable in q, k, v, gate.
+    """
+    layout = TileLayout.for_grid(grid, q.device)
+    tiled = [to_tile_order(t, layout) if t is not None else None for t in (q, k, v, gate)]
+    out = video_sparse_attention_tiled(*tiled[:3], layout, topk, tiled[3], implementation)
+    return from_tile_order(out, layout)

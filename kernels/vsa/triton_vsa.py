@@ -1,0 +1,249 @@
+"""Triton kernels of Video Sparse Attention over compact tile order.
+
+Every kernel takes a (tile, batch*head) grid: one program per 4x4x4 tile of one head. Tiles hold
+1..64 tokens starting at ``tile_offsets[tile]``; rows past a tile's size are masked, never
+computed on padding from memory. Tensors are [B, h, L, D] views with any strides on B, h, L and
+a unit stride on D, so q/k/v views of a [B, L, h, D] projection need no copy.
+
+The raw functions below are jitted on first use (``kernels()``), because ``triton.jit`` decides
+at decoration time whether to compile or interpret (TRITON_INTERPRET=1, used by the CPU tests).
+
+Math (per query row, base-2 softmax as in FlashAttention-2):
+    s = q·k * scale * log2(e) over the keys of the row's selected tiles
+    lse2 = max(s) + log2(sum(exp2(s - max)))       (saved for backward)
+    fine = sum_j exp2(s_j - lse2) v_j
+    out = fine + gate * coarse[tile]
+Backward: delta = rowsum(dO * fine); dS = P * (dO·v - delta); dq = scale dS k; dk = scale dSᵀ q;
+dv = Pᵀ dO; plus each tile's coarse-branch gradient spread evenly over its tokens.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+from triton.runtime.jit import JITFunction
+
+
+def _add(a, b):
+    return a + b
+
+
+def _maximum(a, b):
+    return tl.maximum(a, b)
+
+
+# Reductions go through tl.reduce with the standard library's own combine functions rather than
+# tl.sum / tl.max: those helpers are jitted when triton is imported, so they stay compiled-mode
+# functions if TRITON_INTERPRET is set later (the CPU tests), whereas the interpreter recognises
+# these combine functions and reduces with numpy. Same code on the GPU. Older Triton versions
+# without them get equivalent combine functions (JITFunction, valid in both modes).
+_ADD = getattr(tl.standard, "_sum_combine", None) or JITFunction(_add)
+_MAX = getattr(tl.standard, "_elementwise_max", None) or JITFunction(_maximum)
+
+
+def _tile_means(X, OUT, TILE_OFF, stride_b, stride_h, stride_l, H, NUM_TILES,
+                BLOCK: tl.constexpr, D: tl.constexpr):
+    # Mean of one tile's valid tokens, fp32: X [B, h, L, D] -> OUT [B, h, n, D].
+    tile = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    start = tl.load(TILE_OFF + tile)
+    size = tl.load(TILE_OFF + tile + 1) - start
+    rows = tl.arange(0, BLOCK)
+    cols = tl.arange(0, D)
+    ptrs = X + b * stride_b + h * stride_h + (start + rows)[:, None] * stride_l + cols[None, :]
+    x = tl.load(ptrs, mask=(rows < size)[:, None], other=0.0).to(tl.float32)
+    tl.store(OUT + (bh * NUM_TILES + tile) * D + cols, tl.reduce(x, 0, _ADD) / size.to(tl.float32))
+
+
+def _fwd(Q, K, V, G, COARSE, O, LSE, KEY_TILES, TILE_OFF,
+         sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sgb, sgh, sgl, sob, soh, sol,
+         H, NUM_TILES, TOPK, L, qk_scale,
+         HAS_GATE: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
+    # One query tile of one head against its TOPK selected key tiles (online softmax).
+    tile = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    q_start = tl.load(TILE_OFF + tile)
+    q_len = tl.load(TILE_OFF + tile + 1) - q_start
+    rows = tl.arange(0, BLOCK)
+    cols = tl.arange(0, D)
+    q_mask = (rows < q_len)[:, None]
+    q = tl.load(Q + b * sqb + h * sqh + (q_start + rows)[:, None] * sql + cols[None, :], mask=q_mask, other=0.0)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    m_i = tl.full([BLOCK], float("-inf"), tl.float32)
+    l_i = tl.full([BLOCK], 0.0, tl.float32)
+    acc = tl.full([BLOCK, D], 0.0, tl.float32)
+    tiles_of_row = KEY_TILES + (bh * NUM_TILES + tile) * TOPK
+    for j in range(TOPK):
+        kt = tl.load(tiles_of_row + j)
+        k_start = tl.load(TILE_OFF + kt)
+        k_len = tl.load(TILE_OFF + kt + 1) - k_start
+        k_valid = rows < k_len
+        kT = tl.load(k_base + (k_start + rows)[None, :] * skl + cols[:, None], mask=k_valid[None, :], other=0.0)
+        v = tl.load(v_base + (k_start + rows)[:, None] * svl + cols[None, :], mask=k_valid[:, None], other=0.0)
+        s = tl.dot(q, kT) * qk_scale
+        s = tl.where(k_valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.reduce(p, 1, _ADD)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    if HAS_GATE:
+        coarse = tl.load(COARSE + (bh * NUM_TILES + tile) * D + cols)
+        g = tl.load(G + b * sgb + h * sgh + (q_start + rows)[:, None] * sgl + cols[None, :], mask=q_mask, other=0.0)
+        out += g.to(tl.float32) * coarse[None, :]
+    tl.store(O + b * sob + h * soh + (q_start + rows)[:, None] * sol + cols[None, :], out.to(O.dtype.element_ty),
+             mask=q_mask)
+    tl.store(LSE + bh * L + q_start + rows, m_i + tl.math.log2(l_i), mask=rows < q_len)
+
+
+def _bwd_preprocess(O, DO, G, COARSE, DELTA, DG, DCOARSE, TILE_OFF,
+                    sob, soh, sol, sdob, sdoh, sdol, sgb, sgh, sgl, sdgb, sdgh, sdgl,
+                    H, NUM_TILES, L,
+                    HAS_GATE: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
+    # delta = rowsum(dO * fine) with fine = out - gate*coarse; and the gate / coarse gradients.
+    tile = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    start = tl.load(TILE_OFF + tile)
+    size = tl.load(TILE_OFF + tile + 1) - start
+    rows = tl.arange(0, BLOCK)
+    cols = tl.arange(0, D)
+    mask = (rows < size)[:, None]
+    tok = (start + rows)[:, None]
+    o = tl.load(O + b * sob + h * soh + tok * sol + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * sdob + h * sdoh + tok * sdol + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_GATE:
+        coarse = tl.load(COARSE + (bh * NUM_TILES + tile) * D + cols)
+        g = tl.load(G + b * sgb + h * sgh + tok * sgl + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        o -= g * coarse[None, :]
+        tl.store(DG + b * sdgb + h * sdgh + tok * sdgl + cols[None, :], (do * coarse[None, :]).to(DG.dtype.element_ty),
+                 mask=mask)
+        tl.store(DCOARSE + (bh * NUM_TILES + tile) * D + cols, tl.reduce(do * g, 0, _ADD))
+    tl.store(DELTA + bh * L + start + rows, tl.reduce(do * o, 1, _ADD), mask=rows < size)
+
+
+def _bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KEY_TILES, TILE_OFF, DQ_COARSE,
+            sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol, sdqb, sdqh, sdql,
+            H, NUM_TILES, TOPK, L, qk_scale, sm_scale,
+            HAS_COARSE: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
+    # dq of one query tile: walk the same key list as the forward.
+    tile = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    q_start = tl.load(TILE_OFF + tile)
+    q_len = tl.load(TILE_OFF + tile + 1) - q_start
+    rows = tl.arange(0, BLOCK)
+    cols = tl.arange(0, D)
+    q_valid = rows < q_len
+    tok = (q_start + rows)[:, None]
+    q = tl.load(Q + b * sqb + h * sqh + tok * sql + cols[None, :], mask=q_valid[:, None], other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + tok * sdol + cols[None, :], mask=q_valid[:, None], other=0.0)
+    # Invalid rows get lse = delta = 0: their p stays finite and their dS is 0 because dO is 0.
+    lse = tl.load(LSE + bh * L + q_start + rows, mask=q_valid, other=0.0)
+    delta = tl.load(DELTA + bh * L + q_start + rows, mask=q_valid, other=0.0)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    dq = tl.full([BLOCK, D], 0.0, tl.float32)
+    tiles_of_row = KEY_TILES + (bh * NUM_TILES + tile) * TOPK
+    for j in range(TOPK):
+        kt = tl.load(tiles_of_row + j)
+        k_start = tl.load(TILE_OFF + kt)
+        k_len = tl.load(TILE_OFF + kt + 1) - k_start
+        k_valid = rows < k_len
+        k = tl.load(k_base + (k_start + rows)[:, None] * skl + cols[None, :], mask=k_valid[:, None], other=0.0)
+        vT = tl.load(v_base + (k_start + rows)[None, :] * svl + cols[:, None], mask=k_valid[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        p = tl.where(k_valid[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, vT)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    dq *= sm_scale
+    if HAS_COARSE:
+        dq += tl.load(DQ_COARSE + (bh * NUM_TILES + tile) * D + cols)[None, :]
+    tl.store(DQ + b * sdqb + h * sdqh + (q_start + rows)[:, None] * sdql + cols[None, :], dq.to(DQ.dtype.element_ty),
+             mask=q_valid[:, None])
+
+
+def _bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, QUERY_TILES, QUERY_OFF, TILE_OFF, DK_COARSE, DV_COARSE,
+              sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol,
+              sdkb, sdkh, sdkl, sdvb, sdvh, sdvl,
+              H, NUM_TILES, L, qk_scale, sm_scale,
+              HAS_COARSE: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
+    # dk, dv of one key tile: walk the query tiles that selected it (the transposed index list).
+    tile = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    k_start = tl.load(TILE_OFF + tile)
+    k_len = tl.load(TILE_OFF + tile + 1) - k_start
+    rows = tl.arange(0, BLOCK)
+    cols = tl.arange(0, D)
+    k_valid = rows < k_len
+    k = tl.load(K + b * skb + h * skh + (k_start + rows)[:, None] * skl + cols[None, :], mask=k_valid[:, None],
+                other=0.0)
+    v = tl.load(V + b * svb + h * svh + (k_start + rows)[:, None] * svl + cols[None, :], mask=k_valid[:, None],
+                other=0.0)
+    q_base = Q + b * sqb + h * sqh
+    do_base = DO + b * sdob + h * sdoh
+    dk = tl.full([BLOCK, D], 0.0, tl.float32)
+    dv = tl.full([BLOCK, D], 0.0, tl.float32)
+    first = tl.load(QUERY_OFF + bh * NUM_TILES + tile)
+    last = tl.load(QUERY_OFF + bh * NUM_TILES + tile + 1)
+    for e in range(first, last):
+        qt = tl.load(QUERY_TILES + e)
+        q_start = tl.load(TILE_OFF + qt)
+        q_len = tl.load(TILE_OFF + qt + 1) - q_start
+        q_valid = rows < q_len
+        qT = tl.load(q_base + (q_start + rows)[None, :] * sql + cols[:, None], mask=q_valid[None, :], other=0.0)
+        do = tl.load(do_base + (q_start + rows)[:, None] * sdol + cols[None, :], mask=q_valid[:, None], other=0.0)
+        lse = tl.load(LSE + bh * L + q_start + rows, mask=q_valid, other=0.0)
+        delta = tl.load(DELTA + bh * L + q_start + rows, mask=q_valid, other=0.0)
+        sT = tl.dot(k, qT) * qk_scale  # [keys, queries]
+        # Invalid query columns have q = dO = 0, so they add nothing to dv or dk; invalid key rows are never stored.
+        pT = tl.math.exp2(sT - lse[None, :])
+        dv += tl.dot(pT.to(do.dtype), do)
+        dpT = tl.dot(v, tl.trans(do))
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT))
+    dk *= sm_scale
+    if HAS_COARSE:
+        dk += tl.load(DK_COARSE + (bh * NUM_TILES + tile) * D + cols)[None, :]
+        dv += tl.load(DV_COARSE + (bh * NUM_TILES + tile) * D + cols)[None, :]
+    tl.store(DK + b * sdkb + h * sdkh + (k_start + rows)[:, None] * sdkl + cols[None, :], dk.to(DK.dtype.element_ty),
+             mask=k_valid[:, None])
+    tl.store(DV + b * sdvb + h * sdvh + (k_start + rows)[:, None] * sdvl + cols[None, :], dv.to(DV.dtype.element_ty),
+             mask=k_valid[:, None])
+
+
+_RAW = {
+    "tile_means": _tile_means,
+    "fwd": _fwd,
+    "bwd_preprocess": _bwd_preprocess,
+    "bwd_dq": _bwd_dq,
+    "bwd_dkdv": _bwd_dkdv,
+}
+_JITTED: dict[bool, dict] = {}
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def kernels() -> dict:
+    """The jitted kernels for the current mode (compiled, or interpreted under TRITON_INTERPRET=1)."""
+    mode = interpreting()
+    if mode not in _JITTED:
+        _JITTED[mode] = {name: triton.jit(fn) for name, fn in _RAW.items()}
+    return _JITTED[mode]

@@ -1,0 +1,603 @@
+"""The ComfyUI nodes, without ComfyUI: package loading as ComfyUI does it, each node on tiny
+checkpoints in temporary model folders (a stand-in `folder_paths` module), the sampler's LATENT
+through diffusers' Wan VAE, Video Save's files read back."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastwan.fastwan_core.attention import AttentionConfig
+from fastwan.fastwan_core.checkpoint import save_dit
+from fastwan.fastwan_core.config import WanConfig
+from fastwan.fastwan_core.errors import InputError
+from fastwan.fastwan_core.model import WanDiT
+from fastwan.fastwan_core.video_io import read_video_info, read_video_metadata
+from fastwan.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, comfy_env, model_nodes
+
+REPO = Path(__file__).resolve().parents[1]
+EXPECTED_NODES = {
+    "FastWanModelLoader": "Load FastWan",
+    "FastWanVSAPatch": "VSA Attention Patch",
+    "FastWanDMDSampler": "3-Step DMD Sampler",
+    "FastWanVideoSave": "Video Save",
+}
+# Wan2.1 VAE latent statistics, copied from the reference release (DESIGN §5), as an oracle
+# independent of fastwan_core.latents.
+WAN_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+            0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]
+WAN_STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+           3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160]
+
+
+# ------------------------------------------------------------------------------------------------
+# A stand-in for ComfyUI's folder_paths module: model folders and an output folder in tmp_path.
+
+
+def make_folder_paths(root: Path) -> types.ModuleType:
+    module = types.ModuleType("folder_paths")
+    models = root / "models"
+    output = root / "output"
+    for folder in ("diffusion_models", "text_encoders", "vae"):
+        (models / folder).mkdir(parents=True, exist_ok=True)
+    output.mkdir(parents=True, exist_ok=True)
+    extensions = {".ckpt", ".pt", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
+
+    def get_filename_list(folder_name):
+        base = models / folder_name
+        return sorted(str(p.relative_to(base)).replace(os.sep, "/") for p in base.rglob("*")
+                      if p.is_file() and p.suffix in extensions)
+
+    def get_full_path(folder_name, filename):
+        path = models / folder_name / filename
+        return str(path) if path.is_file() else None
+
+    def get_save_image_path(filename_prefix, output_dir, image_width=0, image_height=0):
+        # Same contract as ComfyUI's: (folder, file name, next counter, subfolder, prefix).
+        subfolder = os.path.dirname(os.path.normpath(filename_prefix))
+        filename = os.path.basename(os.path.normpath(filename_prefix))
+        folder = os.path.join(output_dir, subfolder)
+        if os.path.commonpath((output_dir, os.path.abspath(folder))) != output_dir:
+            raise Exception("Saving image outside the output folder is not allowed.")
+        os.makedirs(folder, exist_ok=True)
+        counters = [int(name[len(filename) + 1:].split("_")[0]) for name in os.listdir(folder)
+                    if name.startswith(filename + "_") and name[len(filename) + 1:].split("_")[0].isdigit()]
+        return folder, filename, max(counters, default=0) + 1, subfolder, filename_prefix
+
+    module.get_filename_list = get_filename_list
+    module.get_full_path = get_full_path
+    module.get_output_directory = lambda: str(output)
+    module.get_save_image_path = get_save_image_path
+    module.models_dir = str(models)
+    return module
+
+
+@pytest.fixture
+def comfy_folders(tmp_path, monkeypatch):
+    module = make_folder_paths(tmp_path)
+    monkeypatch.setitem(sys.modules, "folder_paths", module)
+    return module
+
+
+def tiny_dit(seed: int, gates: bool = False) -> WanDiT:
+    torch.manual_seed(seed)
+    model = WanDiT(WanConfig.tiny())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            # Default init leaves some weights zero (e.g. gates); give every weight signal so a
+            # wrong or missing tensor shows up in the outputs.
+            if "to_gate_compress" in name and not gates:
+                param.zero_()
+            else:
+                param.copy_(torch.randn_like(param) * 0.05)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_checkpoint(comfy_folders):
+    model = tiny_dit(seed=int(time.time_ns() % 2**31))
+    path = Path(comfy_folders.models_dir) / "diffusion_models" / "fastwan_tiny.safetensors"
+    save_dit(model, path)
+    return model, path
+
+
+def loaded(name="fastwan_tiny.safetensors", dtype="fp32"):
+    return NODE_CLASS_MAPPINGS["FastWanModelLoader"]().load(name, dtype)[0]
+
+
+def conditioning(batch=1, tokens=20, channels=None, seed=None):
+    channels = channels or WanConfig.tiny().text_dim
+    generator = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % 2**31))
+    return [[torch.randn(batch, tokens, channels, generator=generator), {"pooled_output": None}]]
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading the package the way ComfyUI does
+
+
+def test_package_loads_as_comfyui_loads_custom_nodes(tmp_path):
+    """ComfyUI imports custom_nodes/<folder>/__init__.py by file location under a module name
+    taken from the path (here with a hyphen), with its own top-level `nodes` module already in
+    sys.modules. Run in a fresh interpreter where `import fastwan` is blocked, so any absolute
+    import inside the package fails."""
+    custom_nodes = tmp_path / "custom_nodes"
+    custom_nodes.mkdir()
+    (custom_nodes / "ComfyUI-FastWan").symlink_to(REPO, target_is_directory=True)
+    script = textwrap.dedent(f"""
+        import importlib.abc, importlib.util, json, sys, types
+
+        class BlockFastwan(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "fastwan" or name.startswith("fastwan."):
+                    raise ImportError("absolute import of " + name)
+        sys.meta_path.insert(0, BlockFastwan())
+        foreign_nodes = types.ModuleType("nodes")
+        foreign_nodes.MARKER = "comfyui core nodes"
+        sys.modules["nodes"] = foreign_nodes
+
+        module_path = {str(custom_nodes / "ComfyUI-FastWan")!r}
+        module_name = module_path.replace(".", "_x_")   # what ComfyUI's load_custom_node does
+        spec = importlib.util.spec_from_file_location(module_name, module_path + "/__init__.py",
+                                                      submodule_search_locations=[module_path])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+        assert sys.modules["nodes"] is foreign_nodes, "the package replaced ComfyUI's nodes module"
+        comfy_modules = sorted(m for m in sys.modules if m == "folder_paths" or m.split(".")[0] == "comfy")
+        print(json.dumps({{
+            "classes": {{k: [v.__module__, v.CATEGORY, v.FUNCTION, list(v.RETURN_TYPES)]
+                        for k, v in module.NODE_CLASS_MAPPINGS.items()}},
+            "display": module.NODE_DISPLAY_NAME_MAPPINGS,
+            "comfy_modules": comfy_modules,
+        }}))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["display"] == EXPECTED_NODES
+    assert set(report["classes"]) == set(EXPECTED_NODES)
+    for node_id, (module_name, category, function, _) in report["classes"].items():
+        assert module_name.startswith(str(custom_nodes / "ComfyUI-FastWan")), module_name
+        assert category == "FastWan"
+    assert report["classes"]["FastWanDMDSampler"][3] == ["LATENT"]
+    assert report["comfy_modules"] == [], "importing the package must not import ComfyUI modules"
+
+
+def test_node_classes_follow_the_v1_conventions():
+    assert NODE_DISPLAY_NAME_MAPPINGS == EXPECTED_NODES
+    for node_id, cls in NODE_CLASS_MAPPINGS.items():
+        assert node_id.startswith("FastWan")
+        assert cls.CATEGORY == "FastWan"
+        assert callable(getattr(cls(), cls.FUNCTION))
+        spec = cls.INPUT_TYPES()
+        for section in ("required", "optional"):
+            for name, definition in spec.get(section, {}).items():
+                assert len(definition) == 2 and definition[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+    assert NODE_CLASS_MAPPINGS["FastWanVideoSave"].OUTPUT_NODE is True
+    assert NODE_CLASS_MAPPINGS["FastWanVideoSave"].INPUT_TYPES()["hidden"] == {
+        "prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}
+    seed = NODE_CLASS_MAPPINGS["FastWanDMDSampler"].INPUT_TYPES()["required"]["seed"][1]
+    assert seed["control_after_generate"] is True and seed["max"] == 2**64 - 1
+
+
+def test_loader_lists_nothing_without_comfyui(monkeypatch):
+    monkeypatch.setitem(sys.modules, "folder_paths", None)  # import of folder_paths fails
+    assert NODE_CLASS_MAPPINGS["FastWanModelLoader"].INPUT_TYPES()["required"]["model_name"][0] == []
+
+
+# ------------------------------------------------------------------------------------------------
+# Load FastWan
+
+
+def test_loader_lists_safetensors_and_loads_the_weights(tiny_checkpoint, comfy_folders):
+    model, path = tiny_checkpoint
+    (path.parent / "notes.txt").write_text("not a model")
+    (path.parent / "old.ckpt").write_bytes(b"pickle")
+    names = NODE_CLASS_MAPPINGS["FastWanModelLoader"].INPUT_TYPES()["required"]["model_name"][0]
+    assert names == ["fastwan_tiny.safetensors"]
+
+    patcher = loaded()
+    dit = model_nodes.dit_of(patcher)
+    assert isinstance(patcher, comfy_env.PlainModelPatcher)
+    reference = model.state_dict()
+    for name, tensor in dit.state_dict().items():
+        torch.testing.assert_close(tensor, reference[name], rtol=0, atol=0, msg=name)
+
+
+def test_loader_weight_dtype_and_comfy_layout(comfy_folders):
+    model = tiny_dit(seed=3)
+    path = Path(comfy_folders.models_dir) / "diffusion_models" / "wan_comfy_layout.safetensors"
+    save_dit(model, path, layout="comfy")
+    dit = model_nodes.dit_of(loaded("wan_comfy_layout.safetensors", "bf16"))
+    assert dit.blocks[0].ffn[0].weight.dtype == torch.bfloat16
+    assert dit.blocks[0].modulation.dtype == torch.float32  # modulation tables stay fp32
+    torch.testing.assert_close(dit.blocks[1].ffn[2].weight.float(), model.blocks[1].ffn[2].weight.bfloat16().float(),
+                               rtol=0, atol=0)
+
+
+def test_loader_reads_a_file_once_while_it_is_in_use(tiny_checkpoint, monkeypatch):
+    _, path = tiny_checkpoint
+    reads = []
+    real_load = model_nodes.load_dit
+    monkeypatch.setattr(model_nodes, "load_dit", lambda *a, **k: reads.append(a[0]) or real_load(*a, **k))
+    first = loaded()
+    second = loaded()
+    assert len(reads) == 1 and first.model is second.model
+    # Another dtype is another model; a changed file is read again.
+    loaded(dtype="bf16")
+    assert len(reads) == 2
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    third = loaded()
+    assert len(reads) == 3 and third.model is not first.model
+
+
+def test_loader_missing_file_names_the_folder(comfy_folders):
+    with pytest.raises(InputError, match="diffusion_models") as info:
+        loaded("nope.safetensors")
+    assert "nope.safetensors" in str(info.value) and "refresh" in str(info.value)
+
+
+def test_loader_loads_a_sharded_checkpoint_from_any_shard(comfy_folders):
+    model = tiny_dit(seed=5)
+    folder = Path(comfy_folders.models_dir) / "diffusion_models" / "sharded"
+    folder.mkdir()
+    from safetensors.torch import save_file
+
+    from fastwan.fastwan_core.checkpoint import dit_state_dict
+
+    state = model.state_dict()
+    weight_map = {}
+    exported = dit_state_dict(model, layout="diffusers")
+    keys = sorted(exported)
+    for index, part in enumerate([keys[: len(keys) // 2], keys[len(keys) // 2:]], start=1):
+        shard = f"diffusion_pytorch_model-0000{index}-of-00002.safetensors"
+        save_file({k: exported[k].contiguous() for k in part}, str(folder / shard))
+        weight_map.update({k: shard for k in part})
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps(WanConfig.tiny().to_diffusers_config()))
+    listed = NODE_CLASS_MAPPINGS["FastWanModelLoader"].INPUT_TYPES()["required"]["model_name"][0]
+    shard_name = "sharded/diffusion_pytorch_model-00002-of-00002.safetensors"
+    assert shard_name in listed
+    dit = model_nodes.dit_of(loaded(shard_name))
+    for name, tensor in dit.state_dict().items():
+        torch.testing.assert_close(tensor, state[name], rtol=0, atol=0, msg=name)
+
+
+# ------------------------------------------------------------------------------------------------
+# VSA Attention Patch
+
+
+def test_vsa_patch_returns_a_patched_copy(tiny_checkpoint, caplog):
+    base = loaded()
+    options_before = json.dumps(base.model_options, default=str)
+    with caplog.at_level(logging.WARNING, logger="FastWan"):
+        (patched,) = NODE_CLASS_MAPPINGS["FastWanVSAPatch"]().patch(base, 0.8, "reference")
+    assert patched is not base and patched.model is base.model  # shared weights, separate options
+    assert json.dumps(base.model_options, default=str) == options_before
+    assert model_nodes.attention_of(base) == AttentionConfig()
+    assert model_nodes.attention_of(patched) == AttentionConfig("vsa", 0.8, "reference")
+    assert "no trained VSA gates" in caplog.text and "sparsity" in caplog.text
+
+    (dense,) = NODE_CLASS_MAPPINGS["FastWanVSAPatch"]().patch(patched, 0.0, "auto")
+    assert model_nodes.attention_of(dense) == AttentionConfig("dense", 0.0, "auto")
+    assert model_nodes.attention_of(patched) == AttentionConfig("vsa", 0.8, "reference")
+
+
+def test_vsa_patch_is_quiet_for_a_model_with_trained_gates(comfy_folders, caplog):
+    save_dit(tiny_dit(seed=7, gates=True), Path(comfy_folders.models_dir) / "diffusion_models" / "gated.safetensors")
+    with caplog.at_level(logging.WARNING, logger="FastWan"):
+        NODE_CLASS_MAPPINGS["FastWanVSAPatch"]().patch(loaded("gated.safetensors"), 0.8, "auto")
+    assert "gates" not in caplog.text
+
+
+def test_vsa_patch_refuses_a_core_model():
+    with pytest.raises(InputError, match="Load FastWan"):
+        NODE_CLASS_MAPPINGS["FastWanVSAPatch"]().patch(object(), 0.8, "auto")
+
+
+# ------------------------------------------------------------------------------------------------
+# 3-Step DMD Sampler
+
+
+def oracle_dmd(dit, attention, context, shape, seed):
+    """The FastWan sampler written out from DESIGN §5: sigmas of timesteps 1000/757/522 on the
+    shift-8 grid, x0 = x - sigma*v, fresh noise between steps, CPU generator; then Wan's
+    denormalization with the published statistics."""
+    unshifted = np.linspace(1.0, 1.0 / 1000, 1000)
+    grid = 8.0 * unshifted / (1 + 7.0 * unshifted) * 1000
+    sigmas = [float(grid[np.argmin(np.abs(grid - t))]) / 1000 for t in (1000, 757, 522)]
+    generator = torch.Generator("cpu").manual_seed(seed)
+    x = torch.randn(shape, generator=generator)
+    for step, sigma in enumerate(sigmas):
+        v = dit(x, torch.full((shape[0],), sigma * 1000.0), context, attention=attention).float()
+        x0 = x - sigma * v
+        if step + 1 < len(sigmas):
+            x = (1 - sigmas[step + 1]) * x0 + sigmas[step + 1] * torch.randn(shape, generator=generator)
+    mean = torch.tensor(WAN_MEAN).view(1, 16, 1, 1, 1)
+    std = torch.tensor(WAN_STD).view(1, 16, 1, 1, 1)
+    return x0 * std + mean
+
+
+def test_sampler_matches_the_written_out_recipe(tiny_checkpoint):
+    (patched,) = NODE_CLASS_MAPPINGS["FastWanVSAPatch"]().patch(loaded(), 0.5, "reference")
+    positive = conditioning(batch=1, tokens=20)
+    seed = int(time.time_ns() % 10**9)
+    (latent,) = NODE_CLASS_MAPPINGS["FastWanDMDSampler"]().sample(
+        patched, positive, width=64, height=48, length=9, batch_size=2, seed=seed)
+    samples = latent["samples"]
+    assert samples.shape == (2, 16, 3, 6, 8) and samples.dtype == torch.float32
+    dit = model_nodes.dit_of(patched)
+    context = torch.zeros(2, 512, WanConfig.tiny().text_dim)
+    context[:, :20] = positive[0][0]
+    expected = oracle_dmd(dit, AttentionConfig("vsa", 0.5, "reference"), context, (2, 16, 3, 6, 8), seed)
+    torch.testing.assert_close(samples, expected, rtol=1e-4, atol=1e-4)
+    # Another seed, another video.
+    (other,) = NODE_CLASS_MAPPINGS["FastWanDMDSampler"]().sample(
+        patched, positive, width=64, height=48, length=9, batch_size=2, seed=seed + 1)
+    assert not torch.allclose(other["samples"], samples)
+
+
+def test_sampler_passes_attention_and_padded_context_to_the_model(tiny_checkpoint, monkeypatch):
+    calls = []
+    real_forward = WanDiT.forward
+
+    def recording_forward(self, x, timestep, context, attention=None):
+        calls.append((attention, context.detach().clone(), timestep.detach().clone()))
+        return real_forward(self, x, timestep, context, attention=attention)
+
+    monkeypatch.setattr(WanDiT, "forward", recording_forward)
+    (patched,) = NODE_CLASS_MAPPINGS["FastWanVSAPatch"]().patch(loaded(), 0.8, "reference")
+    positive = conditioning(tokens=7)
+    NODE_CLASS_MAPPINGS["FastWanDMDSampler"]().sample(patched, positive, width=32, height=32, length=5,
+                                                      batch_size=1, seed=1)
+    assert len(calls) == 3
+    assert all(attention == AttentionConfig("vsa", 0.8, "reference") for attention, _, _ in calls)
+    context = calls[0][1]
+    assert context.shape == (1, 512, WanConfig.tiny().text_dim)
+    torch.testing.assert_close(context[:, :7], positive[0][0])
+    assert context[:, 7:].abs().max() == 0
+    torch.testing.assert_close(torch.stack([t for _, _, t in calls]).flatten(),
+                               torch.tensor([1000.0, 756.8, 521.7]), atol=0.1, rtol=0)
+
+    calls.clear()  # an over-long prompt is kept whole, as ComfyUI's own Wan model does
+    NODE_CLASS_MAPPINGS["FastWanDMDSampler"]().sample(patched, conditioning(tokens=600), width=32, height=32,
+                                                      length=5, batch_size=1, seed=1)
+    assert calls[0][1].shape[1] == 600
+
+
+def test_sampler_takes_the_size_from_a_latent(tiny_checkpoint):
+    empty = {"samples": torch.zeros(2, 16, 2, 4, 6)}  # 48x32 pixels, 5 frames, batch 2
+    (latent,) = NODE_CLASS_MAPPINGS["FastWanDMDSampler"]().sample(
+        loaded(), conditioning(), width=832, height=480, length=81, batch_size=1, seed=0, latent=empty)
+    assert latent["samples"].shape == (2, 16, 2, 4, 6)
+    with pytest.raises(InputError, match="video latent"):
+        NODE_CLASS_MAPPINGS["FastWanDMDSampler"]().sample(
+            loaded(), conditioning(), seed=0, latent={"samples": torch.zeros(1, 4, 8, 8)})
+
+
+@pytest.mark.parametrize("size, message", [
+    ((830, 480, 81), "816 or 832"),
+    ((832, 470, 81), "464 or 480"),
+    ((832, 480, 80), "77 or 81"),
+])
+def test_sampler_invalid_size_names_the_nearest_valid_values(tiny_checkpoint, size, message):
+    width, height, length = size
+    with pytest.raises(InputError, match=message) as info:
+        NODE_CLASS_MAPPINGS["FastWanDMDSampler"]().sample(loaded(), conditioning(), width=width, height=height,
+                                                          length=length, batch_size=1, seed=0)
+    assert "3-Step DMD Sampler" in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(timesteps="1000,abc"), "comma-separated"),
+    (dict(timesteps="1000,1200"), "outside"),
+    (dict(timesteps="522,757,1000"), "decrease"),
+    (dict(shift=0.0), "shift"),
+])
+def test_sampler_rejects_bad_advanced_inputs(tiny_checkpoint, kwargs, message):
+    with pytest.raises(InputError, match=message):
+        NODE_CLASS_MAPPINGS["FastWanDMDSampler"]().sample(loaded(), conditioning(), width=32, height=32,
+                                                          length=5, batch_size=1, seed=0, **kwargs)
+
+
+def test_sampler_rejects_conditioning_of_another_text_encoder(tiny_checkpoint):
+    with pytest.raises(InputError, match="umT5") as info:
+        NODE_CLASS_MAPPINGS["FastWanDMDSampler"]().sample(loaded(), conditioning(channels=768), width=32,
+                                                          height=32, length=5, batch_size=1, seed=0)
+    assert "type wan" in str(info.value)
+    with pytest.raises(InputError, match="batch"):
+        NODE_CLASS_MAPPINGS["FastWanDMDSampler"]().sample(loaded(), conditioning(batch=3), width=32,
+                                                          height=32, length=5, batch_size=2, seed=0)
+
+
+def test_sampler_latent_decodes_with_the_wan_vae_to_the_requested_size(tiny_checkpoint):
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True]).eval()
+    (latent,) = NODE_CLASS_MAPPINGS["FastWanDMDSampler"]().sample(
+        loaded(), conditioning(), width=48, height=32, length=9, batch_size=1, seed=3)
+    with torch.no_grad():
+        video = vae.decode(latent["samples"]).sample  # ComfyUI's VAEDecode also takes raw latents
+    assert video.shape == (1, 3, 9, 32, 48)
+    assert torch.isfinite(video).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# The ComfyUI code paths, with stand-in comfy modules that record what the nodes ask of them
+
+
+@pytest.fixture
+def fake_comfy(monkeypatch):
+    record = types.SimpleNamespace(loads=[], progress=[], interrupt_checks=0, interrupt_after=None)
+    comfy = types.ModuleType("comfy")
+    mm = types.ModuleType("comfy.model_management")
+    mm.get_torch_device = lambda: torch.device("cpu")
+    mm.unet_offload_device = lambda: torch.device("cpu")
+    mm.intermediate_device = lambda: torch.device("cpu")
+    mm.unet_dtype = lambda device=None, model_params=0, supported_dtypes=(), weight_dtype=None: torch.float32
+
+    def load_models_gpu(models, memory_required=0, force_full_load=False, **kwargs):
+        record.loads.append((models, memory_required, force_full_load))
+
+    def throw_exception_if_processing_interrupted():
+        record.interrupt_checks += 1
+        if record.interrupt_after is not None and len(record.progress) >= record.interrupt_after:
+            raise KeyboardInterrupt("interrupted")
+
+    mm.load_models_gpu = load_models_gpu
+    mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
+    patcher_module = types.ModuleType("comfy.model_patcher")
+
+    class ModelPatcher:
+        def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
+            self.model, self.load_device, self.offload_device = model, load_device, offload_device
+            self.model_options = {"transformer_options": {}}
+
+        def clone(self):
+            import copy
+
+            other = ModelPatcher(self.model, self.load_device, self.offload_device)
+            other.model_options = copy.deepcopy(self.model_options)
+            return other
+
+    patcher_module.ModelPatcher = ModelPatcher
+    utils = types.ModuleType("comfy.utils")
+
+    class ProgressBar:
+        def __init__(self, total, node_id=None):
+            self.total = total
+
+        def update_absolute(self, value, total=None, preview=None):
+            record.progress.append((value, total, preview))
+
+    utils.ProgressBar = ProgressBar
+    formats = types.ModuleType("comfy.latent_formats")
+    formats.Wan21 = type("Wan21", (), {})
+    preview = types.ModuleType("latent_preview")
+
+    class Previewer:
+        def decode_latent_to_preview_image(self, preview_format, x0):
+            record.previewed.append(x0.shape)
+            return (preview_format, f"preview {len(record.previewed)}", 512)
+
+    preview.get_previewer = lambda device, latent_format: Previewer()
+    record.previewed = []
+    for name, module in {"comfy": comfy, "comfy.model_management": mm, "comfy.model_patcher": patcher_module,
+                         "comfy.utils": utils, "comfy.latent_formats": formats, "latent_preview": preview}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    record.ModelPatcher = ModelPatcher
+    return record
+
+
+def test_inside_comfyui_the_model_is_managed_and_progress_reported(tiny_checkpoint, fake_comfy):
+    patcher = loaded()
+    assert isinstance(patcher, fake_comfy.ModelPatcher)
+    (patched,) = NODE_CLASS_MAPPINGS["FastWanVSAPatch"]().patch(patcher, 0.8, "reference")
+    assert isinstance(patched, fake_comfy.ModelPatcher) and patched.model is patcher.model
+    NODE_CLASS_MAPPINGS["FastWanDMDSampler"]().sample(patched, conditioning(), width=32, height=32, length=5,
+                                                      batch_size=1, seed=0)
+    assert len(fake_comfy.loads) == 1
+    models, memory_required, force_full_load = fake_comfy.loads[0]
+    assert models == [patched] and memory_required > 0 and force_full_load
+    assert fake_comfy.progress == [(1, 3, ("JPEG", "preview 1", 512)), (2, 3, ("JPEG", "preview 2", 512)),
+                                   (3, 3, ("JPEG", "preview 3", 512))]
+    assert fake_comfy.previewed == [(1, 16, 2, 4, 4)] * 3  # the normalized x0 estimate of each step
+    assert fake_comfy.interrupt_checks >= 3
+
+
+def test_an_interrupt_stops_sampling_between_steps(tiny_checkpoint, fake_comfy, monkeypatch):
+    steps = []
+    real_forward = WanDiT.forward
+    monkeypatch.setattr(WanDiT, "forward", lambda self, *a, **k: steps.append(1) or real_forward(self, *a, **k))
+    fake_comfy.interrupt_after = 1
+    with pytest.raises(KeyboardInterrupt):
+        NODE_CLASS_MAPPINGS["FastWanDMDSampler"]().sample(loaded(), conditioning(), width=32, height=32,
+                                                          length=5, batch_size=1, seed=0)
+    assert len(steps) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Video Save
+
+
+def frames(count=9, height=48, width=64):
+    generator = torch.Generator().manual_seed(int(time.time_ns() % 2**31))
+    # Smooth content so lossy codecs keep it recognisable.
+    base = torch.rand(count, height // 8, width // 8, 3, generator=generator)
+    return torch.nn.functional.interpolate(base.permute(0, 3, 1, 2), size=(height, width),
+                                           mode="bilinear").permute(0, 2, 3, 1).contiguous()
+
+
+@pytest.mark.parametrize("format", ["mp4", "webm", "webp", "gif"])
+def test_video_save_writes_a_video_with_the_workflow(comfy_folders, format):
+    images = frames()
+    prompt = {"8": {"class_type": "FastWanVideoSave", "inputs": {"fps": 16.0}}}
+    workflow = {"nodes": [{"id": 8, "type": "FastWanVideoSave"}], "links": [], "version": 0.4}
+    result = NODE_CLASS_MAPPINGS["FastWanVideoSave"]().save(
+        images, fps=16.0, format=format, quality=90, filename_prefix="clips/FastWan",
+        prompt=prompt, extra_pnginfo={"workflow": workflow})
+    saved = result["ui"]["images"]
+    assert result["ui"]["animated"] == (True,)
+    assert saved == [{"filename": f"FastWan_00001_.{format}", "subfolder": "clips", "type": "output"}]
+    path = Path(comfy_folders.get_output_directory()) / "clips" / saved[0]["filename"]
+    count, height, width, fps = read_video_info(path)
+    assert (count, height, width) == (9, 48, 64)
+    assert fps == pytest.approx(16.0, abs=0.2)
+    metadata = read_video_metadata(path)
+    assert json.loads(metadata["prompt"]) == prompt
+    assert json.loads(metadata["workflow"]) == workflow
+    # The next save gets the next counter; nothing else is left in the folder.
+    again = NODE_CLASS_MAPPINGS["FastWanVideoSave"]().save(images, 16.0, format, 90, "clips/FastWan")
+    assert again["ui"]["images"][0]["filename"] == f"FastWan_00002_.{format}"
+    assert sorted(p.name for p in path.parent.iterdir()) == [f"FastWan_00001_.{format}", f"FastWan_00002_.{format}"]
+
+
+def test_video_save_frames_match_the_input(comfy_folders):
+    from fastwan.fastwan_core.video_io import read_video_frames
+
+    images = frames(count=5)
+    result = NODE_CLASS_MAPPINGS["FastWanVideoSave"]().save(images, 16.0, "webp", 100, "FastWan")
+    path = Path(comfy_folders.get_output_directory()) / result["ui"]["images"][0]["filename"]
+    decoded = read_video_frames(path)
+    expected = (images.numpy() * 255).round().astype(np.uint8)
+    np.testing.assert_array_equal(decoded, expected)  # quality 100 webp is lossless
+
+
+@pytest.mark.parametrize("prefix", ["../escape", "/tmp/escape", "clips/../../escape", "..", "a/.."])
+def test_video_save_refuses_prefixes_outside_the_output_folder(comfy_folders, prefix):
+    output = Path(comfy_folders.get_output_directory())
+    with pytest.raises(InputError, match="filename_prefix") as info:
+        NODE_CLASS_MAPPINGS["FastWanVideoSave"]().save(frames(count=1), 16.0, "gif", 80, prefix)
+    assert str(output) in str(info.value) and "relative name" in str(info.value)
+    assert list(output.iterdir()) == []
+    assert not (output.parent / "escape.gif").exists()
+
+
+def test_video_save_honours_disable_metadata(comfy_folders, monkeypatch):
+    cli_args = types.ModuleType("comfy.cli_args")
+    cli_args.args = types.SimpleNamespace(disable_metadata=True)
+    monkeypatch.setitem(sys.modules, "comfy", types.ModuleType("comfy"))
+    monkeypatch.setitem(sys.modules, "comfy.cli_args", cli_args)
+    result = NODE_CLASS_MAPPINGS["FastWanVideoSave"]().save(frames(count=2), 16.0, "webp", 80, "FastWan",
+                                                            prompt={"1": {}}, extra_pnginfo={"workflow": {}})
+    path = Path(comfy_folders.get_output_directory()) / result["ui"]["images"][0]["filename"]
+    assert read_video_metadata(path) == {}
+
+
+def test_video_save_rejects_non_image_input(comfy_folders):
+    with pytest.raises(InputError, match="VAEDecode"):
+        NODE_CLASS_MAPPINGS["FastWanVideoSave"]().save(torch.zeros(1, 16, 2, 4, 4), 16.0, "mp4", 80, "FastWan")

@@ -1,0 +1,124 @@
+"""VSA Triton kernels under Triton's CPU interpreter (TRITON_INTERPRET=1) against the PyTorch reference.
+
+Tiny shapes; the interpreter runs every program in numpy. Note: Triton 3.9's interpreter computes
+bf16 ``tl.dot`` wrongly on CPU (garbage values even for a plain 16x16 product), so bf16 runs on the
+GPU only (bench/vsa_attention.py checks it); here fp32 (exact dots) and fp16 cover the kernels.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from fastwan.fastwan_core.errors import InputError  # noqa: E402
+from fastwan.kernels.vsa import (  # noqa: E402
+    TileLayout,
+    video_sparse_attention,
+    video_sparse_attention_reference,
+    video_sparse_attention_tiled,
+)
+from fastwan.kernels.vsa.ops import _transpose_key_tiles  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def triton_interpreter(monkeypatch):
+    # The kernels are jitted per mode on first use, so setting the variable here is enough.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def projection_views(B, heads, L, D, dtype, count):
+    """Fresh random [B, heads, L, D] views of [B, L, heads, D] buffers, as the DiT hands them over."""
+    return [torch.randn(B, L, heads, D, dtype=dtype).transpose(1, 2).requires_grad_(True) for _ in range(count)]
+
+
+def check_against_reference(grid, D, dtype, topk, with_gate, B=2, heads=2, tol=1e-5):
+    layout = TileLayout.for_grid(grid)
+    inputs = projection_views(B, heads, layout.num_tokens, D, dtype, 4 if with_gate else 3)
+    gate = inputs[3] if with_gate else None
+    out = video_sparse_attention_tiled(*inputs[:3], layout, topk, gate=gate, implementation="triton")
+    assert out.dtype == dtype and out.shape == inputs[0].shape
+    assert out.transpose(1, 2).is_contiguous()
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+
+    ref_inputs = [t.detach().float().requires_grad_(True) for t in inputs]
+    ref_gate = ref_inputs[3] if with_gate else None
+    expected = video_sparse_attention_reference(*ref_inputs[:3], layout.tile_offsets, topk, ref_gate)
+    ref_grads = torch.autograd.grad(expected, ref_inputs, grad_out.float())
+    assert rel_err(out, expected) < tol, "out"
+    for name, g, r in zip("q k v gate".split(), grads, ref_grads):
+        assert g.dtype == dtype
+        assert torch.isfinite(g).all(), name
+        assert rel_err(g, r) < tol, name
+
+
+@pytest.mark.parametrize(
+    "grid, topk, with_gate",
+    [
+        ((3, 5, 7), 2, True),  # partial tiles in every axis
+        ((7, 6, 5), 3, False),  # no coarse term
+        ((1, 8, 8), 4, True),  # one frame, sparsity 0 (all 4 tiles)
+        ((4, 4, 4), 1, True),  # a single full tile
+        ((5, 1, 6), 1, True),  # H = 1
+        ((6, 7, 3), 3, True),
+    ],
+)
+def test_triton_fp32_matches_reference(grid, topk, with_gate):
+    torch.manual_seed(sum(grid) + topk)
+    check_against_reference(grid, 64, torch.float32, topk, with_gate, tol=1e-5)
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_triton_fp16_matches_reference(D):
+    torch.manual_seed(D)
+    check_against_reference((5, 6, 7) if D == 64 else (3, 5, 6), D, torch.float16, 3, True, B=1, tol=3e-3)
+
+
+def test_triton_token_order_api_matches_reference():
+    torch.manual_seed(5)
+    grid = (3, 6, 5)
+    q, k, v, gate = (torch.randn(2, 2, 90, 64) for _ in range(4))
+    out = video_sparse_attention(q, k, v, grid, 2, gate=gate, implementation="triton")
+    expected = video_sparse_attention(q, k, v, grid, 2, gate=gate, implementation="reference")
+    assert rel_err(out, expected) < 1e-5
+
+
+def test_transposed_index_list_matches_brute_force():
+    torch.manual_seed(6)
+    B, heads, n, topk = 2, 3, 7, 3
+    key_tiles = torch.stack([torch.randperm(n)[:topk] for _ in range(B * heads * n)]).view(B, heads, n, topk)
+    key_tiles = key_tiles.sort(-1).values.to(torch.int32)
+    query_tiles, query_offsets = _transpose_key_tiles(key_tiles)
+    flat = key_tiles.view(B * heads, n, topk)
+    for bh in range(B * heads):
+        for kt in range(n):
+            lo, hi = query_offsets[bh * n + kt].item(), query_offsets[bh * n + kt + 1].item()
+            want = [qt for qt in range(n) if kt in flat[bh, qt].tolist()]
+            assert query_tiles[lo:hi].tolist() == want
+
+
+def test_triton_custom_op_passes_opcheck():
+    layout = TileLayout.for_grid((2, 4, 8))
+    q, k, v, gate = (torch.randn(1, 1, 64, 16, requires_grad=True) for _ in range(4))
+    torch.library.opcheck(
+        torch.ops.fastwan.vsa_triton_fwd.default,
+        (q, k, v, gate, layout.tile_offsets, 1),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
+
+
+def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    layout = TileLayout.for_grid((2, 4, 4))
+    q = torch.randn(1, 1, 32, 64)
+    with pytest.raises(InputError, match=r"implementation='triton' needs.*CUDA tensors.*implementation='auto'"):
+        video_sparse_attention_tiled(q, q, q, layout, 1, implementation="triton")
+    # 'auto' quietly uses the reference on CPU.
+    out = video_sparse_attention_tiled(q, q, q, layout, 1, implementation="auto")
+    assert torch.isfinite(out).all()

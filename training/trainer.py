@@ -1,0 +1,350 @@
+"""`fastwan distill`: sparse distillation of a Wan2.1 DiT into a few-step VSA student with DMD.
+
+Three copies of the DiT: the student (VSA attention at the configured sparsity, trainable), the real
+score (the frozen dense teacher) and the fake score (a trainable dense copy of the teacher). Every
+step updates the fake score by flow matching on a fresh student sample; every N-th step first
+updates the student with the DMD generator loss (losses in `training/dmd.py`, shared with the toy).
+AdamW over fp32 master weights, bf16 autocast, gradient clipping, activation checkpointing; FSDP2
+under torchrun (`training/distributed.py`); atomic, bit-exact resumable checkpoints
+(`training/checkpointing.py`). All randomness of a step (timesteps, noise) comes from one seeded CPU
+generator per process, saved in every checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..fastwan_core.attention import AttentionConfig
+from ..fastwan_core.config import WanConfig
+from ..fastwan_core.errors import FastWanError
+from ..fastwan_core.schedule import student_sigmas
+from . import checkpointing, dmd
+from .config import RANDOM_MODELS, DistillConfig
+from .data import DataStream, ShardDataset
+from .distributed import DistributedContext, init_distributed, parallelize_dit
+
+
+class TrainingDiverged(FastWanError):
+    """A loss or gradient norm became NaN/inf; the state was saved and training stopped."""
+
+
+def model_config_for(source: str, what: str = "[model] teacher") -> WanConfig:
+    """The WanConfig of a model source, from safetensors headers only (no weights read)."""
+    if source in RANDOM_MODELS:
+        return getattr(WanConfig, RANDOM_MODELS[source])()
+    from ..fastwan_core.checkpoint import index_checkpoint, infer_config
+
+    try:
+        return infer_config(index_checkpoint(source))
+    except FastWanError as error:
+        raise type(error)(f"{what}: {error}") from error
+
+
+def build_model(source: str, dtype: torch.dtype, device, seed: int):
+    """Load a DiT (or make one with random weights for "random:*" sources) on `device`."""
+    from ..fastwan_core.checkpoint import load_dit
+    from ..fastwan_core.model import WanDiT
+
+    if source in RANDOM_MODELS:
+        config = getattr(WanConfig, RANDOM_MODELS[source])()
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = WanDiT(config)
+        return model.to(dtype)
+    return load_dit(source, dtype=dtype, device=device)
+
+
+def sparsity_at(config: DistillConfig, step: int) -> float:
+    """The student's VSA sparsity at `step` (1-based): a linear ramp, then constant."""
+    a = config.attention
+    if a.sparsity_ramp_steps <= 0:
+        return a.sparsity
+    progress = min(1.0, step / a.sparsity_ramp_steps)
+    return a.sparsity_start + (a.sparsity - a.sparsity_start) * progress
+
+
+class Distiller:
+    """Models, optimizers, data and RNG of one distillation run; `train_step(step)` does one step."""
+
+    def __init__(self, config: DistillConfig, context: Optional[DistributedContext] = None, log=print):
+        self.config = config
+        self.context = context or init_distributed(config.train.device)
+        self.device = self.context.device
+        self.log = log if self.context.is_main else (lambda *a, **k: None)
+        t = config.train
+        self.mixed_precision = t.mixed_precision == "bf16"
+
+        # -- every check that needs no weights, before loading anything ---------------------------
+        self.model_config = model_config_for(config.model.teacher)
+        for key in ("student_init", "fake_score_init"):
+            source = getattr(config.model, key)
+            if source and model_config_for(source, f"[model] {key}") != self.model_config:
+                raise checkpointing.CheckpointError(
+                    f"{config.source}: [model] {key} = {source!r} has a different architecture than the teacher "
+                    f"({model_config_for(source)} vs {self.model_config}); the student and fake score must be "
+                    "the teacher's size.")
+        self.dataset = ShardDataset(config.data.dir, self.model_config.text_dim, self.model_config.patch_size)
+        self.data = DataStream(self.dataset, config.data.batch_size, config.data.seed,
+                               self.context.rank, self.context.world_size)
+        self.settings = dmd.DMDSettings(
+            student_timesteps=tuple(config.dmd.student_timesteps), shift=config.dmd.shift,
+            dmd_min_ratio=config.dmd.dmd_min_ratio, dmd_max_ratio=config.dmd.dmd_max_ratio,
+            real_guidance_scale=config.dmd.real_guidance_scale,
+            generator_update_interval=config.dmd.generator_update_interval)
+        self.student_sigma_table = student_sigmas(self.settings.student_timesteps, self.settings.shift)
+
+        # -- models --------------------------------------------------------------------------------
+        m = config.model
+        teacher = build_model(m.teacher, torch.float32, self.device, m.random_seed)
+        student = build_model(m.student_init, torch.float32, self.device, m.random_seed) if m.student_init \
+            else copy.deepcopy(teacher)
+        fake_score = build_model(m.fake_score_init, torch.float32, self.device, m.random_seed) \
+            if m.fake_score_init else copy.deepcopy(teacher)
+        if self.mixed_precision:
+            teacher.cast_for_inference(torch.bfloat16)  # frozen: no fp32 master copy needed
+        teacher.requires_grad_(False).eval()
+        student.train()
+        fake_score.train()
+        student.set_activation_checkpointing(t.activation_checkpointing)
+        fake_score.set_activation_checkpointing(t.activation_checkpointing)
+        self.teacher = parallelize_dit(teacher, self.context)
+        self.student = parallelize_dit(student, self.context)
+        self.fake_score = parallelize_dit(fake_score, self.context)
+        o = config.optimizer
+        adamw = dict(betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        self.student_optimizer = torch.optim.AdamW(self.student.parameters(), lr=o.lr, **adamw)
+        self.fake_optimizer = torch.optim.AdamW(self.fake_score.parameters(), lr=o.fake_score_lr, **adamw)
+        self.generator = torch.Generator("cpu").manual_seed(t.seed * 1000003 + self.context.rank)
+        self.negative = self.dataset.negative_embedding.to(self.device)  # [1, L, D]
+        self.step = 0
+
+    # -- model calls --------------------------------------------------------------------------------
+    def _autocast(self):
+        if not self.mixed_precision:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def _caller(self, model, attention: Optional[AttentionConfig] = None):
+        def call(x, timestep, context):
+            with self._autocast():
+                return model(x, timestep, context, attention=attention)
+        return call
+
+    def student_attention(self, step: int) -> AttentionConfig:
+        a = self.config.attention
+        if a.backend == "dense":
+            return AttentionConfig()
+        return AttentionConfig(backend="vsa", sparsity=sparsity_at(self.config, step), implementation=a.implementation)
+
+    # -- one step -----------------------------------------------------------------------------------
+    def _update(self, model, optimizer, loss: torch.Tensor, what: str, step: int) -> float:
+        """Backward, clip, check for NaN/inf, step. Returns the pre-clip gradient norm."""
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.config.optimizer.grad_clip)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        loss_value, norm_value = float(loss.detach()), float(norm)
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            self._diverged(what, step, loss_value, norm_value)
+        optimizer.step()
+        return norm_value
+
+    def _diverged(self, what: str, step: int, loss_value: float, norm_value: float) -> None:
+        name = f"nonfinite-{checkpointing.checkpoint_name(step)}"
+        folder = self.save(step - 1, name=name, update_latest=False)
+        latest = checkpointing.latest_checkpoint(self.config.train.output_dir)
+        raise TrainingDiverged(
+            f"step {step}: the {what} loss is {loss_value} and its gradient norm {norm_value}; stopped before "
+            f"applying that update. The state before it is saved in {folder}. Resume from "
+            f"{latest or 'the start'} with a lower [optimizer] lr / fake_score_lr or [optimizer] grad_clip, "
+            "and check the data shards for NaN/inf.")
+
+    def train_step(self, step: int) -> dict:
+        """Step `step` (1-based): the generator update on every N-th step, then the fake-score update."""
+        started = time.perf_counter()
+        latents, text = self.data.next_batch()
+        latents, text = latents.to(self.device), text.to(self.device)
+        negative = self.negative.expand(latents.shape[0], -1, -1)
+        student = self._caller(self.student, self.student_attention(step))
+        fake_score = self._caller(self.fake_score)
+        metrics = {"step": step}
+        if dmd.is_generator_step(step, self.settings.generator_update_interval):
+            draws = dmd.StepDraws.draw(latents.shape, self.generator, self.settings, self.device, self.student_sigma_table)
+            loss = dmd.generator_step_loss(student, self._caller(self.teacher), fake_score, latents, text, negative,
+                                           draws, self.settings.real_guidance_scale)
+            metrics["generator_grad_norm"] = self._update(self.student, self.student_optimizer, loss, "generator", step)
+            metrics["generator_loss"] = float(loss.detach())
+        draws = dmd.StepDraws.draw(latents.shape, self.generator, self.settings, self.device, self.student_sigma_table)
+        loss = dmd.fake_score_step_loss(student, fake_score, latents, text, draws)
+        metrics["fake_score_grad_norm"] = self._update(self.fake_score, self.fake_optimizer, loss, "fake-score", step)
+        metrics["fake_score_loss"] = float(loss.detach())
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        metrics["step_time_s"] = time.perf_counter() - started
+        metrics["samples_per_s"] = latents.shape[0] * self.context.world_size / metrics["step_time_s"]
+        metrics["sparsity"] = self.student_attention(step).sparsity
+        self.step = step
+        return metrics
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def save(self, step: int, name: Optional[str] = None, update_latest: bool = True) -> Path:
+        return checkpointing.save_checkpoint(
+            self.config.train.output_dir, step,
+            {"student": self.student, "fake_score": self.fake_score},
+            {"student": self.student_optimizer, "fake_score": self.fake_optimizer},
+            self.generator, {"data": self.data.state_dict()}, self.context,
+            json.dumps(self.model_config.to_dict()), keep=self.config.train.keep_checkpoints,
+            name=name, update_latest=update_latest)
+
+    def resume(self, folder) -> int:
+        state = checkpointing.load_checkpoint(
+            folder, {"student": self.student, "fake_score": self.fake_score},
+            {"student": self.student_optimizer, "fake_score": self.fake_optimizer}, self.generator, self.context)
+        self.data.load_state_dict(state["data"])
+        self.step = int(state["step"])
+        return self.step
+
+
+class MetricsLog:
+    """Plain log lines always; metrics.jsonl in the run folder; TensorBoard when installed."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, log=print):
+        self.enabled, self.log = enabled, log
+        self.jsonl = run_dir / "metrics.jsonl" if enabled else None
+        self.writer = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            except Exception:  # tensorboard not installed: plain lines and jsonl only
+                self.writer = None
+
+    def write(self, metrics: dict, max_steps: int) -> None:
+        if not self.enabled:
+            return
+        parts = [f"step {metrics['step']}/{max_steps}"]
+        for key in ("fake_score_loss", "fake_score_grad_norm", "generator_loss", "generator_grad_norm"):
+            if key in metrics:
+                parts.append(f"{key} {metrics[key]:.5g}")
+        parts += [f"sparsity {metrics['sparsity']:.2f}", f"step_time {metrics['step_time_s']:.3f}s",
+                  f"{metrics['samples_per_s']:.3g} samples/s"]
+        self.log(" | ".join(parts))
+        with open(self.jsonl, "a") as handle:
+            handle.write(json.dumps(metrics) + "\n")
+        if self.writer is not None:
+            for key, value in metrics.items():
+                if key != "step":
+                    self.writer.add_scalar(key, value, metrics["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def run_distill(config: DistillConfig, context: Optional[DistributedContext] = None, log=print,
+                stop_at_step: Optional[int] = None) -> dict:
+    """Train until max_steps or a stop signal; returns {"step", "stopped", "checkpoint"}.
+
+    Resumes automatically from the run folder's latest checkpoint. SIGTERM/SIGINT finish the current
+    step, save, and return (stopped="signal"). `stop_at_step` behaves like a signal arriving during
+    that step (for tests of interruption).
+    """
+    trainer = Distiller(config, context, log)
+    context = trainer.context
+    t = config.train
+    run_dir = Path(t.output_dir)
+    if context.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        from ..fastwan_core.checkpoint import atomic_write_text
+
+        atomic_write_text(run_dir / "config.toml", config.to_toml())
+    latest = checkpointing.latest_checkpoint(run_dir)
+    if latest is not None:
+        trainer.resume(latest)
+        trainer.log(f"resumed from {latest} at step {trainer.step}")
+    metrics_log = MetricsLog(run_dir, context.is_main, t.tensorboard, trainer.log)
+
+    stop = {"reason": None}
+    previous = {}
+
+    def request_stop(signum, frame):
+        stop["reason"] = signal.Signals(signum).name
+        trainer.log(f"{stop['reason']} received: finishing step {trainer.step + 1}, then saving a checkpoint")
+
+    with contextlib.suppress(ValueError):  # signal handlers can only be set from the main thread
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, request_stop)
+    saved_at, result = trainer.step, {"step": trainer.step, "stopped": None, "checkpoint": str(latest or "")}
+    try:
+        for step in range(trainer.step + 1, t.max_steps + 1):
+            metrics = trainer.train_step(step)
+            if step % t.log_every == 0 or step == t.max_steps:
+                metrics_log.write(metrics, t.max_steps)
+            if stop_at_step is not None and step == stop_at_step:
+                stop["reason"] = "stop_at_step"
+            stopping = context.any_true(stop["reason"] is not None)
+            if step % t.checkpoint_every == 0 or step == t.max_steps or stopping:
+                result["checkpoint"] = str(trainer.save(step))
+                saved_at = step
+            if stopping:
+                result["stopped"] = stop["reason"] or "signal"
+                trainer.log(f"stopped at step {step}; checkpoint {result['checkpoint']}")
+                break
+        result["step"] = trainer.step
+    finally:
+        metrics_log.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    del saved_at
+    return result
+
+
+def main_distill(args) -> int:
+    from .config import load_config
+    from .distributed import shutdown
+
+    config = load_config(args.config, args.set)
+    context = init_distributed(config.train.device)
+    try:
+        result = run_distill(config, context, log=lambda line: print(line, flush=True))
+    finally:
+        shutdown(context)
+    if context.is_main:
+        print(json.dumps(result), flush=True)
+    return 0
+
+
+def main_export(args) -> int:
+    """`fastwan export`: the student of a run's checkpoint -> one safetensors file via save_dit."""
+    from ..fastwan_core.checkpoint import load_dit, save_dit
+    from ..fastwan_core.errors import InputError
+
+    run = Path(args.run)
+    if args.checkpoint:
+        folder = run / "checkpoints" / args.checkpoint
+        if not (folder / checkpointing.TRAINER_STATE_FILE).is_file():
+            raise InputError(f"--checkpoint {args.checkpoint}: {folder} is not a complete checkpoint; pick one of "
+                             f"{sorted(p.name for p in (run / 'checkpoints').glob('step-*'))}.")
+    else:
+        folder = checkpointing.latest_checkpoint(run)
+        if folder is None:
+            raise InputError(f"--run {run}: no checkpoints/latest in this folder; give the output_dir of a "
+                             "`fastwan distill` run that has saved at least once.")
+    if not str(args.out).endswith(".safetensors"):
+        raise InputError(f"--out {args.out}: the export is one file; give a path ending in .safetensors.")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    student = load_dit(folder / checkpointing.MODEL_FILES["student"], dtype=dtype)
+    path = save_dit(student, args.out, layout=args.layout)
+    print(json.dumps({"exported": str(path), "checkpoint": str(folder), "layout": args.layout, "dtype": args.dtype}))
+    return 0
