@@ -66,6 +66,10 @@ def projection_views(B, heads, L, D, dtype, device, count, requires_grad=False):
     ]
 
 
+def triton_outputs(q, k, v, gate, layout, topk):
+    return vsa_ops._vsa_triton_fwd(q, k, v, gate, layout.tile_offsets, topk)
+
+
 def kept_work(key_tiles, layout):
     """(sum over rows of query tokens x kept key tokens, number of kept 64x64 blocks)."""
     sizes = layout.tile_sizes.to(key_tiles.device, torch.float64)
@@ -84,7 +88,7 @@ def check_correctness(grid, topk, heads, device, dtype, fvk, D=128):
         ref = video_sparse_attention_reference(q, k, v, layout.tile_offsets, topk, gate)
         result["fwd_rel_err"] = rel_err(out, ref)
         result["fwd_finite"] = bool(torch.isfinite(out).all())
-        _, _, tri_tiles, _, _ = vsa_ops._vsa_triton_fwd(q, k, v, gate, layout.tile_offsets, topk)
+        tri_tiles = triton_outputs(q, k, v, gate, layout, topk)[2].sort(-1).values
         means = [tile_means(t, layout.tile_of_token, layout.tile_sizes) for t in (q, k)]
         ref_tiles = select_key_tiles(coarse_scores(*means), topk)
         result["selection_agreement"] = (tri_tiles == ref_tiles).double().mean().item()
@@ -116,12 +120,42 @@ def padded_inputs(layout, *tensors):
 def compare_with_fastvideo(fvk, q, k, v, gate, layout, topk, ours):
     qp, kp, vp, gp = padded_inputs(layout, q, k, v, gate)
     sizes = layout.tile_sizes.to(torch.int32)
-    theirs = fvk.video_sparse_attn(qp, kp, vp, sizes, sizes, topk, 64, gp)
+    theirs = fvk.video_sparse_attn(qp, kp, vp, sizes, sizes, topk, (4, 4, 4), gp)
     B, heads, L, D = q.shape
     valid = (torch.arange(64, device=q.device).view(1, 64) < sizes.view(-1, 1)).view(-1)
     theirs = theirs[:, :, valid]
     # Its tile means are rounded to bf16 before scoring, so a few near-tie selections differ.
     return {"fwd_rel_err_vs_ours": rel_err(ours, theirs)}
+
+
+def coarse_breakdown(q, k, v, layout, topk, smoke):
+    """Times of the coarse stage's parts: the three tile-mean launches and the top-k kernel."""
+    tv = vsa_ops._triton_module()
+    B, heads, L, D = q.shape
+    n = layout.num_tiles
+    means = torch.empty(3, B, heads, n, D, dtype=torch.float32, device=q.device)
+
+    def pool():
+        for i, x in enumerate((q, k, v)):
+            tv.kernels()["tile_means"][(n, B * heads)](
+                x, means[i], layout.tile_offsets, *vsa_ops._strides(x), heads, n, BLOCK=64, D=D
+            )
+
+    pool()
+    scores = torch.matmul(means[0], means[1].transpose(-1, -2))
+    key_tiles = torch.empty(B, heads, n, topk, dtype=torch.int32, device=q.device)
+
+    def select():
+        tv.kernels()["select"][(vsa_ops.triton_cdiv(B * heads * n, 4),)](
+            scores, key_tiles, B * heads * n, n, topk, ROWS=4, BLOCK_T=max(16, vsa_ops._next_power_of_2(n)),
+            **({} if smoke else dict(num_warps=8)),
+        )
+
+    return {
+        "coarse_pool_ms": bench_ms(pool, smoke),
+        "coarse_select_ms": bench_ms(select, smoke),
+        "coarse_torch_topk_ms": bench_ms(lambda: torch.topk(scores, topk, dim=-1), smoke),
+    }
 
 
 def time_shape(name, grid, sparsities, heads, device, dtype, fvk, smoke):
@@ -161,7 +195,7 @@ def time_shape(name, grid, sparsities, heads, device, dtype, fvk, smoke):
         row = {"topk": topk}
         ours = lambda: video_sparse_attention_tiled(q, k, v, layout, topk, gate=gate)  # noqa: E731
         with torch.no_grad():
-            key_tiles = vsa_ops._vsa_triton_fwd(q, k, v, gate, layout.tile_offsets, topk)[2]
+            key_tiles = triton_outputs(q, k, v, gate, layout, topk)[2]
             kept_tokens, kept_blocks = kept_work(key_tiles, layout)
             fwd_flops = 4 * D * kept_tokens
             block_flops = 4 * D * kept_blocks * 64 * 64
@@ -169,6 +203,12 @@ def time_shape(name, grid, sparsities, heads, device, dtype, fvk, smoke):
             row["ours_coarse_ms"] = bench_ms(
                 lambda: vsa_ops._coarse_forward(q, k, v, layout.tile_offsets, topk), smoke
             )
+            row.update(coarse_breakdown(q, k, v, layout, topk, smoke))
+            qc, kc, vc, gc = (t.detach().contiguous() for t in (q, k, v, gate))
+            row["ours_fwd_contiguous_bhld_ms"] = bench_ms(
+                lambda: video_sparse_attention_tiled(qc, kc, vc, layout, topk, gate=gc), smoke
+            )
+            del qc, kc, vc, gc
         row["ours_fwd_bwd_ms"] = bench_ms(fwd_bwd(ours), smoke)
         row["ours_fwd_tflops"] = fwd_flops / row["ours_fwd_ms"] / 1e9
         row["ours_fwd_tflops_blocks"] = block_flops / row["ours_fwd_ms"] / 1e9
@@ -178,7 +218,7 @@ def time_shape(name, grid, sparsities, heads, device, dtype, fvk, smoke):
                 qp, kp, vp, gp = (t.detach().requires_grad_(True) for t in padded_inputs(layout, q, k, v, gate))
                 gop = padded_inputs(layout, grad_out)[0]
                 sizes = layout.tile_sizes.to(torch.int32)
-                theirs = lambda: fvk.video_sparse_attn(qp, kp, vp, sizes, sizes, topk, 64, gp)  # noqa: E731
+                theirs = lambda: fvk.video_sparse_attn(qp, kp, vp, sizes, sizes, topk, (4, 4, 4), gp)  # noqa: E731
                 with torch.no_grad():
                     row["fastvideo_fwd_ms"] = bench_ms(theirs, smoke)
                 row["fastvideo_fwd_bwd_ms"] = bench_ms(lambda: theirs().backward(gop), smoke)
@@ -195,29 +235,44 @@ def time_shape(name, grid, sparsities, heads, device, dtype, fvk, smoke):
 
 
 def sweep_launch_configs(device, dtype, smoke):
-    """Time each kernel's warps/stages choices at 480p, sparsity 0.8; keep the fastest in LAUNCH_CONFIG."""
+    """Time block shapes and warps/stages per kernel at 480p, sparsity 0.8; keep the fastest."""
     layout = TileLayout.for_grid((21, 30, 52), device)
     topk = topk_for_sparsity(layout.num_tiles, 0.8)
     q, k, v, gate = projection_views(1, 12, layout.num_tokens, 128, dtype, device, 4, requires_grad=True)
     grad_out = torch.randn_like(q)
     ours = lambda: video_sparse_attention_tiled(q, k, v, layout, topk, gate=gate)  # noqa: E731
+
+    def fwd_ms():
+        with torch.no_grad():
+            return bench_ms(ours, smoke)
+
+    def fwd_bwd_ms():
+        return bench_ms(lambda: ours().backward(grad_out), smoke)
+
+    def trial(kernel, block_attr, block, warps, stages, measure):
+        setattr(vsa_ops, block_attr, block)
+        vsa_ops.LAUNCH_CONFIG[(kernel, 128)] = dict(num_warps=warps, num_stages=stages)
+        try:
+            return measure()
+        except Exception as exc:
+            return repr(exc)[:200]
+
     results = {}
-    for kernel in ("fwd", "bwd_dq", "bwd_dkdv"):
+    plans = {
+        "fwd": ("KEY_TILES_PER_STEP", [(1, 4, 3), (1, 4, 4), (2, 4, 2), (2, 4, 3), (2, 8, 3)], fwd_ms),
+        "bwd_dq": ("KEY_TILES_PER_STEP", [(None, 4, 2), (None, 4, 3), (None, 8, 2)], fwd_bwd_ms),
+        "bwd_dkdv": ("QUERY_TILES_PER_STEP", [(1, 4, 2), (1, 4, 3), (2, 4, 2), (2, 8, 2), (2, 8, 3)], fwd_bwd_ms),
+    }
+    for kernel, (block_attr, configs, measure) in plans.items():
         timings = {}
-        for warps in (4, 8):
-            for stages in (2, 3, 4):
-                vsa_ops.LAUNCH_CONFIG[(kernel, 128)] = dict(num_warps=warps, num_stages=stages)
-                try:
-                    if kernel == "fwd":
-                        with torch.no_grad():
-                            ms = bench_ms(ours, smoke)
-                    else:
-                        ms = bench_ms(lambda: ours().backward(grad_out), smoke)
-                    timings[f"w{warps}s{stages}"] = ms
-                except Exception as exc:
-                    timings[f"w{warps}s{stages}"] = repr(exc)[:200]
-        best = min((t, key) for key, t in timings.items() if isinstance(t, float))[1]
-        vsa_ops.LAUNCH_CONFIG[(kernel, 128)] = dict(num_warps=int(best[1]), num_stages=int(best[3]))
+        for block, warps, stages in configs:
+            block = block or getattr(vsa_ops, block_attr)
+            timings[f"b{block}w{warps}s{stages}"] = trial(kernel, block_attr, block, warps, stages, measure)
+        best_ms, best = min((t, key) for key, t in timings.items() if isinstance(t, float))
+        block, rest = best[1:].split("w")
+        warps, stages = rest.split("s")
+        setattr(vsa_ops, block_attr, int(block))
+        vsa_ops.LAUNCH_CONFIG[(kernel, 128)] = dict(num_warps=int(warps), num_stages=int(stages))
         results[kernel] = {"timings_ms": timings, "best": best}
     return results
 
@@ -272,6 +327,9 @@ def main() -> int:
     if args.sweep and not smoke:
         section("sweep", lambda: sweep_launch_configs(device, dtype, smoke))
     report["launch_config"] = {f"{k}/{d}": v for (k, d), v in vsa_ops.LAUNCH_CONFIG.items()}
+    report["launch_config"].update(
+        key_tiles_per_step=vsa_ops.KEY_TILES_PER_STEP, query_tiles_per_step=vsa_ops.QUERY_TILES_PER_STEP
+    )
     for label, (grid, heads) in shapes.items():
         section(f"time_{label}", lambda: time_shape(label, grid, (0.8, 0.9), heads, device, dtype, fvk, smoke))
     text = json.dumps(report, indent=1)

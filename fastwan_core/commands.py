@@ -15,6 +15,17 @@ def register(subparsers) -> None:
     _register_convert(subparsers)
 
 
+def _quiet_library_progress() -> None:
+    """transformers/diffusers draw a progress bar for every weight load and save; the CLI shows its
+    own stage timings instead."""
+    for name in ("transformers", "diffusers"):
+        try:
+            module = __import__(f"{name}.utils.logging", fromlist=["disable_progress_bar"])
+            module.disable_progress_bar()
+        except (ImportError, AttributeError):
+            pass
+
+
 def _timesteps(text: str):
     try:
         values = tuple(float(v) for v in text.replace(" ", "").split(",") if v)
@@ -83,6 +94,7 @@ def _request_from_args(args, model: str):
 def _run_generate(args) -> int:
     from .pipeline import generate
 
+    _quiet_library_progress()
     result = generate(_request_from_args(args, args.model))
     print(f"wrote {result.path}  (total {sum(result.timings.values()):.2f} s)")
     return 0
@@ -110,6 +122,7 @@ def _run_demo(args) -> int:
     from .demo_models import build_demo_model_folder
     from .pipeline import generate
 
+    _quiet_library_progress()
     print("fastwan demo: building tiny models with RANDOM weights; the video will be noise, not the prompt.")
     with tempfile.TemporaryDirectory(prefix="fastwan-demo-") as scratch:
         folder = Path(args.model_dir) if args.model_dir else Path(scratch) / "FastWan-tiny-random"

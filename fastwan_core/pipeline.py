@@ -67,9 +67,9 @@ def resolve_model_folder(spec: str) -> Path:
         return Path(snapshot_download(repo_id=spec, allow_patterns=[f"{p}/*" for p in MODEL_PARTS] +
                                       ["model_index.json", "scheduler/*"]))
     except Exception as error:  # offline, unknown repo, gated repo, ...
-        raise InputError(f"--model {spec}: could not download it from the Hugging Face hub "
-                         f"({type(error).__name__}: {str(error)[:300]}). If this machine is offline, "
-                         f"{_download_hint(spec)}.") from error
+        raise InputError(f"--model {spec}: no local folder of that name, and downloading it from the Hugging "
+                         f"Face hub failed ({type(error).__name__}: {str(error)[:300]}). If this machine is "
+                         f"offline, {_download_hint(spec)}.") from error
 
 
 def check_model_folder(folder: Path) -> None:
@@ -84,6 +84,20 @@ def check_model_folder(folder: Path) -> None:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def parse_device(name: Optional[str]) -> torch.device:
+    """--device: None picks CUDA when available; a CUDA device on a machine without one is an error."""
+    if name is None:
+        return default_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name}: not a device name; use cuda, cuda:N or cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: this PyTorch has no CUDA device (torch {torch.__version__}); "
+                         "use --device cpu (slow) or install a CUDA build of PyTorch")
+    return device
 
 
 def parse_dtype(name: Optional[str], device: torch.device) -> torch.dtype:
@@ -173,7 +187,7 @@ def generate(request: GenerateRequest, log: Callable[[str], None] = print) -> Ge
     if request.sampler not in TEACHER_SAMPLERS:
         raise InputError(f"--sampler {request.sampler}: unknown; use one of {', '.join(TEACHER_SAMPLERS)}")
     attention = AttentionConfig(backend="vsa" if request.sparsity > 0 else "dense", sparsity=request.sparsity)
-    device = torch.device(request.device) if request.device else default_device()
+    device = parse_device(request.device)
     dtype = parse_dtype(request.dtype, device)
     folder = resolve_model_folder(request.model)
     check_model_folder(folder)
@@ -206,8 +220,8 @@ def generate(request: GenerateRequest, log: Callable[[str], None] = print) -> Ge
 
     progress = _progress_bar(request, teacher)
     callback = (lambda step, total, x0: progress.update(1)) if progress is not None else None
-    try:
-        with _Stage("denoise", timings, device, log):
+    with _Stage("denoise", timings, device, log):
+        try:
             try:
                 if teacher:
                     shift = DEFAULT_TEACHER_SHIFT if request.shift is None else request.shift
@@ -224,9 +238,9 @@ def generate(request: GenerateRequest, log: Callable[[str], None] = print) -> Ge
                 raise InputError(f"--sparsity {request.sparsity}: VSA attention failed on {device} "
                                  f"({type(error).__name__}: {error}). Run with --sparsity 0 for dense "
                                  "attention.") from error
-    finally:
-        if progress is not None:
-            progress.close()
+        finally:
+            if progress is not None:
+                progress.close()  # before the stage's timing line, which would land on the bar
     del model, context, negative
     _free(device)
     latents = denormalize_latents(latents)  # the VAE works on un-normalized latents

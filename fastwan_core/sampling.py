@@ -1,4 +1,5 @@
-"""Samplers: the few-step DMD sampler of the distilled student.
+"""Samplers: the few-step DMD sampler of the distilled student, and the multi-step teacher samplers
+(Euler and UniPC, with classifier-free guidance) for dense baselines and data synthesis.
 
 Every sampler draws its noise on the CPU from one seeded generator and then moves it, so the same
 seed gives the same video on every device.

@@ -45,6 +45,14 @@ def clean_prompt(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+def _dtype_argument(dtype: torch.dtype) -> dict:
+    """transformers renamed from_pretrained's `torch_dtype` to `dtype` in 4.56."""
+    import transformers
+
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
 class UMT5TextEncoder:
     """Tokenizer + `UMT5EncoderModel`, producing Wan's cut-and-zero-padded embeddings."""
 
@@ -84,7 +92,7 @@ class UMT5TextEncoder:
                                   "tokenizer.json (or spiece.model with the `sentencepiece` and `protobuf` "
                                   "packages installed).") from error
         try:
-            encoder = UMT5EncoderModel.from_pretrained(str(folder / "text_encoder"), dtype=dtype)
+            encoder = UMT5EncoderModel.from_pretrained(str(folder / "text_encoder"), **_dtype_argument(dtype))
         except Exception as error:
             raise CheckpointError(f"{folder / 'text_encoder'}: cannot load the umT5 encoder ({error}). The "
                                   "folder should hold config.json and model*.safetensors of a "

@@ -110,7 +110,7 @@ class FastWanDMDSampler:
                                                          "(CLIPLoader, type wan). No negative prompt: the "
                                                          "distilled model runs without CFG."}),
                 "width": ("INT", {"default": 832, "min": 16, "max": 4096, "step": 16,
-                                  "tooltip": "Video width in pixels, a multiple of 16. FastWan is trained at 832x480."}),
+                                  "tooltip": "Video width in pixels, a multiple of 16 (FastWan: 832x480)."}),
                 "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16,
                                    "tooltip": "Video height in pixels, a multiple of 16."}),
                 "length": ("INT", {"default": 81, "min": 1, "max": 1025, "step": 4,
@@ -125,7 +125,7 @@ class FastWanDMDSampler:
                                                     "FastWan was distilled for 1000,757,522."}),
                 "shift": ("FLOAT", {"default": DEFAULT_SHIFT, "min": 0.1, "max": 100.0, "step": 0.1,
                                     "advanced": True,
-                                    "tooltip": "Flow-matching timestep shift the timesteps live on (8.0 for FastWan)."}),
+                                    "tooltip": "Flow-matching shift of the timestep grid (8.0 for FastWan)."}),
             },
             "optional": {
                 "latent": ("LATENT", {"tooltip": "Optional: take batch, width, height and length from this video "

@@ -41,7 +41,7 @@ MODELS=(
 
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'; }
 say() { printf '[fastwan-setup] %s\n' "$*"; }
-die() { printf '[fastwan-setup] error: %s\n' "$*" >&2; exit "${2:-1}"; }
+die() { printf '[fastwan-setup] error: %s\n' "$1" >&2; exit "${2:-1}"; }
 DRY_RUN="${FASTWAN_SETUP_DRY_RUN:-0}"
 [[ "$DRY_RUN" == "0" || -z "$DRY_RUN" ]] && DRY_RUN=0 || DRY_RUN=1
 # Run a command, or only print it in a dry run.
@@ -135,7 +135,8 @@ comfy() {
 
 if [[ "$REUSE" == 0 ]]; then
   say "installing ComfyUI into $WORKSPACE (PyTorch for $GPU)"
-  comfy install "--$GPU"
+  comfy install "--$GPU" \
+    || die "comfy-cli could not install ComfyUI into $WORKSPACE (its message is above; it needs internet access to GitHub and PyPI). Remove the folder and run this again." 4
   [[ "$DRY_RUN" == 1 || -f "$WORKSPACE/main.py" ]] || die "comfy-cli did not install ComfyUI into $WORKSPACE" 4
 fi
 

@@ -44,6 +44,30 @@ WORKFLOW_FILES = {
 }
 
 
+RANDOM_VAE = "random_wan_2.1_vae.safetensors"
+
+
+def make_random_wan_vae(python: str, path: Path) -> None:
+    """A Wan2.1 VAE file with random weights in ComfyUI's key layout, built with ComfyUI's own
+    WanVAE class (ComfyUI builds the real VAE's fixed architecture from such a file)."""
+    code = f"""
+import sys
+sys.argv = ["make_vae", "--cpu"]
+import comfy.options
+comfy.options.enable_args_parsing()
+import torch
+import comfy.ldm.wan.vae as wan_vae
+from safetensors.torch import save_file
+torch.manual_seed(0)
+vae = wan_vae.WanVAE(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                     temperal_downsample=[False, True, True], dropout=0.0)
+state = {{k: (torch.randn(v.shape) * 0.05).to(torch.float16) if v.is_floating_point() else v.contiguous()
+         for k, v in vae.state_dict().items()}}
+save_file(state, {str(path)!r})
+"""
+    subprocess.run([python, "-c", code], cwd=COMFYUI_DIR, check=True, capture_output=True, timeout=300)
+
+
 def request(path: str, payload=None, timeout=30):
     """GET (or POST JSON) on the local ComfyUI; returns (status, decoded JSON or bytes)."""
     data = json.dumps(payload).encode() if payload is not None else None
@@ -72,11 +96,12 @@ def comfyui(tmp_path_factory):
         (base / "models" / folder / name).write_bytes(b"placeholder: validation only checks the name")
     save_dit(WanDiT(WanConfig.tiny()), base / "models" / "diffusion_models" / "fastwan_tiny.safetensors")
     (base / "output").mkdir()
+    python = os.environ.get("FASTWAN_COMFYUI_PYTHON", sys.executable)
+    make_random_wan_vae(python, base / "models" / "vae" / RANDOM_VAE)
 
     with socket.socket() as probe:  # a server already there would answer in place of ours
         if probe.connect_ex((HOST, PORT)) == 0:
             pytest.fail(f"port {PORT} on {HOST} is in use; stop that server or set FASTWAN_COMFYUI_PORT")
-    python = os.environ.get("FASTWAN_COMFYUI_PYTHON", sys.executable)
     log_path = base / "comfyui.log"
     log = open(log_path, "w")
     process = subprocess.Popen(
@@ -205,6 +230,20 @@ def test_our_four_nodes_generate_a_video(comfyui):
     log = comfyui["log"].read_text()
     assert "Requested to load FastWanDiffusionModel" in log  # went through ComfyUI's model management
     assert "latent preview" not in log  # previews (--preview-method auto) ran without errors
+
+
+def test_core_vae_decode_takes_our_latent(comfyui):
+    """Sampler LATENT -> core VAEDecode with a (random-weight) Wan2.1 VAE -> Video Save."""
+    prompt = tiny_video_prompt("webp")
+    prompt["7"] = {"class_type": "VAELoader", "inputs": {"vae_name": RANDOM_VAE}}
+    prompt["5"] = {"class_type": "VAEDecode", "inputs": {"samples": ["4", 0], "vae": ["7", 0]}}
+    status, answer = queue(prompt)
+    assert status == 200 and answer["node_errors"] == {}, answer
+    entry = wait_for(answer["prompt_id"])
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:4000]
+    (saved,) = entry["outputs"]["6"]["images"]
+    count, height, width, fps = read_video_info(comfyui["base"] / "output" / saved["subfolder"] / saved["filename"])
+    assert (count, height, width) == (9, 48, 64) and fps == pytest.approx(16.0, abs=0.2)
 
 
 def test_a_user_error_reaches_the_ui_with_its_message(comfyui):

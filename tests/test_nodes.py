@@ -167,7 +167,7 @@ def test_package_loads_as_comfyui_loads_custom_nodes(tmp_path):
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["display"] == EXPECTED_NODES
     assert set(report["classes"]) == set(EXPECTED_NODES)
-    for node_id, (module_name, category, function, _) in report["classes"].items():
+    for module_name, category, _, _ in report["classes"].values():
         assert module_name.startswith(str(custom_nodes / "ComfyUI-FastWan")), module_name
         assert category == "FastWan"
     assert report["classes"]["FastWanDMDSampler"][3] == ["LATENT"]

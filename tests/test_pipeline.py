@@ -93,6 +93,7 @@ def test_teacher_sampler_and_vsa_run(model_folder, tmp_path):
     ("dtype", "int8", r"--dtype int8: unknown"),
     ("sampler", "ddim", r"--sampler ddim: unknown; use one of unipc, euler"),
     ("steps", 0, r"--steps 0: the teacher sampler needs at least 1 step"),
+    ("device", "gpu7", r"--device gpu7: not a device name"),
 ])
 def test_bad_inputs_are_input_errors_and_write_nothing(model_folder, tmp_path, field, value, message):
     out_dir = tmp_path / "out"
@@ -102,6 +103,12 @@ def test_bad_inputs_are_input_errors_and_write_nothing(model_folder, tmp_path, f
     with pytest.raises(InputError, match=message):
         generate(request(model_folder, out, **overrides), log=quiet)
     assert os.listdir(out_dir) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_cuda_is_an_input_error(model_folder, tmp_path):
+    with pytest.raises(InputError, match="--device cuda: this PyTorch has no CUDA device.*--device cpu"):
+        generate(request(model_folder, tmp_path / "clip.mp4", device="cuda"), log=quiet)
 
 
 @pytest.mark.parametrize("sparsity", [1.2, -0.1])
@@ -164,7 +171,7 @@ def test_model_argument_resolution(tmp_path, monkeypatch):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(InputError, match=r"FastVideo/FastWan2\.1-T2V-1\.3B-Diffusers: could not download.*"
+    with pytest.raises(InputError, match=r"FastVideo/FastWan2\.1-T2V-1\.3B-Diffusers: no local folder.*failed.*"
                                          r"huggingface-cli download FastVideo/FastWan2\.1-T2V-1\.3B-Diffusers "
                                          r"--local-dir"):
         pipeline.resolve_model_folder("FastVideo/FastWan2.1-T2V-1.3B-Diffusers")
@@ -188,3 +195,14 @@ def test_dense_checkpoint_with_sparsity_warns(model_folder, tmp_path):
         warnings.simplefilter("always")
         generate(small(dense, tmp_path / "x.webp", sparsity=0.5), log=quiet)
     assert any("without trained VSA gates" in str(w.message) for w in caught)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_same_seed_gives_the_same_video_on_gpu_and_cpu(model_folder, tmp_path, generated):
+    # Noise is drawn on the CPU, so the GPU run (fp32 here) lands on the CPU run's latents up to
+    # kernel rounding.
+    result = generate(request(model_folder, tmp_path / "gpu.mp4", seed=5, device="cuda", dtype="fp32"), log=quiet)
+    torch.testing.assert_close(result.latents, generated[0].latents, atol=2e-3, rtol=2e-3)
+    vsa = generate(request(model_folder, tmp_path / "vsa.mp4", seed=5, device="cuda", sparsity=0.8), log=quiet)
+    assert read_video_info(vsa.path)[:3] == (5, 32, 48)

@@ -123,3 +123,10 @@ def test_vae_encode_shapes_and_errors(model_folder):
 def test_missing_vae_folder_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match=r"no Wan VAE.*huggingface-cli download"):
         WanVAE.from_folder(tmp_path)
+
+
+def test_loaders_honour_the_requested_dtype(model_folder):
+    text = UMT5TextEncoder.from_folder(model_folder, dtype=torch.bfloat16)
+    assert text.encoder.dtype == torch.bfloat16
+    assert text.encode("a cat").dtype == torch.bfloat16
+    assert WanVAE.from_folder(model_folder, dtype=torch.bfloat16).dtype == torch.bfloat16

@@ -104,6 +104,7 @@ def test_help_and_argument_errors(stubs):
         result = run_setup(stubs, *args)
         assert result.returncode == 2, (args, result.stderr)
         assert message in result.stderr, (args, result.stderr)
+        assert not result.stderr.rstrip().endswith(" 2"), result.stderr  # no exit code glued to the message
     assert calls(stubs) == []
     assert not (stubs["tmp"] / "ws").exists()
 
@@ -122,7 +123,8 @@ def test_fresh_install_lays_out_comfyui_with_fastwan_and_launches(stubs):
     for name, folder, url in script_models():
         path = workspace / "models" / folder / name
         assert path.stat().st_size == expected_size(url), name
-    assert {str(p.relative_to(workspace / "models")) for p in (workspace / "models").rglob("*.safetensors")} == MODEL_FILES
+    models = workspace / "models"
+    assert {str(p.relative_to(models)) for p in models.rglob("*.safetensors")} == MODEL_FILES
     assert not list(workspace.rglob("*.part"))
     (pip_call,) = [line for line in log if line.startswith("python ")]
     assert pip_call.startswith("python -m pip install") and "imageio-ffmpeg" in pip_call

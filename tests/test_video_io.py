@@ -56,7 +56,7 @@ def test_odd_size_mp4_is_padded_with_warning(tmp_path):
     with pytest.warns(UserWarning, match="odd"):
         path = video_io.write_video(frames, tmp_path / "odd.mp4", fps=16)
     assert video_io.read_video_info(path)[1:3] == (48, 64)
-    # webm (VP9) and webp keep odd sizes exactly.
+    # webm (VP9) keeps odd sizes exactly.
     assert video_io.read_video_info(video_io.write_video(frames, tmp_path / "odd.webm", fps=16))[1:3] == (47, 63)
 
 

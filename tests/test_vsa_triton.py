@@ -19,6 +19,7 @@ from fastwan.kernels.vsa import (  # noqa: E402
     video_sparse_attention_reference,
     video_sparse_attention_tiled,
 )
+from fastwan.kernels.vsa import ops as vsa_ops  # noqa: E402
 from fastwan.kernels.vsa.ops import _transpose_key_tiles  # noqa: E402
 
 
@@ -38,6 +39,7 @@ def projection_views(B, heads, L, D, dtype, count):
 
 
 def check_against_reference(grid, D, dtype, topk, with_gate, B=2, heads=2, tol=1e-5):
+    """Forward and all gradients of the Triton path against the fp32 reference, fresh inputs."""
     layout = TileLayout.for_grid(grid)
     inputs = projection_views(B, heads, layout.num_tokens, D, dtype, 4 if with_gate else 3)
     gate = inputs[3] if with_gate else None
@@ -69,13 +71,19 @@ def check_against_reference(grid, D, dtype, topk, with_gate, B=2, heads=2, tol=1
         ((6, 7, 3), 3, True),
     ],
 )
-def test_triton_fp32_matches_reference(grid, topk, with_gate):
+@pytest.mark.parametrize("tiles_per_step", [1, 2])
+def test_triton_fp32_matches_reference(grid, topk, with_gate, tiles_per_step, monkeypatch):
+    # Both step widths of the kernels (one or two 64-slot tiles per step, odd counts leave a half step).
+    monkeypatch.setattr(vsa_ops, "KEY_TILES_PER_STEP", tiles_per_step)
+    monkeypatch.setattr(vsa_ops, "QUERY_TILES_PER_STEP", tiles_per_step)
     torch.manual_seed(sum(grid) + topk)
     check_against_reference(grid, 64, torch.float32, topk, with_gate, tol=1e-5)
 
 
 @pytest.mark.parametrize("D", [64, 128])
-def test_triton_fp16_matches_reference(D):
+def test_triton_fp16_matches_reference(D, monkeypatch):
+    # Also the tensor-descriptor (TMA) loads, which read whole 64-row blocks past partial tiles.
+    monkeypatch.setattr(vsa_ops, "USE_TMA", True)
     torch.manual_seed(D)
     check_against_reference((5, 6, 7) if D == 64 else (3, 5, 6), D, torch.float16, 3, True, B=1, tol=3e-3)
 
@@ -87,6 +95,28 @@ def test_triton_token_order_api_matches_reference():
     out = video_sparse_attention(q, k, v, grid, 2, gate=gate, implementation="triton")
     expected = video_sparse_attention(q, k, v, grid, 2, gate=gate, implementation="reference")
     assert rel_err(out, expected) < 1e-5
+
+
+@pytest.mark.parametrize("n, topk", [(7, 3), (16, 16), (20, 1), (33, 12)])
+def test_triton_selection_is_exact_topk(n, topk):
+    # The selection kernel writes each row's top-k tile indices directly, ascending; ties go to the
+    # lowest index. Rows straddle program boundaries (4 rows per program) and pad lanes (BLOCK_T).
+    from fastwan.kernels.vsa import triton_vsa
+
+    rows = 10
+    scores = torch.randn(rows, n)
+    scores[0, : min(n, 4)] = 3.0  # a tie at the top
+    scores[1] = -scores[1].abs()  # all negative
+    key_tiles = torch.full((rows, topk), -1, dtype=torch.int32)
+    triton_vsa.kernels()["select"][((rows + 3) // 4,)](
+        scores, key_tiles, rows, n, topk, ROWS=4, BLOCK_T=max(16, 1 << (n - 1).bit_length())
+    )
+    for r in range(rows):
+        values = scores[r]
+        kth = values.sort(descending=True).values[topk - 1]
+        want = [i for i in range(n) if values[i] > kth]
+        want += [i for i in range(n) if values[i] == kth][: topk - len(want)]
+        assert key_tiles[r].tolist() == sorted(want)
 
 
 def test_transposed_index_list_matches_brute_force():

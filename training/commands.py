@@ -39,7 +39,7 @@ def register(subparsers) -> None:
     export = subparsers.add_parser(
         "export", help="write a distillation run's student as one safetensors file (Load FastWan / load_dit)",
         description="Export the student of a run's latest (or --checkpoint) checkpoint with save_dit.")
-    export.add_argument("--run", required=True, help="the run's output_dir")
+    export.add_argument("--run", dest="run_dir", required=True, metavar="DIR", help="the run's output_dir")
     export.add_argument("--out", required=True, help="output .safetensors file")
     export.add_argument("--checkpoint", default=None, help="a step-NNNNNN folder name (default: latest)")
     export.add_argument("--layout", default="fastwan", choices=["fastwan", "diffusers", "comfy", "original"],

@@ -63,6 +63,15 @@ def build_model(source: str, dtype: torch.dtype, device, seed: int):
     return load_dit(source, dtype=dtype, device=device)
 
 
+def freeze_gates(model) -> None:
+    for block in model.blocks:
+        block.to_gate_compress.requires_grad_(False)
+
+
+def trainable(model) -> list:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def sparsity_at(config: DistillConfig, step: int) -> float:
     """The student's VSA sparsity at `step` (1-based): a linear ramp, then constant."""
     a = config.attention
@@ -114,6 +123,12 @@ class Distiller:
         teacher.requires_grad_(False).eval()
         student.train()
         fake_score.train()
+        # The VSA gates only act in sparse attention: the dense fake score never uses them (no
+        # gradient, so no optimizer state, and weight decay would only shrink them), nor does a
+        # dense student.
+        freeze_gates(fake_score)
+        if config.attention.backend == "dense":
+            freeze_gates(student)
         student.set_activation_checkpointing(t.activation_checkpointing)
         fake_score.set_activation_checkpointing(t.activation_checkpointing)
         self.teacher = parallelize_dit(teacher, self.context)
@@ -121,8 +136,8 @@ class Distiller:
         self.fake_score = parallelize_dit(fake_score, self.context)
         o = config.optimizer
         adamw = dict(betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-        self.student_optimizer = torch.optim.AdamW(self.student.parameters(), lr=o.lr, **adamw)
-        self.fake_optimizer = torch.optim.AdamW(self.fake_score.parameters(), lr=o.fake_score_lr, **adamw)
+        self.student_optimizer = torch.optim.AdamW(trainable(self.student), lr=o.lr, **adamw)
+        self.fake_optimizer = torch.optim.AdamW(trainable(self.fake_score), lr=o.fake_score_lr, **adamw)
         self.generator = torch.Generator("cpu").manual_seed(t.seed * 1000003 + self.context.rank)
         self.negative = self.dataset.negative_embedding.to(self.device)  # [1, L, D]
         self.step = 0
@@ -150,7 +165,7 @@ class Distiller:
         """Backward, clip, check for NaN/inf, step. Returns the pre-clip gradient norm."""
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.config.optimizer.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(trainable(model), self.config.optimizer.grad_clip)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
         loss_value, norm_value = float(loss.detach()), float(norm)
@@ -330,7 +345,7 @@ def main_export(args) -> int:
     from ..fastwan_core.checkpoint import load_dit, save_dit
     from ..fastwan_core.errors import InputError
 
-    run = Path(args.run)
+    run = Path(args.run_dir)
     if args.checkpoint:
         folder = run / "checkpoints" / args.checkpoint
         if not (folder / checkpointing.TRAINER_STATE_FILE).is_file():

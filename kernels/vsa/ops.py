@@ -19,7 +19,7 @@ import torch
 
 from ...fastwan_core.errors import InputError
 from .layout import TileLayout, from_tile_order, to_tile_order
-from .reference import select_key_tiles, video_sparse_attention_reference
+from .reference import video_sparse_attention_reference
 
 Tensor = torch.Tensor
 _TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -59,16 +59,38 @@ def _strides(x: Tensor) -> tuple[int, int, int]:
 # Triton implementation (host side)
 # --------------------------------------------------------------------------------------------
 
-# Warps and pipeline depth per kernel and head dim; chosen from the H200 sweeps recorded in
-# bench/NOTES_vsa.md (bench/vsa_attention.py --sweep rewrites this table while it measures).
+# Block shapes, warps and pipeline depth, chosen from the H200 sweeps recorded in
+# bench/NOTES_vsa.md (bench/vsa_attention.py --sweep rewrites these while it measures).
+# KEY_TILES_PER_STEP: selected key tiles (64 slots each) per step of the forward and dq kernels;
+# QUERY_TILES_PER_STEP: query tiles per step of the dk/dv kernel.
+KEY_TILES_PER_STEP = 1
+QUERY_TILES_PER_STEP = 1
+# USE_TMA: load whole 64-row tiles with Hopper bulk tensor copies (device-side tensor descriptors).
+USE_TMA = False
 LAUNCH_CONFIG = {
     ("fwd", 64): dict(num_warps=4, num_stages=3),
     ("fwd", 128): dict(num_warps=4, num_stages=3),
     ("bwd_dq", 64): dict(num_warps=4, num_stages=2),
     ("bwd_dq", 128): dict(num_warps=4, num_stages=2),
     ("bwd_dkdv", 64): dict(num_warps=4, num_stages=2),
-    ("bwd_dkdv", 128): dict(num_warps=4, num_stages=2),
+    ("bwd_dkdv", 128): dict(num_warps=4, num_stages=3),
 }
+
+
+def _use_tma(*tensors: Tensor) -> bool:
+    """Tensor descriptors need 16-byte aligned bases and row strides (true for [B, L, h, D] projections)."""
+    if not USE_TMA:
+        return False
+    for t in tensors:
+        size = t.element_size()
+        if t.data_ptr() % 16 or any((st * size) % 16 for st in t.stride()[:3]):
+            return False
+    if not _triton_module().interpreting():
+        import triton
+
+        # Device-side descriptors live in a small global scratch buffer that Triton asks us for.
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+    return True
 
 
 def _launch_config(kernel: str, D: int) -> dict:
@@ -77,8 +99,12 @@ def _launch_config(kernel: str, D: int) -> dict:
     return LAUNCH_CONFIG.get((kernel, D), dict(num_warps=4, num_stages=2))
 
 
-def _coarse_forward(q: Tensor, k: Tensor, v: Tensor, tile_offsets: Tensor, topk: int):
-    """Tile means (Triton), tile-level scores, top-k and coarse outputs (PyTorch, fp32, tiny)."""
+def _coarse_forward(q, k, v, tile_offsets, topk):
+    """Tile means and top-k selection (Triton), tile-level scores and softmax (PyTorch, fp32, tiny).
+
+    Returns means fp32 [3, B, h, n, D], probs fp32 [B, h, n, n], key_tiles int32 [B, h, n, topk]
+    (ascending tile indices).
+    """
     tv = _triton_module()
     B, heads, L, D = q.shape
     n = tile_offsets.numel() - 1
@@ -86,10 +112,23 @@ def _coarse_forward(q: Tensor, k: Tensor, v: Tensor, tile_offsets: Tensor, topk:
     grid = (n, B * heads)
     for i, x in enumerate((q, k, v)):
         tv.kernels()["tile_means"][grid](x, means[i], tile_offsets, *_strides(x), heads, n, BLOCK=64, D=D)
-    scores = torch.matmul(means[0], means[1].transpose(-1, -2)) / math.sqrt(D)
-    key_tiles = select_key_tiles(scores, topk)
+    scores = torch.matmul(means[0], means[1].transpose(-1, -2)).mul_(1.0 / math.sqrt(D))
+    key_tiles = torch.empty(B, heads, n, topk, dtype=torch.int32, device=q.device)
+    rows_per_program = 4
+    tv.kernels()["select"][(triton_cdiv(B * heads * n, rows_per_program),)](
+        scores, key_tiles, B * heads * n, n, topk, ROWS=rows_per_program, BLOCK_T=max(16, _next_power_of_2(n)),
+        **({} if tv.interpreting() else dict(num_warps=8)),
+    )
     probs = torch.softmax(scores, dim=-1)
     return means, probs, key_tiles
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << (int(n) - 1).bit_length()
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _triton_forward(q, k, v, gate, tile_offsets, topk):
@@ -105,7 +144,8 @@ def _triton_forward(q, k, v, gate, tile_offsets, topk):
         q, k, v, g, coarse, out, lse, key_tiles, tile_offsets,
         *_strides(q), *_strides(k), *_strides(v), *_strides(g), *_strides(out),
         heads, n, topk, L, math.log2(math.e) / math.sqrt(D),
-        HAS_GATE=gate is not None, BLOCK=64, D=D, **_launch_config("fwd", D),
+        HAS_GATE=gate is not None, BLOCK_M=64, TILES_PER_STEP=KEY_TILES_PER_STEP, D=D,
+        USE_TMA=_use_tma(q, k, v), **_launch_config("fwd", D),
     )
     return out, lse, key_tiles, means, probs
 
@@ -179,14 +219,16 @@ def _triton_backward(grad_out, q, k, v, gate, out, lse, key_tiles, means, probs,
         q, k, v, grad_out, dq, lse, delta, key_tiles, tile_offsets, dq_c,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
         heads, n, topk, L, qk_scale, sm_scale,
-        HAS_COARSE=has_gate, BLOCK=64, D=D, **_launch_config("bwd_dq", D),
+        HAS_COARSE=has_gate, BLOCK_M=64, TILES_PER_STEP=KEY_TILES_PER_STEP, D=D,
+        USE_TMA=_use_tma(k, v), **_launch_config("bwd_dq", D),
     )
     query_tiles, query_offsets = _transpose_key_tiles(key_tiles)
     tv.kernels()["bwd_dkdv"][grid](
         q, k, v, grad_out, dk, dv, lse, delta, query_tiles, query_offsets, tile_offsets, dk_c, dv_c,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
         heads, n, L, qk_scale, sm_scale,
-        HAS_COARSE=has_gate, BLOCK=64, D=D, **_launch_config("bwd_dkdv", D),
+        HAS_COARSE=has_gate, BLOCK_N=64, TILES_PER_STEP=QUERY_TILES_PER_STEP, D=D,
+        USE_TMA=_use_tma(q, grad_out), **_launch_config("bwd_dkdv", D),
     )
     return dq, dk, dv, (d_gate if has_gate else None)
 
@@ -208,7 +250,7 @@ def _vsa_triton_fwd(
 def _(q, k, v, gate, tile_offsets, topk):
     B, heads, L, D = q.shape
     n = tile_offsets.shape[0] - 1
-    f32 = dict(dtype=torch.float32, device=q.device)
+    f32 = dict(dtype=torch.float32)
     return (
         _out_like_projection(q),
         q.new_empty(B, heads, L, **f32),
@@ -240,7 +282,7 @@ def _triton_setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, gate, out, lse, key_tiles, means, probs, tile_offsets)
 
 
-def _triton_autograd(ctx, grad_out, _lse, _key_tiles, _means, _probs):
+def _triton_autograd(ctx, grad_out, *_unused):
     q, k, v, gate, out, lse, key_tiles, means, probs, tile_offsets = ctx.saved_tensors
     dq, dk, dv, d_gate = _vsa_triton_bwd(grad_out, q, k, v, gate, out, lse, key_tiles, means, probs, tile_offsets)
     return dq, dk, dv, (d_gate if ctx.has_gate else None), None, None

@@ -59,45 +59,95 @@ def _tile_means(X, OUT, TILE_OFF, stride_b, stride_h, stride_l, H, NUM_TILES,
     tl.store(OUT + (bh * NUM_TILES + tile) * D + cols, tl.reduce(x, 0, _ADD) / size.to(tl.float32))
 
 
+def _select(SCORES, KEY_TILES, NUM_ROWS, NUM_TILES, TOPK, ROWS: tl.constexpr, BLOCK_T: tl.constexpr):
+    # ROWS (batch, head, query tile) rows of coarse scores -> each row's TOPK best key tiles, written
+    # directly as an ascending index list (no boolean mask, no sort). Several rows per program
+    # amortise the 32 dependent reduction steps of the radix search.
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    lanes = tl.arange(0, BLOCK_T)
+    valid = (lanes[None, :] < NUM_TILES) & (rows[:, None] < NUM_ROWS)
+    x = tl.load(SCORES + rows[:, None] * NUM_TILES + lanes[None, :], mask=valid, other=0.0)
+    # Exact k-th largest by a 32-step radix search on order-preserving integer keys.
+    bits = x.to(tl.int32, bitcast=True)
+    key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648  # 0 .. 2^32-1, same order as x
+    key = tl.where(valid, key, -1)
+    threshold = tl.full([ROWS, 1], 0, tl.int64)
+    for i in tl.static_range(32):
+        candidate = threshold | (1 << (31 - i))
+        count = tl.reduce((key >= candidate).to(tl.int32), 1, _ADD, keep_dims=True)
+        threshold = tl.where(count >= TOPK, candidate, threshold)
+    above = key > threshold
+    ties = key == threshold
+    tie_rank = tl.associative_scan(ties.to(tl.int32), 1, _ADD) - 1  # lowest index wins a tie
+    n_above = tl.reduce(above.to(tl.int32), 1, _ADD, keep_dims=True)
+    chosen = above | (ties & (tie_rank < TOPK - n_above))
+    position = tl.associative_scan(chosen.to(tl.int32), 1, _ADD) - 1
+    tl.store(KEY_TILES + rows[:, None] * TOPK + position, lanes[None, :] + rows[:, None] * 0, mask=chosen & valid)
+
+
 def _fwd(Q, K, V, G, COARSE, O, LSE, KEY_TILES, TILE_OFF,
          sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sgb, sgh, sgl, sob, soh, sol,
          H, NUM_TILES, TOPK, L, qk_scale,
-         HAS_GATE: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
-    # One query tile of one head against its TOPK selected key tiles (online softmax).
+         HAS_GATE: tl.constexpr, BLOCK_M: tl.constexpr, TILES_PER_STEP: tl.constexpr, D: tl.constexpr,
+         USE_TMA: tl.constexpr = False):
+    # One query tile of one head against its TOPK selected key tiles (online softmax), taking
+    # TILES_PER_STEP key tiles (64 slots each) per step. Tile starts are scalars, so every key
+    # row address is a scalar plus a lane offset (gathered per-row indices were 2x slower).
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
+    row = bh * NUM_TILES + tile
     q_start = tl.load(TILE_OFF + tile)
     q_len = tl.load(TILE_OFF + tile + 1) - q_start
-    rows = tl.arange(0, BLOCK)
+    rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, D)
     q_mask = (rows < q_len)[:, None]
     q = tl.load(Q + b * sqb + h * sqh + (q_start + rows)[:, None] * sql + cols[None, :], mask=q_mask, other=0.0)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
-    m_i = tl.full([BLOCK], float("-inf"), tl.float32)
-    l_i = tl.full([BLOCK], 0.0, tl.float32)
-    acc = tl.full([BLOCK, D], 0.0, tl.float32)
-    tiles_of_row = KEY_TILES + (bh * NUM_TILES + tile) * TOPK
-    for j in range(TOPK):
-        kt = tl.load(tiles_of_row + j)
-        k_start = tl.load(TILE_OFF + kt)
-        k_len = tl.load(TILE_OFF + kt + 1) - k_start
-        k_valid = rows < k_len
-        kT = tl.load(k_base + (k_start + rows)[None, :] * skl + cols[:, None], mask=k_valid[None, :], other=0.0)
-        v = tl.load(v_base + (k_start + rows)[:, None] * svl + cols[None, :], mask=k_valid[:, None], other=0.0)
+    key_rows = tl.arange(0, 64 * TILES_PER_STEP)
+    slot = key_rows % 64
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+    acc = tl.full([BLOCK_M, D], 0.0, tl.float32)
+    if USE_TMA:
+        # Bulk tensor copies of 64 rows from the tile start; rows past the tile are masked below.
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[L, D], strides=[skl, 1], block_shape=[64, D])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[L, D], strides=[svl, 1], block_shape=[64, D])
+    tiles_of_row = KEY_TILES + row * TOPK
+    for j in range(0, TOPK, TILES_PER_STEP):
+        kt0 = tl.load(tiles_of_row + j)
+        start0 = tl.load(TILE_OFF + kt0)
+        len0 = tl.load(TILE_OFF + kt0 + 1) - start0
+        if TILES_PER_STEP == 2:
+            has1 = j + 1 < TOPK
+            kt1 = tl.load(tiles_of_row + j + 1, mask=has1, other=0)
+            start1 = tl.load(TILE_OFF + kt1)
+            len1 = tl.where(has1, tl.load(TILE_OFF + kt1 + 1) - start1, 0)
+            second = key_rows >= 64
+            tok = tl.where(second, start1, start0) + slot
+            k_valid = slot < tl.where(second, len1, len0)
+        else:
+            tok = start0 + slot
+            k_valid = slot < len0
+        if USE_TMA and TILES_PER_STEP == 1:
+            kT = tl.trans(k_desc.load([start0, 0]))
+            v = v_desc.load([start0, 0])
+        else:
+            kT = tl.load(k_base + tok[None, :] * skl + cols[:, None], mask=k_valid[None, :], other=0.0)
+            v = tl.load(v_base + tok[:, None] * svl + cols[None, :], mask=k_valid[:, None], other=0.0)
         s = tl.dot(q, kT) * qk_scale
         s = tl.where(k_valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
-        p = tl.math.exp2(s - m_new[:, None])
+        p_ij = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.reduce(p, 1, _ADD)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        l_i = l_i * alpha + tl.reduce(p_ij, 1, _ADD)
+        acc = acc * alpha[:, None] + tl.dot(p_ij.to(v.dtype), v)
         m_i = m_new
     out = acc / l_i[:, None]
     if HAS_GATE:
-        coarse = tl.load(COARSE + (bh * NUM_TILES + tile) * D + cols)
+        coarse = tl.load(COARSE + row * D + cols)
         g = tl.load(G + b * sgb + h * sgh + (q_start + rows)[:, None] * sgl + cols[None, :], mask=q_mask, other=0.0)
         out += g.to(tl.float32) * coarse[None, :]
     tl.store(O + b * sob + h * soh + (q_start + rows)[:, None] * sol + cols[None, :], out.to(O.dtype.element_ty),
@@ -135,43 +185,65 @@ def _bwd_preprocess(O, DO, G, COARSE, DELTA, DG, DCOARSE, TILE_OFF,
 def _bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KEY_TILES, TILE_OFF, DQ_COARSE,
             sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol, sdqb, sdqh, sdql,
             H, NUM_TILES, TOPK, L, qk_scale, sm_scale,
-            HAS_COARSE: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
+            HAS_COARSE: tl.constexpr, BLOCK_M: tl.constexpr, TILES_PER_STEP: tl.constexpr, D: tl.constexpr,
+            USE_TMA: tl.constexpr = False):
     # dq of one query tile: walk the same key list as the forward.
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
+    row = bh * NUM_TILES + tile
     q_start = tl.load(TILE_OFF + tile)
     q_len = tl.load(TILE_OFF + tile + 1) - q_start
-    rows = tl.arange(0, BLOCK)
+    rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, D)
     q_valid = rows < q_len
-    tok = (q_start + rows)[:, None]
-    q = tl.load(Q + b * sqb + h * sqh + tok * sql + cols[None, :], mask=q_valid[:, None], other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + tok * sdol + cols[None, :], mask=q_valid[:, None], other=0.0)
+    tok_q = (q_start + rows)[:, None]
+    q = tl.load(Q + b * sqb + h * sqh + tok_q * sql + cols[None, :], mask=q_valid[:, None], other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + tok_q * sdol + cols[None, :], mask=q_valid[:, None], other=0.0)
     # Invalid rows get lse = delta = 0: their p stays finite and their dS is 0 because dO is 0.
     lse = tl.load(LSE + bh * L + q_start + rows, mask=q_valid, other=0.0)
     delta = tl.load(DELTA + bh * L + q_start + rows, mask=q_valid, other=0.0)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
-    dq = tl.full([BLOCK, D], 0.0, tl.float32)
-    tiles_of_row = KEY_TILES + (bh * NUM_TILES + tile) * TOPK
-    for j in range(TOPK):
-        kt = tl.load(tiles_of_row + j)
-        k_start = tl.load(TILE_OFF + kt)
-        k_len = tl.load(TILE_OFF + kt + 1) - k_start
-        k_valid = rows < k_len
-        k = tl.load(k_base + (k_start + rows)[:, None] * skl + cols[None, :], mask=k_valid[:, None], other=0.0)
-        vT = tl.load(v_base + (k_start + rows)[None, :] * svl + cols[:, None], mask=k_valid[None, :], other=0.0)
+    key_rows = tl.arange(0, 64 * TILES_PER_STEP)
+    slot = key_rows % 64
+    dq = tl.full([BLOCK_M, D], 0.0, tl.float32)
+    if USE_TMA:
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[L, D], strides=[skl, 1], block_shape=[64, D])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[L, D], strides=[svl, 1], block_shape=[64, D])
+    tiles_of_row = KEY_TILES + row * TOPK
+    for j in range(0, TOPK, TILES_PER_STEP):
+        kt0 = tl.load(tiles_of_row + j)
+        start0 = tl.load(TILE_OFF + kt0)
+        len0 = tl.load(TILE_OFF + kt0 + 1) - start0
+        if TILES_PER_STEP == 2:
+            has1 = j + 1 < TOPK
+            kt1 = tl.load(tiles_of_row + j + 1, mask=has1, other=0)
+            start1 = tl.load(TILE_OFF + kt1)
+            len1 = tl.where(has1, tl.load(TILE_OFF + kt1 + 1) - start1, 0)
+            second = key_rows >= 64
+            tok = tl.where(second, start1, start0) + slot
+            k_valid = slot < tl.where(second, len1, len0)
+        else:
+            tok = start0 + slot
+            k_valid = slot < len0
+        if USE_TMA and TILES_PER_STEP == 1:
+            # Rows past the tile belong to the next tile: p = 0 there, so they add nothing to dq.
+            k = k_desc.load([start0, 0])
+            vT = tl.trans(v_desc.load([start0, 0]))
+        else:
+            k = tl.load(k_base + tok[:, None] * skl + cols[None, :], mask=k_valid[:, None], other=0.0)
+            vT = tl.load(v_base + tok[None, :] * svl + cols[:, None], mask=k_valid[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k)) * qk_scale
-        p = tl.where(k_valid[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
+        p_ij = tl.where(k_valid[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, vT)
-        ds = p * (dp - delta[:, None])
+        ds = p_ij * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
     dq *= sm_scale
     if HAS_COARSE:
-        dq += tl.load(DQ_COARSE + (bh * NUM_TILES + tile) * D + cols)[None, :]
-    tl.store(DQ + b * sdqb + h * sdqh + (q_start + rows)[:, None] * sdql + cols[None, :], dq.to(DQ.dtype.element_ty),
+        dq += tl.load(DQ_COARSE + row * D + cols)[None, :]
+    tl.store(DQ + b * sdqb + h * sdqh + tok_q * sdql + cols[None, :], dq.to(DQ.dtype.element_ty),
              mask=q_valid[:, None])
 
 
@@ -179,15 +251,18 @@ def _bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, QUERY_TILES, QUERY_OFF, TILE_OFF,
               sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol,
               sdkb, sdkh, sdkl, sdvb, sdvh, sdvl,
               H, NUM_TILES, L, qk_scale, sm_scale,
-              HAS_COARSE: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
-    # dk, dv of one key tile: walk the query tiles that selected it (the transposed index list).
+              HAS_COARSE: tl.constexpr, BLOCK_N: tl.constexpr, TILES_PER_STEP: tl.constexpr, D: tl.constexpr,
+              USE_TMA: tl.constexpr = False):
+    # dk, dv of one key tile: walk the query tiles that selected it (the transposed index list),
+    # TILES_PER_STEP query tiles (64 slots each) per step.
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
+    row = bh * NUM_TILES + tile
     k_start = tl.load(TILE_OFF + tile)
     k_len = tl.load(TILE_OFF + tile + 1) - k_start
-    rows = tl.arange(0, BLOCK)
+    rows = tl.arange(0, BLOCK_N)
     cols = tl.arange(0, D)
     k_valid = rows < k_len
     k = tl.load(K + b * skb + h * skh + (k_start + rows)[:, None] * skl + cols[None, :], mask=k_valid[:, None],
@@ -196,19 +271,39 @@ def _bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, QUERY_TILES, QUERY_OFF, TILE_OFF,
                 other=0.0)
     q_base = Q + b * sqb + h * sqh
     do_base = DO + b * sdob + h * sdoh
-    dk = tl.full([BLOCK, D], 0.0, tl.float32)
-    dv = tl.full([BLOCK, D], 0.0, tl.float32)
-    first = tl.load(QUERY_OFF + bh * NUM_TILES + tile)
-    last = tl.load(QUERY_OFF + bh * NUM_TILES + tile + 1)
-    for e in range(first, last):
-        qt = tl.load(QUERY_TILES + e)
-        q_start = tl.load(TILE_OFF + qt)
-        q_len = tl.load(TILE_OFF + qt + 1) - q_start
-        q_valid = rows < q_len
-        qT = tl.load(q_base + (q_start + rows)[None, :] * sql + cols[:, None], mask=q_valid[None, :], other=0.0)
-        do = tl.load(do_base + (q_start + rows)[:, None] * sdol + cols[None, :], mask=q_valid[:, None], other=0.0)
-        lse = tl.load(LSE + bh * L + q_start + rows, mask=q_valid, other=0.0)
-        delta = tl.load(DELTA + bh * L + q_start + rows, mask=q_valid, other=0.0)
+    query_rows = tl.arange(0, 64 * TILES_PER_STEP)
+    slot = query_rows % 64
+    dk = tl.full([BLOCK_N, D], 0.0, tl.float32)
+    dv = tl.full([BLOCK_N, D], 0.0, tl.float32)
+    if USE_TMA:
+        q_desc = tl.make_tensor_descriptor(q_base, shape=[L, D], strides=[sql, 1], block_shape=[64, D])
+        do_desc = tl.make_tensor_descriptor(do_base, shape=[L, D], strides=[sdol, 1], block_shape=[64, D])
+    first = tl.load(QUERY_OFF + row)
+    last = tl.load(QUERY_OFF + row + 1)
+    for e in range(first, last, TILES_PER_STEP):
+        qt0 = tl.load(QUERY_TILES + e)
+        start0 = tl.load(TILE_OFF + qt0)
+        len0 = tl.load(TILE_OFF + qt0 + 1) - start0
+        if TILES_PER_STEP == 2:
+            has1 = e + 1 < last
+            qt1 = tl.load(QUERY_TILES + e + 1, mask=has1, other=0)
+            start1 = tl.load(TILE_OFF + qt1)
+            len1 = tl.where(has1, tl.load(TILE_OFF + qt1 + 1) - start1, 0)
+            second = query_rows >= 64
+            tok = tl.where(second, start1, start0) + slot
+            q_valid = slot < tl.where(second, len1, len0)
+        else:
+            tok = start0 + slot
+            q_valid = slot < len0
+        if USE_TMA and TILES_PER_STEP == 1:
+            # Rows past the query tile must not count: zero them (q and dO both) like masked loads do.
+            qT = tl.trans(tl.where(q_valid[:, None], q_desc.load([start0, 0]), 0.0))
+            do = tl.where(q_valid[:, None], do_desc.load([start0, 0]), 0.0)
+        else:
+            qT = tl.load(q_base + tok[None, :] * sql + cols[:, None], mask=q_valid[None, :], other=0.0)
+            do = tl.load(do_base + tok[:, None] * sdol + cols[None, :], mask=q_valid[:, None], other=0.0)
+        lse = tl.load(LSE + bh * L + tok, mask=q_valid, other=0.0)
+        delta = tl.load(DELTA + bh * L + tok, mask=q_valid, other=0.0)
         sT = tl.dot(k, qT) * qk_scale  # [keys, queries]
         # Invalid query columns have q = dO = 0, so they add nothing to dv or dk; invalid key rows are never stored.
         pT = tl.math.exp2(sT - lse[None, :])
@@ -218,8 +313,8 @@ def _bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, QUERY_TILES, QUERY_OFF, TILE_OFF,
         dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT))
     dk *= sm_scale
     if HAS_COARSE:
-        dk += tl.load(DK_COARSE + (bh * NUM_TILES + tile) * D + cols)[None, :]
-        dv += tl.load(DV_COARSE + (bh * NUM_TILES + tile) * D + cols)[None, :]
+        dk += tl.load(DK_COARSE + row * D + cols)[None, :]
+        dv += tl.load(DV_COARSE + row * D + cols)[None, :]
     tl.store(DK + b * sdkb + h * sdkh + (k_start + rows)[:, None] * sdkl + cols[None, :], dk.to(DK.dtype.element_ty),
              mask=k_valid[:, None])
     tl.store(DV + b * sdvb + h * sdvh + (k_start + rows)[:, None] * sdvl + cols[None, :], dv.to(DV.dtype.element_ty),
@@ -228,6 +323,7 @@ def _bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, QUERY_TILES, QUERY_OFF, TILE_OFF,
 
 _RAW = {
     "tile_means": _tile_means,
+    "select": _select,
     "fwd": _fwd,
     "bwd_preprocess": _bwd_preprocess,
     "bwd_dq": _bwd_dq,
