@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -67,7 +66,9 @@ def projection_views(B, heads, L, D, dtype, device, count, requires_grad=False):
 
 
 def triton_outputs(q, k, v, gate, layout, topk):
-    return vsa_ops._vsa_triton_fwd(q, k, v, gate, layout.tile_offsets, topk)
+    return vsa_ops._vsa_triton_fwd(
+        q, k, v, gate, layout.tile_offsets, layout.tiles_by_block, vsa_ops._flat_groups(layout), topk
+    )
 
 
 def kept_work(key_tiles, layout):
@@ -107,8 +108,6 @@ def check_correctness(grid, topk, heads, device, dtype, fvk, D=128):
     ref_grads = torch.autograd.grad(ref2, ref_in, grad_out.float())
     for name, g, r in zip(("dq", "dk", "dv", "dgate"), grads, ref_grads):
         result[f"{name}_rel_err"] = rel_err(g, r)
-    del ref_in, ref2, ref_grads
-    torch.cuda.empty_cache() if device.type == "cuda" else None
     return result
 
 
@@ -121,7 +120,6 @@ def compare_with_fastvideo(fvk, q, k, v, gate, layout, topk, ours):
     qp, kp, vp, gp = padded_inputs(layout, q, k, v, gate)
     sizes = layout.tile_sizes.to(torch.int32)
     theirs = fvk.video_sparse_attn(qp, kp, vp, sizes, sizes, topk, (4, 4, 4), gp)
-    B, heads, L, D = q.shape
     valid = (torch.arange(64, device=q.device).view(1, 64) < sizes.view(-1, 1)).view(-1)
     theirs = theirs[:, :, valid]
     # Its tile means are rounded to bf16 before scoring, so a few near-tie selections differ.
@@ -158,6 +156,30 @@ def coarse_breakdown(q, k, v, layout, topk, smoke):
     }
 
 
+def time_dense(q, k, v, grad_out, smoke):
+    """cuDNN and FlashAttention SDPA, dense, forward and forward+backward on contiguous copies."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    B, heads, L, D = q.shape
+    dense_flops = 4 * B * heads * L * L * D
+    rows = {}
+    qc, kc, vc = (t.detach().contiguous().requires_grad_(True) for t in (q, k, v))
+
+    def sdpa():
+        return torch.nn.functional.scaled_dot_product_attention(qc, kc, vc)
+
+    for label, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+        try:
+            with sdpa_kernel(backend):
+                with torch.no_grad():
+                    rows[f"dense_{label}_fwd_ms"] = bench_ms(sdpa, smoke)
+                rows[f"dense_{label}_fwd_bwd_ms"] = bench_ms(lambda: sdpa().backward(grad_out), smoke)
+            rows[f"dense_{label}_fwd_tflops"] = dense_flops / rows[f"dense_{label}_fwd_ms"] / 1e9
+        except Exception as exc:
+            rows[f"dense_{label}_error"] = repr(exc)
+    return rows
+
+
 def time_shape(name, grid, sparsities, heads, device, dtype, fvk, smoke):
     layout = TileLayout.for_grid(grid, device)
     L, D, B = layout.num_tokens, 128 if not smoke else 64, 1
@@ -174,22 +196,8 @@ def time_shape(name, grid, sparsities, heads, device, dtype, fvk, smoke):
 
         return run
 
-    dense_flops = 4 * B * heads * L * L * D
     if device.type == "cuda":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        qc, kc, vc = (t.detach().contiguous().requires_grad_(True) for t in (q, k, v))
-        for label, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
-            try:
-                with sdpa_kernel(backend):
-                    sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(qc, kc, vc)  # noqa: E731
-                    with torch.no_grad():
-                        rows[f"dense_{label}_fwd_ms"] = bench_ms(sdpa, smoke)
-                    rows[f"dense_{label}_fwd_bwd_ms"] = bench_ms(lambda: sdpa().backward(grad_out), smoke)
-                rows[f"dense_{label}_fwd_tflops"] = dense_flops / rows[f"dense_{label}_fwd_ms"] / 1e9
-            except Exception as exc:
-                rows[f"dense_{label}_error"] = repr(exc)
-        del qc, kc, vc
+        rows.update(time_dense(q, k, v, grad_out, smoke))
     for sparsity in sparsities:
         topk = topk_for_sparsity(layout.num_tiles, sparsity)
         row = {"topk": topk}
@@ -204,11 +212,10 @@ def time_shape(name, grid, sparsities, heads, device, dtype, fvk, smoke):
                 lambda: vsa_ops._coarse_forward(q, k, v, layout.tile_offsets, topk), smoke
             )
             row.update(coarse_breakdown(q, k, v, layout, topk, smoke))
-            qc, kc, vc, gc = (t.detach().contiguous() for t in (q, k, v, gate))
+            contiguous = [t.detach().contiguous() for t in (q, k, v, gate)]  # [B, h, L, D] memory instead
             row["ours_fwd_contiguous_bhld_ms"] = bench_ms(
-                lambda: video_sparse_attention_tiled(qc, kc, vc, layout, topk, gate=gc), smoke
+                lambda: video_sparse_attention_tiled(*contiguous[:3], layout, topk, gate=contiguous[3]), smoke
             )
-            del qc, kc, vc, gc
         row["ours_fwd_bwd_ms"] = bench_ms(fwd_bwd(ours), smoke)
         row["ours_fwd_tflops"] = fwd_flops / row["ours_fwd_ms"] / 1e9
         row["ours_fwd_tflops_blocks"] = block_flops / row["ours_fwd_ms"] / 1e9
@@ -224,7 +231,6 @@ def time_shape(name, grid, sparsities, heads, device, dtype, fvk, smoke):
                 row["fastvideo_fwd_bwd_ms"] = bench_ms(lambda: theirs().backward(gop), smoke)
                 row["speedup_vs_fastvideo_fwd"] = row["fastvideo_fwd_ms"] / row["ours_fwd_ms"]
                 row["speedup_vs_fastvideo_fwd_bwd"] = row["fastvideo_fwd_bwd_ms"] / row["ours_fwd_bwd_ms"]
-                del qp, kp, vp, gp, gop
             except Exception as exc:
                 row["fastvideo_error"] = repr(exc)
         if "dense_cudnn_fwd_ms" in rows:
@@ -235,7 +241,7 @@ def time_shape(name, grid, sparsities, heads, device, dtype, fvk, smoke):
 
 
 def sweep_launch_configs(device, dtype, smoke):
-    """Time block shapes and warps/stages per kernel at 480p, sparsity 0.8; keep the fastest."""
+    """Time TMA on/off and warps/stages per kernel at 480p, sparsity 0.8; keep the fastest."""
     layout = TileLayout.for_grid((21, 30, 52), device)
     topk = topk_for_sparsity(layout.num_tiles, 0.8)
     q, k, v, gate = projection_views(1, 12, layout.num_tokens, 128, dtype, device, 4, requires_grad=True)
@@ -249,29 +255,30 @@ def sweep_launch_configs(device, dtype, smoke):
     def fwd_bwd_ms():
         return bench_ms(lambda: ours().backward(grad_out), smoke)
 
-    def trial(kernel, block_attr, block, warps, stages, measure):
-        setattr(vsa_ops, block_attr, block)
+    def trial(kernel, tma, warps, stages, measure):
+        vsa_ops.USE_TMA[kernel] = bool(tma)
         vsa_ops.LAUNCH_CONFIG[(kernel, 128)] = dict(num_warps=warps, num_stages=stages)
         try:
             return measure()
         except Exception as exc:
-            return repr(exc)[:200]
+            return repr(exc)[:300]
 
     results = {}
+    # (TMA, warps, stages). 8 warps, 4 stages, 128-row key blocks and packed small tiles all lost
+    # clearly in earlier sweeps (bench/NOTES_vsa.md).
     plans = {
-        "fwd": ("KEY_TILES_PER_STEP", [(1, 4, 3), (1, 4, 4), (2, 4, 2), (2, 4, 3), (2, 8, 3)], fwd_ms),
-        "bwd_dq": ("KEY_TILES_PER_STEP", [(None, 4, 2), (None, 4, 3), (None, 8, 2)], fwd_bwd_ms),
-        "bwd_dkdv": ("QUERY_TILES_PER_STEP", [(1, 4, 2), (1, 4, 3), (2, 4, 2), (2, 8, 2), (2, 8, 3)], fwd_bwd_ms),
+        "fwd": ([(0, 4, 3), (1, 4, 2), (1, 4, 3)], fwd_ms),
+        "bwd_dq": ([(0, 4, 2), (1, 4, 2), (1, 4, 3)], fwd_bwd_ms),
+        "bwd_dkdv": ([(0, 4, 2), (0, 4, 3), (1, 4, 2)], fwd_bwd_ms),
     }
-    for kernel, (block_attr, configs, measure) in plans.items():
+    for kernel, (configs, measure) in plans.items():
         timings = {}
-        for block, warps, stages in configs:
-            block = block or getattr(vsa_ops, block_attr)
-            timings[f"b{block}w{warps}s{stages}"] = trial(kernel, block_attr, block, warps, stages, measure)
-        best_ms, best = min((t, key) for key, t in timings.items() if isinstance(t, float))
-        block, rest = best[1:].split("w")
+        for tma, warps, stages in configs:
+            timings[f"t{tma}w{warps}s{stages}"] = trial(kernel, tma, warps, stages, measure)
+        best = min((t, key) for key, t in timings.items() if isinstance(t, float))[1]
+        tma, rest = best[1:].split("w")
         warps, stages = rest.split("s")
-        setattr(vsa_ops, block_attr, int(block))
+        vsa_ops.USE_TMA[kernel] = bool(int(tma))
         vsa_ops.LAUNCH_CONFIG[(kernel, 128)] = dict(num_warps=int(warps), num_stages=int(stages))
         results[kernel] = {"timings_ms": timings, "best": best}
     return results
@@ -323,13 +330,12 @@ def main() -> int:
     if not args.skip_check:
         for label, (grid, heads) in shapes.items():
             topk = topk_for_sparsity(TileLayout.for_grid(grid).num_tiles, 0.8)
-            section(f"check_{label}", lambda: check_correctness(grid, topk, heads, device, dtype, fvk, 64 if smoke else 128))
+            head_dim = 64 if smoke else 128
+            section(f"check_{label}", lambda: check_correctness(grid, topk, heads, device, dtype, fvk, head_dim))
     if args.sweep and not smoke:
         section("sweep", lambda: sweep_launch_configs(device, dtype, smoke))
     report["launch_config"] = {f"{k}/{d}": v for (k, d), v in vsa_ops.LAUNCH_CONFIG.items()}
-    report["launch_config"].update(
-        key_tiles_per_step=vsa_ops.KEY_TILES_PER_STEP, query_tiles_per_step=vsa_ops.QUERY_TILES_PER_STEP
-    )
+    report["launch_config"]["use_tma"] = dict(vsa_ops.USE_TMA)
     for label, (grid, heads) in shapes.items():
         section(f"time_{label}", lambda: time_shape(label, grid, (0.8, 0.9), heads, device, dtype, fvk, smoke))
     text = json.dumps(report, indent=1)

@@ -107,14 +107,16 @@ class SelfAttention(nn.Module):
         q = self.norm_q(self.q(x)).unflatten(-1, (heads, -1))
         k = self.norm_k(self.k(x)).unflatten(-1, (heads, -1))
         v = self.v(x).unflatten(-1, (heads, -1))
-        q = apply_rope(q, rope)
-        k = apply_rope(k, rope)
+        # One dtype for the attention kernels: under autocast the norms return fp32, the
+        # projections the autocast dtype.
+        q = apply_rope(q, rope).to(v.dtype)
+        k = apply_rope(k, rope).to(v.dtype)
         if attention.tile_layout is None:
             out = dense_attention(q, k, v)
         else:
             from ..kernels.vsa import video_sparse_attention_tiled
 
-            gate = gate_proj(x).unflatten(-1, (heads, -1))
+            gate = gate_proj(x).unflatten(-1, (heads, -1)).to(v.dtype)
             out = video_sparse_attention_tiled(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention.tile_layout,
                 attention.topk, gate=gate.transpose(1, 2), implementation=attention.config.implementation,

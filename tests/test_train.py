@@ -111,7 +111,10 @@ def test_sigterm_saves_and_resume_matches(data_dir, tmp_path):
     config_path.write_text(config_from_dict(raw).to_toml())
     process = subprocess.Popen([sys.executable, "-m", "fastwan.cli", "distill", "--config", str(config_path),
                                 "--set", "train.max_steps=1000"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                               # same intra-op thread count as this process: float reductions (and so
+                               # bit-exactness) depend on it
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines = []
     for line in process.stdout:
         lines.append(line)

@@ -102,6 +102,12 @@ def test_layout_matches_independent_construction(grid):
     assert layout.tile_sizes.tolist() == sizes and layout.tile_sizes.dtype == torch.int32
     assert layout.tile_offsets.tolist() == [0] + torch.tensor(sizes).cumsum(0).tolist()
     assert layout.tile_offsets.dtype == torch.int32
+    # Size groups for the kernels: every tile once, in the smallest of 64/32/16 rows that holds it.
+    groups = [(rows, [i for i, s in enumerate(sizes) if min(r for r in (16, 32, 64) if r >= s) == rows])
+              for rows in (64, 32, 16)]
+    groups = [(rows, tiles) for rows, tiles in groups if tiles]
+    assert layout.block_groups == tuple((rows, len(tiles)) for rows, tiles in groups)
+    assert layout.tiles_by_block.tolist() == [i for _, tiles in groups for i in tiles]
     x = torch.randn(2, 3, T * H * W, 5)
     tiled = to_tile_order(x, layout)
     assert torch.equal(tiled, x[:, :, perm])
@@ -215,3 +221,20 @@ def test_reference_custom_op_passes_opcheck():
     q, k, v, gate = (torch.randn(1, 2, 60, 8, requires_grad=True) for _ in range(4))
     torch.library.opcheck(torch.ops.fastwan.vsa_reference.default, (q, k, v, gate, layout.tile_offsets, 2))
     torch.library.opcheck(torch.ops.fastwan.vsa_reference.default, (q, k, v, None, layout.tile_offsets, 1))
+
+
+def test_torch_compile_traces_the_op_without_graph_breaks():
+    # fullgraph=True fails on any graph break: the API and its custom op must trace as one op.
+    layout = TileLayout.for_grid((3, 5, 7))
+    inputs = [torch.randn(1, 2, layout.num_tokens, 16, requires_grad=True) for _ in range(4)]
+
+    def loss(q, k, v, gate):
+        out = video_sparse_attention_tiled(q * 2.0, k, v, layout, 2, gate=gate, implementation="reference")
+        return out.square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    got = torch.autograd.grad(compiled(*inputs), inputs)
+    want = torch.autograd.grad(loss(*inputs), inputs)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-5, atol=1e-6)

@@ -71,11 +71,11 @@ def check_against_reference(grid, D, dtype, topk, with_gate, B=2, heads=2, tol=1
         ((6, 7, 3), 3, True),
     ],
 )
-@pytest.mark.parametrize("tiles_per_step", [1, 2])
-def test_triton_fp32_matches_reference(grid, topk, with_gate, tiles_per_step, monkeypatch):
-    # Both step widths of the kernels (one or two 64-slot tiles per step, odd counts leave a half step).
-    monkeypatch.setattr(vsa_ops, "KEY_TILES_PER_STEP", tiles_per_step)
-    monkeypatch.setattr(vsa_ops, "QUERY_TILES_PER_STEP", tiles_per_step)
+@pytest.mark.parametrize("use_tma", [False, True])
+def test_triton_fp32_matches_reference(grid, topk, with_gate, use_tma, monkeypatch):
+    # Masked pointer loads and tensor-descriptor (TMA) loads, which read whole 64-row blocks past
+    # partial tiles (and past the sequence end, zero-filled) and rely on masking the scores.
+    monkeypatch.setattr(vsa_ops, "USE_TMA", dict.fromkeys(("fwd", "bwd_dq", "bwd_dkdv"), use_tma))
     torch.manual_seed(sum(grid) + topk)
     check_against_reference(grid, 64, torch.float32, topk, with_gate, tol=1e-5)
 
@@ -83,7 +83,7 @@ def test_triton_fp32_matches_reference(grid, topk, with_gate, tiles_per_step, mo
 @pytest.mark.parametrize("D", [64, 128])
 def test_triton_fp16_matches_reference(D, monkeypatch):
     # Also the tensor-descriptor (TMA) loads, which read whole 64-row blocks past partial tiles.
-    monkeypatch.setattr(vsa_ops, "USE_TMA", True)
+    monkeypatch.setattr(vsa_ops, "USE_TMA", {"fwd": True, "bwd_dq": True, "bwd_dkdv": True})
     torch.manual_seed(D)
     check_against_reference((5, 6, 7) if D == 64 else (3, 5, 6), D, torch.float16, 3, True, B=1, tol=3e-3)
 
@@ -138,7 +138,7 @@ def test_triton_custom_op_passes_opcheck():
     q, k, v, gate = (torch.randn(1, 1, 64, 16, requires_grad=True) for _ in range(4))
     torch.library.opcheck(
         torch.ops.fastwan.vsa_triton_fwd.default,
-        (q, k, v, gate, layout.tile_offsets, 1),
+        (q, k, v, gate, layout.tile_offsets, layout.tiles_by_block, vsa_ops._flat_groups(layout), 1),
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
     )
 
@@ -152,3 +152,19 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
     # 'auto' quietly uses the reference on CPU.
     out = video_sparse_attention_tiled(q, q, q, layout, 1, implementation="auto")
     assert torch.isfinite(out).all()
+
+
+def test_triton_op_under_torch_compile():
+    layout = TileLayout.for_grid((3, 5, 7))
+    inputs = [torch.randn(1, 2, layout.num_tokens, 64, requires_grad=True) for _ in range(4)]
+
+    def loss(q, k, v, gate):
+        out = video_sparse_attention_tiled(q * 2.0, k, v, layout, 2, gate=gate, implementation="triton")
+        return out.square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    got = torch.autograd.grad(compiled(*inputs), inputs)
+    want = torch.autograd.grad(loss(*inputs), inputs)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-5, atol=1e-6)

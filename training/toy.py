@@ -77,10 +77,13 @@ class GaussianMixture2D:
 class ToyScoreMLP(nn.Module):
     """v(x, t) for 2D points: an MLP on [x, Fourier features of sigma]."""
 
-    def __init__(self, hidden: int = 128, depth: int = 4, frequencies: int = 8):
+    def __init__(self, hidden: int = 128, depth: int = 4, frequencies: int = 8, space_frequencies: int = 0,
+                 space_scale: float = 1.0, seed: int = 0):
         super().__init__()
         self.register_buffer("frequencies", torch.arange(1, frequencies + 1, dtype=torch.float32) * math.pi)
-        layers, width = [], 2 + 1 + 2 * frequencies
+        generator = torch.Generator().manual_seed(seed)
+        self.register_buffer("space_frequencies", torch.randn(2, space_frequencies, generator=generator) * space_scale)
+        layers, width = [], 2 + 1 + 2 * frequencies + 2 * space_frequencies
         for _ in range(depth - 1):
             layers += [nn.Linear(width, hidden), nn.SiLU()]
             width = hidden
@@ -91,7 +94,11 @@ class ToyScoreMLP(nn.Module):
         """x [N, 2], timestep [N] in 0..1000 (1000 * sigma); context ignored (unconditional)."""
         sigma = (timestep.float() / 1000.0)[:, None]
         angles = sigma * self.frequencies[None]
-        return self.net(torch.cat([x.float(), sigma, torch.sin(angles), torch.cos(angles)], dim=1))
+        features = [x.float(), sigma, torch.sin(angles), torch.cos(angles)]
+        if self.space_frequencies.numel():
+            space = x.float() @ self.space_frequencies
+            features += [torch.sin(space), torch.cos(space)]
+        return self.net(torch.cat(features, dim=1))
 
 
 @dataclass

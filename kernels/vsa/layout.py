@@ -34,6 +34,10 @@ class TileLayout:
         tile_of_token: int64 [L], tile index of each tile-ordered position.
         perm: int64 [L], tile-ordered position j holds token-order index ``perm[j]``.
         inv_perm: int64 [L], token-order index i sits at tile-ordered position ``inv_perm[i]``.
+        tiles_by_block: int32 [num_tiles], tile indices grouped by the row block that fits them
+            (64, then 32, then 16 rows), so the kernels launch one program size per group and a
+            tile of 16 tokens does not compute 64 rows.
+        block_groups: ((rows, count), ...) the groups of ``tiles_by_block`` in order.
     """
 
     grid: tuple[int, int, int]
@@ -43,6 +47,8 @@ class TileLayout:
     tile_of_token: torch.Tensor
     perm: torch.Tensor
     inv_perm: torch.Tensor
+    tiles_by_block: torch.Tensor
+    block_groups: tuple[tuple[int, int], ...]
 
     @property
     def num_tokens(self) -> int:
@@ -88,6 +94,9 @@ def _layout_for_grid(grid: tuple[int, int, int], device: torch.device) -> TileLa
     sizes = torch.bincount(tile, minlength=num_tiles)
     offsets = torch.zeros(num_tiles + 1, dtype=torch.int64)
     offsets[1:] = torch.cumsum(sizes, 0)
+    rows_needed = torch.where(sizes <= 16, 16, torch.where(sizes <= 32, 32, 64))
+    groups = [(rows, torch.nonzero(rows_needed == rows).flatten()) for rows in (64, 32, 16)]
+    groups = [(rows, tiles) for rows, tiles in groups if tiles.numel() > 0]
     return TileLayout(
         grid=grid,
         num_tiles=num_tiles,
@@ -96,6 +105,8 @@ def _layout_for_grid(grid: tuple[int, int, int], device: torch.device) -> TileLa
         tile_of_token=tile[perm].to(device),
         perm=perm.to(device),
         inv_perm=inv_perm.to(device),
+        tiles_by_block=torch.cat([tiles for _, tiles in groups]).to(torch.int32).to(device),
+        block_groups=tuple((rows, tiles.numel()) for rows, tiles in groups),
     )
 
 

@@ -1,8 +1,10 @@
 """Video Sparse Attention: public API, torch.library custom ops and their autograd.
 
 Two implementations share one semantics (``reference.py`` is the specification):
-  * ``triton``: Triton kernels for the pooling and the block-sparse fine branch (forward and
-    backward); the tiny tile-level coarse branch and the top-k stay in PyTorch.
+  * ``triton``: Triton kernels for the tile means, the exact top-k selection (index lists written
+    directly) and the block-sparse fine branch, forward and backward, with the gated coarse term
+    fused into their prologues/epilogues; the tiny tile-level score matmul and softmax
+    (~624 x 624 per head) stay in PyTorch.
   * ``reference``: pure PyTorch, used on CPU, MPS, and wherever Triton is missing.
     (On Windows, Triton comes from the ``triton-windows`` package.)
 
@@ -13,6 +15,7 @@ autograd registered through ``register_autograd``; backward passes are custom op
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -61,25 +64,25 @@ def _strides(x: Tensor) -> tuple[int, int, int]:
 
 # Block shapes, warps and pipeline depth, chosen from the H200 sweeps recorded in
 # bench/NOTES_vsa.md (bench/vsa_attention.py --sweep rewrites these while it measures).
-# KEY_TILES_PER_STEP: selected key tiles (64 slots each) per step of the forward and dq kernels;
-# QUERY_TILES_PER_STEP: query tiles per step of the dk/dv kernel.
-KEY_TILES_PER_STEP = 1
-QUERY_TILES_PER_STEP = 1
-# USE_TMA: load whole 64-row tiles with Hopper bulk tensor copies (device-side tensor descriptors).
-USE_TMA = False
+# USE_TMA: per kernel, load whole 64-row tiles with Hopper bulk tensor copies (device-side tensor
+# descriptors) instead of masked pointer loads.
+# Used only on Hopper or newer (the bulk tensor copy engine) with a Triton that has descriptors.
+USE_TMA = {"fwd": True, "bwd_dq": True, "bwd_dkdv": False}
 LAUNCH_CONFIG = {
     ("fwd", 64): dict(num_warps=4, num_stages=3),
     ("fwd", 128): dict(num_warps=4, num_stages=3),
     ("bwd_dq", 64): dict(num_warps=4, num_stages=2),
     ("bwd_dq", 128): dict(num_warps=4, num_stages=2),
     ("bwd_dkdv", 64): dict(num_warps=4, num_stages=2),
-    ("bwd_dkdv", 128): dict(num_warps=4, num_stages=3),
+    ("bwd_dkdv", 128): dict(num_warps=4, num_stages=2),
 }
 
 
-def _use_tma(*tensors: Tensor) -> bool:
+def _use_tma(kernel: str, *tensors: Tensor) -> bool:
     """Tensor descriptors need 16-byte aligned bases and row strides (true for [B, L, h, D] projections)."""
-    if not USE_TMA:
+    if not USE_TMA.get(kernel, False):
+        return False
+    if not _triton_module().interpreting() and not _hopper_or_newer(tensors[0].device):
         return False
     for t in tensors:
         size = t.element_size()
@@ -93,10 +96,28 @@ def _use_tma(*tensors: Tensor) -> bool:
     return True
 
 
-def _launch_config(kernel: str, D: int) -> dict:
+@functools.lru_cache(maxsize=None)
+def _hopper_or_newer(device: torch.device) -> bool:
+    import triton.language as tl
+
+    return torch.cuda.get_device_capability(device)[0] >= 9 and hasattr(tl, "make_tensor_descriptor")
+
+
+@functools.lru_cache(maxsize=None)
+def _large_shared_memory(device: torch.device) -> bool:
+    # Three pipeline stages of 64x128 K and V tiles need ~112 KB of shared memory: fine on
+    # A100/H100/H200 (160+ KB per block), too much for consumer GPUs (~100 KB, e.g. RTX 4090).
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", 0) >= 160 * 1024
+
+
+def _launch_config(kernel: str, D: int, device: torch.device) -> dict:
     if _triton_module().interpreting():
         return {}
-    return LAUNCH_CONFIG.get((kernel, D), dict(num_warps=4, num_stages=2))
+    config = dict(LAUNCH_CONFIG.get((kernel, D), dict(num_warps=4, num_stages=2)))
+    if config["num_stages"] > 2 and D * config["num_stages"] > 256 and not _large_shared_memory(device):
+        config["num_stages"] = 2
+    return config
 
 
 def _coarse_forward(q, k, v, tile_offsets, topk):
@@ -112,7 +133,9 @@ def _coarse_forward(q, k, v, tile_offsets, topk):
     grid = (n, B * heads)
     for i, x in enumerate((q, k, v)):
         tv.kernels()["tile_means"][grid](x, means[i], tile_offsets, *_strides(x), heads, n, BLOCK=64, D=D)
-    scores = torch.matmul(means[0], means[1].transpose(-1, -2)).mul_(1.0 / math.sqrt(D))
+    # fp32 even under bf16 autocast: the selection kernel ranks exact fp32 score keys.
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        scores = torch.matmul(means[0], means[1].transpose(-1, -2)).mul_(1.0 / math.sqrt(D))
     key_tiles = torch.empty(B, heads, n, topk, dtype=torch.int32, device=q.device)
     rows_per_program = 4
     tv.kernels()["select"][(triton_cdiv(B * heads * n, rows_per_program),)](
@@ -131,7 +154,16 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _triton_forward(q, k, v, gate, tile_offsets, topk):
+def _groups(block_groups) -> list[tuple[int, int, int]]:
+    """Flat [rows0, count0, rows1, count1, ...] -> [(rows, first, count)] over ``tiles_by_block``."""
+    result, first = [], 0
+    for rows, count in zip(block_groups[::2], block_groups[1::2]):
+        result.append((rows, first, count))
+        first += count
+    return result
+
+
+def _triton_forward(q, k, v, gate, tile_offsets, tiles_by_block, block_groups, topk):
     tv = _triton_module()
     B, heads, L, D = q.shape
     n = tile_offsets.numel() - 1
@@ -140,13 +172,15 @@ def _triton_forward(q, k, v, gate, tile_offsets, topk):
     out = _out_like_projection(q)
     lse = torch.empty(B, heads, L, dtype=torch.float32, device=q.device)
     g = gate if gate is not None else q  # dummy pointer when HAS_GATE is False
-    tv.kernels()["fwd"][(n, B * heads)](
-        q, k, v, g, coarse, out, lse, key_tiles, tile_offsets,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(g), *_strides(out),
-        heads, n, topk, L, math.log2(math.e) / math.sqrt(D),
-        HAS_GATE=gate is not None, BLOCK_M=64, TILES_PER_STEP=KEY_TILES_PER_STEP, D=D,
-        USE_TMA=_use_tma(q, k, v), **_launch_config("fwd", D),
-    )
+    use_tma = _use_tma("fwd", k, v)
+    for rows, first, count in _groups(block_groups):  # one launch per query-tile size group
+        tv.kernels()["fwd"][(count, B * heads)](
+            q, k, v, g, coarse, out, lse, key_tiles, tile_offsets, tiles_by_block[first:],
+            *_strides(q), *_strides(k), *_strides(v), *_strides(g), *_strides(out),
+            heads, n, topk, L, math.log2(math.e) / math.sqrt(D),
+            HAS_GATE=gate is not None, BLOCK_M=rows, D=D,
+            USE_TMA=use_tma, **_launch_config("fwd", D, q.device),
+        )
     return out, lse, key_tiles, means, probs
 
 
@@ -173,6 +207,11 @@ def _coarse_backward(d_coarse, means, probs, tile_offsets):
 
     Every token of a tile receives its tile's mean-gradient / size; returns three fp32 [B, h, n, D].
     """
+    with torch.autocast(device_type=d_coarse.device.type, enabled=False):
+        return _coarse_backward_fp32(d_coarse.float(), means, probs, tile_offsets)
+
+
+def _coarse_backward_fp32(d_coarse, means, probs, tile_offsets):
     q_means, k_means, v_means = means
     scale = 1.0 / math.sqrt(q_means.shape[-1])
     d_probs = torch.matmul(d_coarse, v_means.transpose(-1, -2))
@@ -184,7 +223,9 @@ def _coarse_backward(d_coarse, means, probs, tile_offsets):
     return dq_means / sizes, dk_means / sizes, dv_means / sizes
 
 
-def _triton_backward(grad_out, q, k, v, gate, out, lse, key_tiles, means, probs, tile_offsets):
+def _triton_backward(
+    grad_out, q, k, v, gate, out, lse, key_tiles, means, probs, tile_offsets, tiles_by_block, block_groups
+):
     tv = _triton_module()
     B, heads, L, D = q.shape
     n = tile_offsets.numel() - 1
@@ -215,21 +256,27 @@ def _triton_backward(grad_out, q, k, v, gate, out, lse, key_tiles, means, probs,
     dq = _out_like_projection(q)
     dk = _out_like_projection(k)
     dv = _out_like_projection(v)
-    tv.kernels()["bwd_dq"][grid](
-        q, k, v, grad_out, dq, lse, delta, key_tiles, tile_offsets, dq_c,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
-        heads, n, topk, L, qk_scale, sm_scale,
-        HAS_COARSE=has_gate, BLOCK_M=64, TILES_PER_STEP=KEY_TILES_PER_STEP, D=D,
-        USE_TMA=_use_tma(k, v), **_launch_config("bwd_dq", D),
-    )
+    groups = _groups(block_groups)
+    use_tma = _use_tma("bwd_dq", k, v)
+    for rows, first, count in groups:
+        tv.kernels()["bwd_dq"][(count, B * heads)](
+            q, k, v, grad_out, dq, lse, delta, key_tiles, tile_offsets, tiles_by_block[first:], dq_c,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
+            heads, n, topk, L, qk_scale, sm_scale,
+            HAS_COARSE=has_gate, BLOCK_M=rows, D=D,
+            USE_TMA=use_tma, **_launch_config("bwd_dq", D, q.device),
+        )
     query_tiles, query_offsets = _transpose_key_tiles(key_tiles)
-    tv.kernels()["bwd_dkdv"][grid](
-        q, k, v, grad_out, dk, dv, lse, delta, query_tiles, query_offsets, tile_offsets, dk_c, dv_c,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
-        heads, n, L, qk_scale, sm_scale,
-        HAS_COARSE=has_gate, BLOCK_N=64, TILES_PER_STEP=QUERY_TILES_PER_STEP, D=D,
-        USE_TMA=_use_tma(q, grad_out), **_launch_config("bwd_dkdv", D),
-    )
+    use_tma = _use_tma("bwd_dkdv", q, grad_out)
+    for rows, first, count in groups:  # one launch per key-tile size group
+        tv.kernels()["bwd_dkdv"][(count, B * heads)](
+            q, k, v, grad_out, dk, dv, lse, delta, query_tiles, query_offsets, tile_offsets, tiles_by_block[first:],
+            dk_c, dv_c,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
+            heads, n, L, qk_scale, sm_scale,
+            HAS_COARSE=has_gate, BLOCK_N=rows, D=D,
+            USE_TMA=use_tma, **_launch_config("bwd_dkdv", D, q.device),
+        )
     return dq, dk, dv, (d_gate if has_gate else None)
 
 
@@ -239,15 +286,16 @@ def _triton_backward(grad_out, q, k, v, gate, out, lse, key_tiles, means, probs,
 
 @torch.library.custom_op("fastwan::vsa_triton_fwd", mutates_args=())
 def _vsa_triton_fwd(
-    q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, tile_offsets: Tensor, topk: int
+    q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, tile_offsets: Tensor, tiles_by_block: Tensor,
+    block_groups: list[int], topk: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (out [B,h,L,D], lse2 fp32 [B,h,L], key_tiles int32 [B,h,n,topk], means fp32 [3,B,h,n,D],
     coarse probs fp32 [B,h,n,n])."""
-    return _triton_forward(q, k, v, gate, tile_offsets, topk)
+    return _triton_forward(q, k, v, gate, tile_offsets, tiles_by_block, block_groups, topk)
 
 
 @_vsa_triton_fwd.register_fake
-def _(q, k, v, gate, tile_offsets, topk):
+def _(q, k, v, gate, tile_offsets, tiles_by_block, block_groups, topk):
     B, heads, L, D = q.shape
     n = tile_offsets.shape[0] - 1
     f32 = dict(dtype=torch.float32)
@@ -263,29 +311,35 @@ def _(q, k, v, gate, tile_offsets, topk):
 @torch.library.custom_op("fastwan::vsa_triton_bwd", mutates_args=())
 def _vsa_triton_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, out: Tensor, lse: Tensor,
-    key_tiles: Tensor, means: Tensor, probs: Tensor, tile_offsets: Tensor,
+    key_tiles: Tensor, means: Tensor, probs: Tensor, tile_offsets: Tensor, tiles_by_block: Tensor,
+    block_groups: list[int],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    dq, dk, dv, d_gate = _triton_backward(grad_out, q, k, v, gate, out, lse, key_tiles, means, probs, tile_offsets)
+    dq, dk, dv, d_gate = _triton_backward(
+        grad_out, q, k, v, gate, out, lse, key_tiles, means, probs, tile_offsets, tiles_by_block, block_groups
+    )
     return dq, dk, dv, (d_gate if d_gate is not None else q.new_empty(0))
 
 
 @_vsa_triton_bwd.register_fake
-def _(grad_out, q, k, v, gate, out, lse, key_tiles, means, probs, tile_offsets):
+def _(grad_out, q, k, v, gate, out, lse, key_tiles, means, probs, tile_offsets, tiles_by_block, block_groups):
     d_gate = _out_like_projection(q, gate.dtype) if gate is not None else q.new_empty(0)
     return _out_like_projection(q), _out_like_projection(k), _out_like_projection(v), d_gate
 
 
 def _triton_setup_context(ctx, inputs, output):
-    q, k, v, gate, tile_offsets, topk = inputs
+    q, k, v, gate, tile_offsets, tiles_by_block, block_groups, topk = inputs
     out, lse, key_tiles, means, probs = output
     ctx.has_gate = gate is not None
-    ctx.save_for_backward(q, k, v, gate, out, lse, key_tiles, means, probs, tile_offsets)
+    ctx.block_groups = block_groups
+    ctx.save_for_backward(q, k, v, gate, out, lse, key_tiles, means, probs, tile_offsets, tiles_by_block)
 
 
 def _triton_autograd(ctx, grad_out, *_unused):
-    q, k, v, gate, out, lse, key_tiles, means, probs, tile_offsets = ctx.saved_tensors
-    dq, dk, dv, d_gate = _vsa_triton_bwd(grad_out, q, k, v, gate, out, lse, key_tiles, means, probs, tile_offsets)
-    return dq, dk, dv, (d_gate if ctx.has_gate else None), None, None
+    q, k, v, gate, out, lse, key_tiles, means, probs, tile_offsets, tiles_by_block = ctx.saved_tensors
+    dq, dk, dv, d_gate = _vsa_triton_bwd(
+        grad_out, q, k, v, gate, out, lse, key_tiles, means, probs, tile_offsets, tiles_by_block, ctx.block_groups
+    )
+    return dq, dk, dv, (d_gate if ctx.has_gate else None), None, None, None, None
 
 
 _vsa_triton_fwd.register_autograd(_triton_autograd, setup_context=_triton_setup_context)
@@ -349,6 +403,10 @@ _vsa_reference.register_autograd(_reference_autograd, setup_context=_reference_s
 # Public API
 # --------------------------------------------------------------------------------------------
 
+def _flat_groups(layout: TileLayout) -> list[int]:
+    return [x for group in layout.block_groups for x in group]
+
+
 def _check_inputs(q, k, v, gate, layout: TileLayout, topk: int, implementation: str) -> str:
     if implementation not in _IMPLEMENTATIONS:
         raise InputError(
@@ -407,7 +465,8 @@ def video_sparse_attention_tiled(
 
     Args:
         q, k, v: [B, heads, L, D] in ``layout``'s tile order (views of a [B, L, heads, D] buffer are
-            fine: strides are honoured, nothing is copied). fp16/bf16 (Triton), any float (reference).
+            fine: strides are honoured, nothing is copied). Triton: bf16/fp16 with fp32 accumulation
+            (fp32 inputs work, but their dots run as TF32 on GPUs); reference: any float dtype.
         layout: ``TileLayout.for_grid(grid, device)``.
         topk: key tiles kept per query tile (``topk_for_sparsity``).
         gate: optional [B, heads, L, D] weight of the coarse branch; None means no coarse term.
@@ -422,7 +481,9 @@ def video_sparse_attention_tiled(
     if impl == "triton":
         q, k, v = (_unit_stride_last(t) for t in (q, k, v))
         gate = _unit_stride_last(gate) if gate is not None else None
-        return _vsa_triton_fwd(q, k, v, gate, tile_offsets, topk)[0]
+        return _vsa_triton_fwd(
+            q, k, v, gate, tile_offsets, layout.tiles_by_block.to(q.device), _flat_groups(layout), topk
+        )[0]
     return _vsa_reference(q, k, v, gate, tile_offsets, topk)
 
 

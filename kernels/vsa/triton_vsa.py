@@ -1,9 +1,11 @@
 """Triton kernels of Video Sparse Attention over compact tile order.
 
-Every kernel takes a (tile, batch*head) grid: one program per 4x4x4 tile of one head. Tiles hold
-1..64 tokens starting at ``tile_offsets[tile]``; rows past a tile's size are masked, never
-computed on padding from memory. Tensors are [B, h, L, D] views with any strides on B, h, L and
-a unit stride on D, so q/k/v views of a [B, L, h, D] projection need no copy.
+The attention kernels take a (tile, batch*head) grid: one program per 4x4x4 tile of one head,
+launched once per tile-size group (64/32/16-row programs, see ``TileLayout.tiles_by_block``).
+Tiles hold 1..64 tokens starting at ``tile_offsets[tile]``; rows past a tile's size are masked,
+never read as padding from memory. Tensors are [B, h, L, D] views with any strides on B, h, L
+and a unit stride on D, so q/k/v views of a [B, L, h, D] projection need no copy. The top-k
+kernel takes one program per 4 (batch, head, query tile) rows of coarse scores.
 
 The raw functions below are jitted on first use (``kernels()``), because ``triton.jit`` decides
 at decoration time whether to compile or interpret (TRITON_INTERPRET=1, used by the CPU tests).
@@ -85,15 +87,16 @@ def _select(SCORES, KEY_TILES, NUM_ROWS, NUM_TILES, TOPK, ROWS: tl.constexpr, BL
     tl.store(KEY_TILES + rows[:, None] * TOPK + position, lanes[None, :] + rows[:, None] * 0, mask=chosen & valid)
 
 
-def _fwd(Q, K, V, G, COARSE, O, LSE, KEY_TILES, TILE_OFF,
+def _fwd(Q, K, V, G, COARSE, O, LSE, KEY_TILES, TILE_OFF, TILE_LIST,
          sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sgb, sgh, sgl, sob, soh, sol,
          H, NUM_TILES, TOPK, L, qk_scale,
-         HAS_GATE: tl.constexpr, BLOCK_M: tl.constexpr, TILES_PER_STEP: tl.constexpr, D: tl.constexpr,
+         HAS_GATE: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
          USE_TMA: tl.constexpr = False):
-    # One query tile of one head against its TOPK selected key tiles (online softmax), taking
-    # TILES_PER_STEP key tiles (64 slots each) per step. Tile starts are scalars, so every key
-    # row address is a scalar plus a lane offset (gathered per-row indices were 2x slower).
-    tile = tl.program_id(0)
+    # One query tile (BLOCK_M rows: 64, or 32/16 for the small-tile launches over TILE_LIST) of
+    # one head against its TOPK selected key tiles, one 64-slot key tile per step (online
+    # softmax). Each key tile's rows are a scalar start plus a lane offset: per-row gathered
+    # addresses (packing small tiles into one block) measured 1.3-2x slower (bench/NOTES_vsa.md).
+    tile = tl.load(TILE_LIST + tl.program_id(0))
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -106,8 +109,7 @@ def _fwd(Q, K, V, G, COARSE, O, LSE, KEY_TILES, TILE_OFF,
     q = tl.load(Q + b * sqb + h * sqh + (q_start + rows)[:, None] * sql + cols[None, :], mask=q_mask, other=0.0)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
-    key_rows = tl.arange(0, 64 * TILES_PER_STEP)
-    slot = key_rows % 64
+    key_rows = tl.arange(0, 64)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, tl.float32)
     acc = tl.full([BLOCK_M, D], 0.0, tl.float32)
@@ -116,24 +118,14 @@ def _fwd(Q, K, V, G, COARSE, O, LSE, KEY_TILES, TILE_OFF,
         k_desc = tl.make_tensor_descriptor(k_base, shape=[L, D], strides=[skl, 1], block_shape=[64, D])
         v_desc = tl.make_tensor_descriptor(v_base, shape=[L, D], strides=[svl, 1], block_shape=[64, D])
     tiles_of_row = KEY_TILES + row * TOPK
-    for j in range(0, TOPK, TILES_PER_STEP):
-        kt0 = tl.load(tiles_of_row + j)
-        start0 = tl.load(TILE_OFF + kt0)
-        len0 = tl.load(TILE_OFF + kt0 + 1) - start0
-        if TILES_PER_STEP == 2:
-            has1 = j + 1 < TOPK
-            kt1 = tl.load(tiles_of_row + j + 1, mask=has1, other=0)
-            start1 = tl.load(TILE_OFF + kt1)
-            len1 = tl.where(has1, tl.load(TILE_OFF + kt1 + 1) - start1, 0)
-            second = key_rows >= 64
-            tok = tl.where(second, start1, start0) + slot
-            k_valid = slot < tl.where(second, len1, len0)
-        else:
-            tok = start0 + slot
-            k_valid = slot < len0
-        if USE_TMA and TILES_PER_STEP == 1:
-            kT = tl.trans(k_desc.load([start0, 0]))
-            v = v_desc.load([start0, 0])
+    for j in range(TOPK):
+        kt = tl.load(tiles_of_row + j)
+        k_start = tl.load(TILE_OFF + kt)
+        k_valid = key_rows < tl.load(TILE_OFF + kt + 1) - k_start
+        tok = k_start + key_rows
+        if USE_TMA:
+            kT = tl.trans(k_desc.load([k_start, 0]))
+            v = v_desc.load([k_start, 0])
         else:
             kT = tl.load(k_base + tok[None, :] * skl + cols[:, None], mask=k_valid[None, :], other=0.0)
             v = tl.load(v_base + tok[:, None] * svl + cols[None, :], mask=k_valid[:, None], other=0.0)
@@ -182,13 +174,13 @@ def _bwd_preprocess(O, DO, G, COARSE, DELTA, DG, DCOARSE, TILE_OFF,
     tl.store(DELTA + bh * L + start + rows, tl.reduce(do * o, 1, _ADD), mask=rows < size)
 
 
-def _bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KEY_TILES, TILE_OFF, DQ_COARSE,
+def _bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KEY_TILES, TILE_OFF, TILE_LIST, DQ_COARSE,
             sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol, sdqb, sdqh, sdql,
             H, NUM_TILES, TOPK, L, qk_scale, sm_scale,
-            HAS_COARSE: tl.constexpr, BLOCK_M: tl.constexpr, TILES_PER_STEP: tl.constexpr, D: tl.constexpr,
+            HAS_COARSE: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
             USE_TMA: tl.constexpr = False):
-    # dq of one query tile: walk the same key list as the forward.
-    tile = tl.program_id(0)
+    # dq of one query tile (BLOCK_M rows, as in the forward): walk the same key list as the forward.
+    tile = tl.load(TILE_LIST + tl.program_id(0))
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -206,32 +198,21 @@ def _bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KEY_TILES, TILE_OFF, DQ_COARSE,
     delta = tl.load(DELTA + bh * L + q_start + rows, mask=q_valid, other=0.0)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
-    key_rows = tl.arange(0, 64 * TILES_PER_STEP)
-    slot = key_rows % 64
+    key_rows = tl.arange(0, 64)
     dq = tl.full([BLOCK_M, D], 0.0, tl.float32)
     if USE_TMA:
         k_desc = tl.make_tensor_descriptor(k_base, shape=[L, D], strides=[skl, 1], block_shape=[64, D])
         v_desc = tl.make_tensor_descriptor(v_base, shape=[L, D], strides=[svl, 1], block_shape=[64, D])
     tiles_of_row = KEY_TILES + row * TOPK
-    for j in range(0, TOPK, TILES_PER_STEP):
-        kt0 = tl.load(tiles_of_row + j)
-        start0 = tl.load(TILE_OFF + kt0)
-        len0 = tl.load(TILE_OFF + kt0 + 1) - start0
-        if TILES_PER_STEP == 2:
-            has1 = j + 1 < TOPK
-            kt1 = tl.load(tiles_of_row + j + 1, mask=has1, other=0)
-            start1 = tl.load(TILE_OFF + kt1)
-            len1 = tl.where(has1, tl.load(TILE_OFF + kt1 + 1) - start1, 0)
-            second = key_rows >= 64
-            tok = tl.where(second, start1, start0) + slot
-            k_valid = slot < tl.where(second, len1, len0)
-        else:
-            tok = start0 + slot
-            k_valid = slot < len0
-        if USE_TMA and TILES_PER_STEP == 1:
+    for j in range(TOPK):
+        kt = tl.load(tiles_of_row + j)
+        k_start = tl.load(TILE_OFF + kt)
+        k_valid = key_rows < tl.load(TILE_OFF + kt + 1) - k_start
+        tok = k_start + key_rows
+        if USE_TMA:
             # Rows past the tile belong to the next tile: p = 0 there, so they add nothing to dq.
-            k = k_desc.load([start0, 0])
-            vT = tl.trans(v_desc.load([start0, 0]))
+            k = k_desc.load([k_start, 0])
+            vT = tl.trans(v_desc.load([k_start, 0]))
         else:
             k = tl.load(k_base + tok[:, None] * skl + cols[None, :], mask=k_valid[:, None], other=0.0)
             vT = tl.load(v_base + tok[None, :] * svl + cols[:, None], mask=k_valid[None, :], other=0.0)
@@ -247,15 +228,15 @@ def _bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KEY_TILES, TILE_OFF, DQ_COARSE,
              mask=q_valid[:, None])
 
 
-def _bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, QUERY_TILES, QUERY_OFF, TILE_OFF, DK_COARSE, DV_COARSE,
+def _bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, QUERY_TILES, QUERY_OFF, TILE_OFF, TILE_LIST, DK_COARSE, DV_COARSE,
               sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol,
               sdkb, sdkh, sdkl, sdvb, sdvh, sdvl,
               H, NUM_TILES, L, qk_scale, sm_scale,
-              HAS_COARSE: tl.constexpr, BLOCK_N: tl.constexpr, TILES_PER_STEP: tl.constexpr, D: tl.constexpr,
+              HAS_COARSE: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
               USE_TMA: tl.constexpr = False):
-    # dk, dv of one key tile: walk the query tiles that selected it (the transposed index list),
-    # TILES_PER_STEP query tiles (64 slots each) per step.
-    tile = tl.program_id(0)
+    # dk, dv of one key tile (BLOCK_N rows: 64, or 32/16 for the small-tile launches over
+    # TILE_LIST): walk the query tiles that selected it (the transposed index list), one per step.
+    tile = tl.load(TILE_LIST + tl.program_id(0))
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -271,8 +252,7 @@ def _bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, QUERY_TILES, QUERY_OFF, TILE_OFF,
                 other=0.0)
     q_base = Q + b * sqb + h * sqh
     do_base = DO + b * sdob + h * sdoh
-    query_rows = tl.arange(0, 64 * TILES_PER_STEP)
-    slot = query_rows % 64
+    query_rows = tl.arange(0, 64)
     dk = tl.full([BLOCK_N, D], 0.0, tl.float32)
     dv = tl.full([BLOCK_N, D], 0.0, tl.float32)
     if USE_TMA:
@@ -280,25 +260,15 @@ def _bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, QUERY_TILES, QUERY_OFF, TILE_OFF,
         do_desc = tl.make_tensor_descriptor(do_base, shape=[L, D], strides=[sdol, 1], block_shape=[64, D])
     first = tl.load(QUERY_OFF + row)
     last = tl.load(QUERY_OFF + row + 1)
-    for e in range(first, last, TILES_PER_STEP):
-        qt0 = tl.load(QUERY_TILES + e)
-        start0 = tl.load(TILE_OFF + qt0)
-        len0 = tl.load(TILE_OFF + qt0 + 1) - start0
-        if TILES_PER_STEP == 2:
-            has1 = e + 1 < last
-            qt1 = tl.load(QUERY_TILES + e + 1, mask=has1, other=0)
-            start1 = tl.load(TILE_OFF + qt1)
-            len1 = tl.where(has1, tl.load(TILE_OFF + qt1 + 1) - start1, 0)
-            second = query_rows >= 64
-            tok = tl.where(second, start1, start0) + slot
-            q_valid = slot < tl.where(second, len1, len0)
-        else:
-            tok = start0 + slot
-            q_valid = slot < len0
-        if USE_TMA and TILES_PER_STEP == 1:
+    for e in range(first, last):
+        qt = tl.load(QUERY_TILES + e)
+        q_start = tl.load(TILE_OFF + qt)
+        q_valid = query_rows < tl.load(TILE_OFF + qt + 1) - q_start
+        tok = q_start + query_rows
+        if USE_TMA:
             # Rows past the query tile must not count: zero them (q and dO both) like masked loads do.
-            qT = tl.trans(tl.where(q_valid[:, None], q_desc.load([start0, 0]), 0.0))
-            do = tl.where(q_valid[:, None], do_desc.load([start0, 0]), 0.0)
+            qT = tl.trans(tl.where(q_valid[:, None], q_desc.load([q_start, 0]), 0.0))
+            do = tl.where(q_valid[:, None], do_desc.load([q_start, 0]), 0.0)
         else:
             qT = tl.load(q_base + tok[None, :] * sql + cols[:, None], mask=q_valid[None, :], other=0.0)
             do = tl.load(do_base + tok[:, None] * sdol + cols[None, :], mask=q_valid[:, None], other=0.0)

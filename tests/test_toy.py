@@ -1,0 +1,129 @@
+"""The 2D DMD toy: exact teacher velocity, metrics, the pass bar and its frozen-fake control."""
+import json
+import math
+
+import pytest
+import torch
+
+from fastwan.training import toy
+
+
+def monte_carlo_velocity(mixture, x_t, t, samples=400_000, seed=0):
+    """E[eps - x0 | x_t] by self-normalized importance sampling over prior draws of x0.
+
+    Independent of the closed form: only uses p(x_t | x0) = N((1 - t) x0, t^2 I) and samples of the
+    mixture, never the per-mode posterior algebra.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    x0 = mixture.sample(samples, generator).double()
+    log_w = -0.5 * ((x_t.double()[None] - (1 - t) * x0) ** 2).sum(1) / t ** 2
+    w = torch.softmax(log_w, 0)
+    mean_x0 = (w[:, None] * x0).sum(0)
+    # eps = (x_t - (1 - t) x0) / t, so E[eps - x0 | x_t] = (x_t - E[x0 | x_t]) / t
+    return (x_t.double() - mean_x0) / t, float(1.0 / (w ** 2).sum())
+
+
+@pytest.mark.parametrize("t", [0.35, 0.6, 0.9])
+def test_teacher_velocity_matches_monte_carlo(t):
+    mixture = toy.GaussianMixture2D(modes=5, radius=1.5, sigma=0.3)
+    generator = torch.Generator().manual_seed(int(t * 100))
+    points = torch.randn(4, 2, generator=generator, dtype=torch.float64) * 1.2
+    exact = mixture.velocity(points, torch.full((4,), t, dtype=torch.float64))
+    for point, expected in zip(points, exact):
+        estimate, effective_samples = monte_carlo_velocity(mixture, point, t)
+        assert effective_samples > 2000
+        torch.testing.assert_close(expected, estimate, atol=0.03 / t, rtol=0.02)
+
+
+def test_teacher_velocity_limits():
+    mixture = toy.GaussianMixture2D(modes=3, radius=2.0, sigma=0.1)
+    x = torch.randn(64, 2, dtype=torch.float64)
+    # t -> 1: x_t is pure noise, E[x0 | x_t] -> the mixture mean (0), so v -> x_t
+    torch.testing.assert_close(mixture.velocity(x, torch.full((64,), 1.0, dtype=torch.float64)), x)
+    # float32 and float64 agree (the toy runs in float32)
+    t = torch.rand(64, dtype=torch.float64) * 0.9 + 0.05
+    torch.testing.assert_close(mixture.velocity(x.float(), t.float()), mixture.velocity(x, t).float(),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_metrics_on_known_distributions():
+    mixture = toy.GaussianMixture2D(modes=8, radius=2.0, sigma=0.1)
+    generator = torch.Generator().manual_seed(0)
+    target = mixture.sample(8192, generator)
+    metrics = toy.mode_metrics(target, mixture)
+    assert metrics["modes_covered"] == 8 and metrics["tv"] < 0.03
+    assert abs(metrics["precision"] - (1 - math.exp(-4.5))) < 0.01  # P(r < 3 sigma) of a 2D Gaussian
+    # all mass on half of the modes: tv 0.5, four modes missing
+    half = target[torch.cdist(target.double(), mixture.means).argmin(1) % 2 == 0]
+    metrics = toy.mode_metrics(half, mixture)
+    assert metrics["modes_covered"] == 4 and abs(metrics["tv"] - 0.5) < 1e-9
+    # the swd noise floor is small; a shifted copy is about the shift away
+    assert toy.sliced_wasserstein(target, mixture.sample(8192, generator)) < 0.03
+    assert abs(toy.sliced_wasserstein(target, target + torch.tensor([0.5, 0.0])) - 0.5 * 2 / math.pi) < 0.01
+
+
+def test_1000_step_teacher_matches_target_and_3_step_does_not():
+    mixture = toy.GaussianMixture2D(modes=8, radius=2.0, sigma=0.1)
+    generator = torch.Generator().manual_seed(1)
+    target = mixture.sample(4096, generator)
+    fine = toy.euler_teacher_sample(mixture, 4096, 200, 1.0, generator)
+    coarse = toy.euler_teacher_sample(mixture, 4096, 3, 1.0, generator)
+    assert toy.sliced_wasserstein(fine, target) < 0.05
+    assert toy.sliced_wasserstein(coarse, target) > 2 * toy.sliced_wasserstein(fine, target)
+    assert toy.mode_metrics(coarse, mixture)["precision"] < 0.9
+
+
+SMALL = dict(steps=2000, eval_samples=4096)
+
+
+@pytest.fixture(scope="module")
+def distilled():
+    return toy.run_toy(toy.ToyOptions(seed=0, **SMALL))
+
+
+def test_toy_passes_the_bar(distilled):
+    result, _ = distilled
+    assert result["modes_covered"] == result["modes_total"] == 8, result
+    assert result["tv"] < 0.05, result
+    assert result["precision"] >= 0.95, result
+    assert result["swd_student"] < 0.5 * result["swd_teacher_3step"], result
+    assert result["passed"] is True
+
+
+def test_frozen_fake_score_control_fails_the_bar():
+    result, _ = toy.run_toy(toy.ToyOptions(seed=0, freeze_fake_score=True, **SMALL))
+    assert result["passed"] is False, result
+    assert result["precision"] < 0.95 or result["tv"] >= 0.05 or result["modes_covered"] < 8
+
+
+def test_cli_prints_one_json_line_and_writes_png(tmp_path, capsys, monkeypatch):
+    from fastwan.cli import main
+
+    monkeypatch.setattr(toy, "ToyOptions", _small_options)
+    out = tmp_path / "toy.png"
+    code = main(["toy-dmd", "--modes", "4", "--steps", "20", "--seed", "3", "--out", str(out)])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    for key in ("modes_covered", "modes_total", "tv", "precision", "swd_student", "swd_teacher_3step",
+                "swd_teacher_1000step"):
+        assert key in result
+    assert result["modes_total"] == 4 and code == (0 if result["passed"] else 1)
+    from PIL import Image
+
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.width == 3 * image.height - 72
+
+
+_ORIGINAL_OPTIONS = toy.ToyOptions
+
+
+def _small_options(**kw):
+    return _ORIGINAL_OPTIONS(**{**kw, "eval_samples": 512})
+
+
+def test_cli_rejects_bad_options(capsys):
+    from fastwan.cli import main
+
+    assert main(["toy-dmd", "--modes", "0"]) == 2
+    assert "--modes" in capsys.readouterr().err
