@@ -46,3 +46,7 @@ def register(subparsers) -> None:
                         help="key layout of the file (default fastwan = diffusers names incl. VSA gates)")
     export.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="weight dtype of the file")
     export.set_defaults(run=_run_export)
+
+    from .preprocess import add_parsers as add_data_parsers
+
+    add_data_parsers(subparsers)
