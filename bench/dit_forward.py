@@ -16,8 +16,8 @@ import time
 
 import torch
 
+from bench_common import diffusers_transformer
 from fastwan.fastwan_core import AttentionConfig, WanConfig, WanDiT
-from fastwan.fastwan_core.checkpoint import dit_state_dict
 
 
 def time_ms(fn, repeats: int, warmup: int, device) -> float:
@@ -62,21 +62,7 @@ def main() -> None:
               "model": "tiny" if args.smoke else "wan2.1-t2v-1.3b (random weights)",
               "dtype": str(dtype).replace("torch.", ""), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
 
-    from diffusers import WanTransformer3DModel
-
-    kwargs = {k: v for k, v in config.to_diffusers_config().items() if k != "_class_name"}
-    with torch.device(device):
-        reference = WanTransformer3DModel(**kwargs)
-    state = {k: v for k, v in dit_state_dict(ours, "diffusers").items() if "to_gate_compress" not in k}
-    reference.load_state_dict(state, strict=True)
-    reference = reference.to(dtype).eval()
-    # diffusers keeps these in fp32 when loading bf16 weights (_keep_in_fp32_modules); match it.
-    for name, module in reference.named_modules():
-        if any(part in name for part in ("time_embedder", "norm1", "norm2", "norm3")):
-            module.float()
-    reference.scale_shift_table.data = reference.scale_shift_table.data.float()
-    for block in reference.blocks:
-        block.scale_shift_table.data = block.scale_shift_table.data.float()
+    reference = diffusers_transformer(ours, device, dtype)
 
     with torch.no_grad():
         out_ours = ours(x, t, ctx).float()

@@ -23,8 +23,8 @@ import traceback
 
 import torch
 
+from bench_common import diffusers_transformer
 from fastwan.fastwan_core import AttentionConfig, WanConfig, WanDiT
-from fastwan.fastwan_core.checkpoint import dit_state_dict
 from fastwan.fastwan_core.latents import latent_shape
 from fastwan.fastwan_core.sampling import sample_dmd
 
@@ -91,25 +91,6 @@ def bench_text(args, device, dtype, result):
     result["text"] = {"encoder": "umt5 tiny" if args.smoke else "umt5-xxl (random weights)",
                       "params_billion": round(sum(p.numel() for p in encoder.parameters()) / 1e9, 3),
                       "encode_s": round(seconds, 4), "peak_gib": peak and round(peak, 2)}
-
-
-def diffusers_transformer(ours: WanDiT, device, dtype):
-    from diffusers import WanTransformer3DModel
-
-    kwargs = {k: v for k, v in ours.config.to_diffusers_config().items() if k != "_class_name"}
-    with torch.device(device):
-        reference = WanTransformer3DModel(**kwargs)
-    state = {k: v for k, v in dit_state_dict(ours, "diffusers").items() if "to_gate_compress" not in k}
-    reference.load_state_dict(state, strict=True)
-    reference = reference.to(dtype).eval()
-    # diffusers keeps these in fp32 when loading bf16 weights (_keep_in_fp32_modules); match it.
-    for name, module in reference.named_modules():
-        if any(part in name for part in ("time_embedder", "norm1", "norm2", "norm3")):
-            module.float()
-    reference.scale_shift_table.data = reference.scale_shift_table.data.float()
-    for block in reference.blocks:
-        block.scale_shift_table.data = block.scale_shift_table.data.float()
-    return reference
 
 
 def bench_denoise(args, device, dtype, shape, result):

@@ -97,7 +97,10 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(pairs * torch.view_as_complex(rope)).flatten(-2).to(x.dtype)
 
 
-class SelfAttention(nn.Module):
+class Attention(nn.Module):
+    """q/k/v/o projections with RMSNorm on q and k across all heads: the weights of both Wan
+    attentions; the subclasses differ only in what they attend to."""
+
     def __init__(self, config: WanConfig):
         super().__init__()
         dim = config.dim
@@ -109,6 +112,8 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, config.eps)
         self.norm_k = RMSNorm(dim, config.eps)
 
+
+class SelfAttention(Attention):
     def forward(self, x, rope, gate_proj: nn.Linear, attention: "ResolvedAttention"):
         # x [B, L, dim] -> q/k/v (and the VSA gate) [B, L, heads, head_dim]
         heads = self.num_heads
@@ -133,18 +138,7 @@ class SelfAttention(nn.Module):
         return self.o(out.flatten(2))
 
 
-class CrossAttention(nn.Module):
-    def __init__(self, config: WanConfig):
-        super().__init__()
-        dim = config.dim
-        self.num_heads = config.num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = RMSNorm(dim, config.eps)
-        self.norm_k = RMSNorm(dim, config.eps)
-
+class CrossAttention(Attention):
     def forward(self, x, context):
         heads = self.num_heads
         q = self.norm_q(self.q(x)).unflatten(-1, (heads, -1))
