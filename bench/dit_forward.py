@@ -20,29 +20,47 @@ from bench_common import diffusers_transformer
 from fastwan.fastwan_core import AttentionConfig, WanConfig, WanDiT
 
 
-def time_ms(fn, repeats: int, warmup: int, device) -> float:
-    for _ in range(warmup):
+def time_one_ms(fn, device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    begin = time.perf_counter()
+    fn()
+    return (time.perf_counter() - begin) * 1e3
+
+
+def time_interleaved_ms(fns: dict, repeats: int, warmup: int, device) -> dict:
+    """Median time of each callable, the callables taking turns (in rotating order) so that clock
+    and thermal drift during the run weigh on all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
             fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1e3)
-    return statistics.median(times)
+    names = list(fns)
+    times = {name: [] for name in names}
+    for repeat in range(repeats):
+        for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+            times[name].append(time_one_ms(fns[name], device))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def peak_memory_gib(fn, device):
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true", help="tiny config on CPU")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=12)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--no-vsa", action="store_true", help="skip the VSA backend")
     args = parser.parse_args()
@@ -83,26 +101,20 @@ def main() -> None:
 
     timings = {}
     with torch.no_grad():
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        timings["ours_eager_ms"] = time_ms(run(ours), repeats, 2, device)
-        if device.type == "cuda":
-            result["ours_peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            torch.cuda.reset_peak_memory_stats()
-        timings["diffusers_eager_ms"] = time_ms(run(reference), repeats, 2, device)
-        if device.type == "cuda":
-            result["diffusers_peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        variants = {"ours": run(ours), "diffusers": run(reference)}
         if have_vsa:
-            timings["ours_vsa0.8_eager_ms"] = time_ms(run(ours, attention=vsa), repeats, 2, device)
+            variants["ours_vsa0.8"] = run(ours, attention=vsa)
+        for name, fn in variants.items():
+            result[f"{name}_peak_memory_gib"] = peak_memory_gib(fn, device)
+        timings.update({f"{name}_eager_ms": ms for name, ms in
+                        time_interleaved_ms(variants, repeats, 2, device).items()})
         if not args.no_compile:
             for block in ours.blocks:
                 block.compile()
             for block in reference.blocks:
                 block.compile()
-            timings["ours_compiled_ms"] = time_ms(run(ours), repeats, 3, device)
-            timings["diffusers_compiled_ms"] = time_ms(run(reference), repeats, 3, device)
-            if have_vsa:
-                timings["ours_vsa0.8_compiled_ms"] = time_ms(run(ours, attention=vsa), repeats, 3, device)
+            timings.update({f"{name}_compiled_ms": ms for name, ms in
+                            time_interleaved_ms(variants, repeats, 3, device).items()})
     result.update({k: round(v, 2) for k, v in timings.items()})
     result["speedup_eager_vs_diffusers"] = round(timings["diffusers_eager_ms"] / timings["ours_eager_ms"], 3)
     if "ours_compiled_ms" in timings:
