@@ -37,8 +37,9 @@ DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 CONFIG_METADATA_KEY = "fastwan_config"
 LAYOUT_METADATA_KEY = "fastwan_layout"
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
-_SAFETENSORS_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "I64", "I32", "I16", "I8",
-                       "U8", "BOOL", "U16", "U32", "U64", "F8_E8M0", "F4"}
+# Bytes per element of each safetensors dtype (F4: two per byte).
+_SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
+                       "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E8M0": 1, "F4": 0.5}
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 _FP8_DTYPES = {"F8_E4M3", "F8_E5M2"}
 
@@ -112,6 +113,9 @@ def read_safetensors_header(path: Path) -> tuple[dict, dict]:
             raise CheckpointError(f"{path}: corrupt safetensors header entry for {key!r}.") from error
         if dtype not in _SAFETENSORS_DTYPES:
             raise CheckpointError(f"{path}: tensor {key!r} has unknown dtype {dtype!r}.")
+        if math.ceil(math.prod(shape) * _SAFETENSORS_DTYPES[dtype]) != end - begin:
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {key!r} of shape {shape} and dtype "
+                                  f"{dtype} spans {end - begin} bytes. The file is damaged; download it again.")
         if end > data_bytes or begin > end:
             raise CheckpointError(
                 f"{path}: tensor {key!r} ends at byte {end} of the data section but the file holds only "

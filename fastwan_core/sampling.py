@@ -11,7 +11,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .schedule import predict_x0, sigma_to_timestep, student_sigmas
+from .schedule import predict_x0, sigma_to_timestep, student_sigmas, teacher_sigmas
 
 DEFAULT_STUDENT_TIMESTEPS = (1000, 757, 522)
 DEFAULT_SHIFT = 8.0
@@ -82,21 +82,6 @@ DEFAULT_TEACHER_SHIFT = 5.0  # Wan2.1 text-to-video's default sample shift
 DEFAULT_GUIDANCE = 5.0  # Wan2.1 text-to-video's default guidance scale
 
 
-def wan_flow_sigmas(num_steps: int, shift: float, num_train_timesteps: int = 1000) -> list[float]:
-    """The sigma grid of Wan's (and diffusers' WanPipeline's) flow sampler: `num_steps` shifted
-    values of linspace(1, 1/num_train_timesteps, num_steps + 1)[:-1], then a final 0.
-
-    This is the grid of diffusers' UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=shift),
-    which starts at sigma = 1 - 1e-6 rather than 1 (to keep its log-SNR finite); we start at 1.
-    Returns num_steps + 1 floats, descending from 1.0 to 0.0.
-    """
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    base = torch.linspace(1.0, 1.0 / num_train_timesteps, num_steps + 1, dtype=torch.float64)[:-1]
-    shifted = shift * base / (1 + (shift - 1) * base)
-    return [float(s) for s in shifted] + [0.0]
-
-
 def guided_velocity(model, x: torch.Tensor, timestep: torch.Tensor, context, negative_context,
                     guidance: float) -> torch.Tensor:
     """Classifier-free guidance on the velocity: v_uncond + guidance * (v_cond - v_uncond).
@@ -134,14 +119,14 @@ def sample_euler(
         negative_context: embeddings of the negative prompt (Wan's default negative prompt for the
             reference recipe), same shape as context; None disables guidance.
         guidance: CFG scale (1 = no guidance).
-        num_steps, shift: build the Wan grid `wan_flow_sigmas(num_steps, shift)` unless `sigmas`
+        num_steps, shift: build the Wan grid `teacher_sigmas(num_steps, shift)` unless `sigmas`
             (descending, ending at 0) is given.
     Returns:
         float32 normalized latents of `shape`.
     """
     if device is None:
         device = context.device if isinstance(context, torch.Tensor) else "cpu"
-    sigmas = list(sigmas) if sigmas is not None else wan_flow_sigmas(num_steps, shift)
+    sigmas = list(sigmas) if sigmas is not None else teacher_sigmas(num_steps, shift)
     generator = torch.Generator("cpu").manual_seed(int(seed))
     batch = shape[0]
     x = seeded_noise(shape, generator, device)  # pure noise, as at sigma = 1
@@ -183,7 +168,7 @@ def sample_unipc(
     device=None,
 ) -> torch.Tensor:
     """Wan's default sampler: UniPC (B(h) = e^h - 1, order 2, data prediction, corrector on every
-    step, first order at the first and last step) on the flow grid `wan_flow_sigmas`, with CFG.
+    step, first order at the first and last step) on the flow grid `teacher_sigmas`, with CFG.
 
     Matches diffusers' `UniPCMultistepScheduler(prediction_type="flow_prediction",
     use_flow_sigmas=True, flow_shift=shift, solver_order=2, solver_type="bh2",
@@ -194,7 +179,7 @@ def sample_unipc(
     """
     if device is None:
         device = context.device if isinstance(context, torch.Tensor) else "cpu"
-    sigmas = wan_flow_sigmas(num_steps, shift)
+    sigmas = teacher_sigmas(num_steps, shift)
     if abs(sigmas[0] - 1.0) < 1e-6:
         sigmas[0] -= 1e-6
     lambdas = [_log_snr(s) for s in sigmas]

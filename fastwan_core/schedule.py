@@ -47,10 +47,18 @@ def student_sigmas(timesteps: Sequence[float], shift: float) -> list[float]:
     return sigmas
 
 
-def teacher_sigmas(num_steps: int, shift: float) -> torch.Tensor:
-    """Multi-step sampler: num_steps+1 shifted sigmas from 1 down to 0 (float64, CPU)."""
-    base = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
-    return shift_sigma(base, shift)
+def teacher_sigmas(num_steps: int, shift: float, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[float]:
+    """The sigma grid of Wan's multi-step flow sampler (and diffusers' WanPipeline): `num_steps`
+    shifted values of linspace(1, 1/num_train_timesteps, num_steps + 1)[:-1], then a final 0.
+
+    This is the grid of diffusers' UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=shift),
+    which starts at sigma = 1 - 1e-6 rather than 1 (to keep its log-SNR finite); we start at 1.
+    Returns num_steps + 1 floats, descending from 1.0 to 0.0.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    base = torch.linspace(1.0, 1.0 / num_train_timesteps, num_steps + 1, dtype=torch.float64)[:-1]
+    return [float(s) for s in shift_sigma(base, shift)] + [0.0]
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:

@@ -268,9 +268,18 @@ def test_rope_real_path_under_compile_equals_complex_eager_path():
     eager = apply_rope(x, rope)
     compiled = torch.compile(apply_rope, backend="aot_eager", fullgraph=True)(x, rope)
     assert torch.allclose(compiled, eager, atol=1e-6)
-    # Independent check of one rotation: token 7's first channel pair turned by its t-angle.
-    t, h, w = 7 // 20, (7 // 5) % 4, 7 % 5
-    angle = torch.tensor(float(t))  # first t frequency is theta^0 = 1
-    x0, x1 = x[0, 7, 0, 0], x[0, 7, 0, 1]
-    assert torch.allclose(eager[0, 7, 0, 0], x0 * torch.cos(angle) - x1 * torch.sin(angle), atol=1e-6)
-    assert torch.allclose(eager[0, 7, 0, 1], x0 * torch.sin(angle) + x1 * torch.cos(angle), atol=1e-6)
+    # Independent check of one rotation: token 47 of the 3x4x5 grid sits at t = 2; its first channel
+    # pair turns by t times the first t frequency, theta^0 = 1.
+    angle = torch.tensor(2.0)
+    x0, x1 = x[0, 47, 0, 0], x[0, 47, 0, 1]
+    assert torch.allclose(eager[0, 47, 0, 0], x0 * torch.cos(angle) - x1 * torch.sin(angle), atol=1e-6)
+    assert torch.allclose(eager[0, 47, 0, 1], x0 * torch.sin(angle) + x1 * torch.cos(angle), atol=1e-6)
+
+
+def test_error_header_shape_disagrees_with_data_size(tmp_path):
+    header = json.dumps({"blocks.0.modulation": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}).encode()
+    path = tmp_path / "inconsistent.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
+    with pytest.raises(CheckpointError, match=r"inconsistent\.safetensors: corrupt safetensors header: tensor "
+                                              r"'blocks\.0\.modulation' of shape \[4\] and dtype F32 spans 8 bytes"):
+        load_dit(path)

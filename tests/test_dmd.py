@@ -108,3 +108,36 @@ def test_step_losses_with_linear_models_train_the_right_parameters():
 
 def test_generator_step_interval():
     assert [s for s in range(1, 16) if dmd.is_generator_step(s, 5)] == [5, 10, 15]
+
+
+def test_dmd_drives_a_mixture_generator_to_the_target():
+    """With exact scores (real: the target mixture; fake: the generator's own mixture, both closed
+    form), DMD's generator loss moves a reparameterized mixture generator onto the target: means to
+    the target's means and the width to the target's std."""
+    import math
+
+    from fastwan.training.toy import GaussianMixture2D
+
+    target = GaussianMixture2D(modes=6, radius=2.0, sigma=0.1)
+    generator = torch.Generator().manual_seed(0)
+    means = (target.means.float() * 0.6 + 0.3 * torch.randn(6, 2, generator=generator)).requires_grad_(True)
+    log_width = torch.tensor(math.log(0.5), requires_grad=True)
+    optimizer = torch.optim.Adam([means, log_width], lr=1e-2)
+    for _ in range(600):
+        component = torch.randint(0, 6, (256,), generator=generator)
+        x0 = means[component] + log_width.exp() * torch.randn(256, 2, generator=generator)
+        own = GaussianMixture2D(modes=6, radius=2.0, sigma=float(log_width.detach().exp()))
+        own.means = means.detach().double()
+        sigma = dmd.draw_dmd_sigmas(256, generator, shift=1.0)
+        x_t = dmd.add_noise(x0.detach(), torch.randn(256, 2, generator=generator), sigma)
+        real_x0 = dmd.predict_x0(x_t, target.velocity(x_t, sigma), sigma)
+        fake_x0 = dmd.predict_x0(x_t, own.velocity(x_t, sigma), sigma)
+        loss = dmd.generator_loss(x0, fake_x0, real_x0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    distance = torch.cdist(means.detach().double(), target.means).min(dim=1).values
+    assert distance.max() < 0.03
+    assert abs(float(log_width.detach().exp()) - 0.1) < 0.02
+    # every target mode got its own generator mode
+    assert len(set(torch.cdist(means.detach().double(), target.means).argmin(dim=1).tolist())) == 6

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fastwan.fastwan_core import sampling
+from fastwan.fastwan_core import sampling, schedule
 from fastwan.fastwan_core.schedule import student_sigmas
 
 
@@ -78,12 +78,12 @@ def test_callback_sees_every_step_and_can_stop_the_run():
     assert len(model.calls) == 1
 
 
-def test_wan_flow_sigmas_match_diffusers_unipc_grid():
+def test_teacher_sigmas_match_diffusers_unipc_grid():
     from diffusers import UniPCMultistepScheduler
 
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
     scheduler.set_timesteps(20)
-    ours = torch.tensor(sampling.wan_flow_sigmas(20, 5.0), dtype=torch.float64)
+    ours = torch.tensor(schedule.teacher_sigmas(20, 5.0), dtype=torch.float64)
     theirs = scheduler.sigmas.double()
     theirs[0] = 1.0  # diffusers nudges the first sigma to 1 - 1e-6
     torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)

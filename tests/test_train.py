@@ -289,3 +289,31 @@ def test_sparsity_ramp(data_dir, tmp_path):
     assert [sparsity_at(config, s) for s in (1, 2, 4, 9)] == pytest.approx([0.2, 0.4, 0.8, 0.8])
     constant, _ = tiny_config(data_dir, tmp_path, attention={"sparsity": 0.8})
     assert sparsity_at(constant, 1) == 0.8
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_resume_bitwise(data_dir, tmp_path):
+    """torchrun with 2 CPU processes (gloo): FSDP2-sharded models, full-state checkpoints gathered
+    to rank 0; stopping at step 3 and resuming equals a straight 6-step run."""
+    _, raw = tiny_config(data_dir, tmp_path / "unused")
+    config_path = tmp_path / "fsdp.toml"
+    config_path.write_text(config_from_dict(raw).to_toml())
+
+    def torchrun(output_dir, max_steps):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   "-m", "fastwan.cli", "distill", "--config", str(config_path),
+                   "--set", f"train.output_dir={json.dumps(str(output_dir))}", "--set", f"train.max_steps={max_steps}"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+
+    torchrun(tmp_path / "straight", 6)
+    torchrun(tmp_path / "resumed", 3)
+    assert "resumed from" in torchrun(tmp_path / "resumed", 6)
+    straight, resumed = tmp_path / "straight/checkpoints/step-000006", tmp_path / "resumed/checkpoints/step-000006"
+    assert_bitwise_equal(straight, resumed)
+    for rank_file in ("rng-rank00001.safetensors",):
+        a, b = read_tensors(straight / rank_file), read_tensors(resumed / rank_file)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((straight / "trainer_state.json").read_text())["world_size"] == 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,7 +158,7 @@ def config_from_dict(data: dict, source: str = "<dict>") -> DistillConfig:
         known = {f.name: f for f in dataclasses.fields(target)}
         for key, value in values.items():
             if key not in known:
-                close = [k for k in known if k.replace("_", "") in key.replace("_", "") or key in k]
+                close = difflib.get_close_matches(key, list(known), n=1)
                 hint = f" Did you mean {close[0]!r}?" if close else ""
                 raise ConfigError(f"{source}: unknown key [{section}] {key}.{hint} Known keys of [{section}]: "
                                   f"{', '.join(known)}.")

@@ -16,7 +16,6 @@ import copy
 import json
 import math
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -169,7 +168,9 @@ class Distiller:
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
         loss_value, norm_value = float(loss.detach()), float(norm)
-        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+        # Decided together: the save that follows is collective under FSDP2, so every rank must
+        # take the same branch even when only one rank's (local) loss went bad.
+        if self.context.any_true(not (math.isfinite(loss_value) and math.isfinite(norm_value))):
             self._diverged(what, step, loss_value, norm_value)
         optimizer.step()
         return norm_value
@@ -294,13 +295,15 @@ def run_distill(config: DistillConfig, context: Optional[DistributedContext] = N
     previous = {}
 
     def request_stop(signum, frame):
+        if stop["reason"] is not None:  # a second Ctrl-C / SIGTERM: stop now, without saving
+            raise KeyboardInterrupt
         stop["reason"] = signal.Signals(signum).name
         trainer.log(f"{stop['reason']} received: finishing step {trainer.step + 1}, then saving a checkpoint")
 
     with contextlib.suppress(ValueError):  # signal handlers can only be set from the main thread
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, request_stop)
-    saved_at, result = trainer.step, {"step": trainer.step, "stopped": None, "checkpoint": str(latest or "")}
+    result = {"step": trainer.step, "stopped": None, "checkpoint": str(latest or "")}
     try:
         for step in range(trainer.step + 1, t.max_steps + 1):
             metrics = trainer.train_step(step)
@@ -311,7 +314,6 @@ def run_distill(config: DistillConfig, context: Optional[DistributedContext] = N
             stopping = context.any_true(stop["reason"] is not None)
             if step % t.checkpoint_every == 0 or step == t.max_steps or stopping:
                 result["checkpoint"] = str(trainer.save(step))
-                saved_at = step
             if stopping:
                 result["stopped"] = stop["reason"] or "signal"
                 trainer.log(f"stopped at step {step}; checkpoint {result['checkpoint']}")
@@ -321,7 +323,6 @@ def run_distill(config: DistillConfig, context: Optional[DistributedContext] = N
         metrics_log.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    del saved_at
     return result
 
 
