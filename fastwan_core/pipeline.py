@@ -131,6 +131,7 @@ class GenerateRequest:
     fps: float = DEFAULT_FPS
     quality: Optional[int] = None
     vae_tiling: bool = False
+    compile: bool = False  # torch.compile the DiT blocks (faster steps after a one-time warm-up)
     progress: bool = True
 
 
@@ -217,6 +218,8 @@ def generate(request: GenerateRequest, log: Callable[[str], None] = print) -> Ge
         warnings.warn("--sparsity > 0 on a checkpoint without trained VSA gates (a dense Wan model): VSA "
                       "quality will be poor; use a FastWan checkpoint or --sparsity 0.", stacklevel=2)
     model.attention = attention
+    if request.compile:
+        model.compile_blocks()
 
     progress = _progress_bar(request, teacher)
     callback = (lambda step, total, x0: progress.update(1)) if progress is not None else None

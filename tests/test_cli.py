@@ -92,3 +92,13 @@ def test_help_lists_the_commands():
     assert result.returncode == 0
     for command in ("generate", "demo", "convert"):
         assert command in result.stdout
+
+
+def test_generate_compile_flag_reaches_the_request():
+    from fastwan.cli import build_parser
+    from fastwan.fastwan_core.commands import _request_from_args
+
+    args = build_parser().parse_args(["generate", "--prompt", "p", "--model", "m", "--compile"])
+    assert _request_from_args(args, "m").compile is True
+    args = build_parser().parse_args(["generate", "--prompt", "p", "--model", "m"])
+    assert _request_from_args(args, "m").compile is False

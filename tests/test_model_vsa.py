@@ -89,3 +89,15 @@ def test_attention_config_errors():
         AttentionConfig.vsa(1.0)
     with pytest.raises(InputError, match="backend 'sparse' is unknown"):
         AttentionConfig(backend="sparse")
+
+
+@torch.no_grad()
+def test_compiled_blocks_match_eager_with_vsa():
+    # aot_eager traces through dynamo and AOTAutograd (the VSA custom op included) without the C++
+    # toolchain inductor needs, keeping CI fast; the H200 bench runs the default inductor backend.
+    model = make_model()
+    x, t, ctx = inputs(grid=(2, 8, 10), batch=1)
+    attention = AttentionConfig.vsa(0.5, implementation="reference")
+    eager = model(x, t, ctx, attention=attention)
+    model.compile_blocks(backend="aot_eager", fullgraph=True)
+    assert rel_err(model(x, t, ctx, attention=attention), eager) < 1e-5
