@@ -20,16 +20,14 @@ a folder from the safetensors headers alone (no tensor data read) so bad data fa
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from ..fastwan_core.checkpoint import atomic_save_safetensors
 from ..fastwan_core.errors import InputError
 from ..fastwan_core.latents import LATENT_CHANNELS, normalize_latents
 
@@ -40,18 +38,6 @@ NEGATIVE_PROMPT_FILE = "negative_prompt.safetensors"
 
 class DataError(InputError):
     """A training data folder or shard is missing or malformed."""
-
-
-def _atomic_save(tensors: dict, path: Path, metadata: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def shard_path(folder, index: int) -> Path:
@@ -77,7 +63,7 @@ def write_shard(path, latents: torch.Tensor, text_embeddings: torch.Tensor,
     if len(prompts) != n or text_lengths.shape != (n,):
         raise DataError(f"write_shard({path}): need one prompt and one text length per sample ({n}).")
     metadata = {"fastwan_shard_format": SHARD_FORMAT_VERSION, "prompts": json.dumps(prompts)}
-    _atomic_save({"latents": latents, "text_embeddings": text_embeddings,
+    atomic_save_safetensors({"latents": latents, "text_embeddings": text_embeddings,
                   "text_lengths": text_lengths.to(torch.int64)}, path, metadata)
     return path
 
@@ -87,7 +73,7 @@ def write_negative_prompt(folder, text_embedding: torch.Tensor, prompt: str = ""
     if text_embedding.ndim == 2:
         text_embedding = text_embedding[None]
     path = Path(folder) / NEGATIVE_PROMPT_FILE
-    _atomic_save({"text_embeddings": text_embedding}, path,
+    atomic_save_safetensors({"text_embeddings": text_embedding}, path,
                  {"fastwan_shard_format": SHARD_FORMAT_VERSION, "prompt": prompt})
     return path
 
