@@ -26,6 +26,20 @@ def seeded_noise(shape: Sequence[int], generator: torch.Generator, device, dtype
     return torch.randn(tuple(shape), generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
 
 
+def _start(context, shape: Sequence[int], seed: int, device):
+    """What every sampler starts from: (device, the run's CPU generator, pure noise x of `shape`).
+    The device defaults to the context's."""
+    if device is None:
+        device = context.device if isinstance(context, torch.Tensor) else "cpu"
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    return device, generator, seeded_noise(shape, generator, device)
+
+
+def _timestep(sigma: float, batch: int, device) -> torch.Tensor:
+    """The model's conditioning [batch] for one sigma: t = 1000 * sigma."""
+    return torch.full((batch,), sigma_to_timestep(sigma), device=device, dtype=torch.float32)
+
+
 @torch.no_grad()
 def sample_dmd(
     model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
@@ -55,16 +69,11 @@ def sample_dmd(
     Returns:
         float32 normalized latents of `shape`.
     """
-    if device is None:
-        device = context.device if isinstance(context, torch.Tensor) else "cpu"
     sigmas = student_sigmas(timesteps, shift)
-    generator = torch.Generator("cpu").manual_seed(int(seed))
-    batch = shape[0]
-    x = seeded_noise(shape, generator, device)  # pure noise; sigmas[0] is 1.0 for a standard student
+    device, generator, x = _start(context, shape, seed, device)  # sigmas[0] is 1.0 for a standard student
     x0 = x
     for step, sigma in enumerate(sigmas):
-        t = torch.full((batch,), sigma_to_timestep(sigma), device=device, dtype=torch.float32)
-        velocity = model(x, t, context).float()
+        velocity = model(x, _timestep(sigma, shape[0], device), context).float()
         x0 = predict_x0(x, velocity, sigma)
         if step + 1 < len(sigmas):
             next_sigma = sigmas[step + 1]
@@ -124,17 +133,12 @@ def sample_euler(
     Returns:
         float32 normalized latents of `shape`.
     """
-    if device is None:
-        device = context.device if isinstance(context, torch.Tensor) else "cpu"
     sigmas = list(sigmas) if sigmas is not None else teacher_sigmas(num_steps, shift)
-    generator = torch.Generator("cpu").manual_seed(int(seed))
-    batch = shape[0]
-    x = seeded_noise(shape, generator, device)  # pure noise, as at sigma = 1
+    device, _, x = _start(context, shape, seed, device)  # pure noise, as at sigma = 1
     total = len(sigmas) - 1
     for step in range(total):
         sigma, next_sigma = sigmas[step], sigmas[step + 1]
-        t = torch.full((batch,), sigma_to_timestep(sigma), device=device, dtype=torch.float32)
-        velocity = guided_velocity(model, x, t, context, negative_context, guidance)
+        velocity = guided_velocity(model, x, _timestep(sigma, shape[0], device), context, negative_context, guidance)
         x0 = predict_x0(x, velocity, sigma)
         x = x + (next_sigma - sigma) * velocity
         if callback is not None:
@@ -177,21 +181,16 @@ def sample_unipc(
     t = 1000 * sigma, where diffusers passes it truncated to an integer.
     Arguments and return as in `sample_euler`.
     """
-    if device is None:
-        device = context.device if isinstance(context, torch.Tensor) else "cpu"
     sigmas = teacher_sigmas(num_steps, shift)
     if abs(sigmas[0] - 1.0) < 1e-6:
         sigmas[0] -= 1e-6
     lambdas = [_log_snr(s) for s in sigmas]
-    generator = torch.Generator("cpu").manual_seed(int(seed))
-    batch = shape[0]
-    x = seeded_noise(shape, generator, device)
+    device, _, x = _start(context, shape, seed, device)
     x0_history: list[torch.Tensor] = []  # data predictions m_{i-1}, m_i of the last two steps
     last_sample, last_order = None, 0
     for step in range(num_steps):
         sigma = sigmas[step]
-        t = torch.full((batch,), sigma_to_timestep(sigma), device=device, dtype=torch.float32)
-        velocity = guided_velocity(model, x, t, context, negative_context, guidance)
+        velocity = guided_velocity(model, x, _timestep(sigma, shape[0], device), context, negative_context, guidance)
         x0 = predict_x0(x, velocity, sigma)
 
         if step > 0:  # UniC: re-do the last step knowing the prediction at its end
