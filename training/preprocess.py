@@ -89,12 +89,9 @@ def _shard_ranges(total: int, per_shard: int):
 
 
 def _progress(iterable, total: int, desc: str):
-    try:
-        from tqdm import tqdm
+    from tqdm import tqdm
 
-        return tqdm(iterable, total=total, desc=desc, unit="shard")
-    except ImportError:
-        return iterable
+    return tqdm(iterable, total=total, desc=desc, unit="shard")
 
 
 def preprocess(source, model_folder, out, width: int = 832, height: int = 448, frames: int = 77,
@@ -232,12 +229,15 @@ def add_parsers(subparsers) -> None:
     syn.set_defaults(run=_run_synth)
 
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}
+def _dtype(name):
+    from ..fastwan_core.pipeline import DTYPES
+
+    return None if name is None else DTYPES[name]  # None: each model's own default for the device
 
 
 def _run_preprocess(args) -> int:
     preprocess(args.videos, args.model, args.out, width=args.width, height=args.height, frames=args.frames,
-               samples_per_shard=args.samples_per_shard, device=args.device, dtype=_DTYPES[args.dtype],
+               samples_per_shard=args.samples_per_shard, device=args.device, dtype=_dtype(args.dtype),
                negative_prompt=args.negative_prompt)
     return 0
 
@@ -246,5 +246,5 @@ def _run_synth(args) -> int:
     synth(read_prompts(args.prompts), args.model, args.out, width=args.width, height=args.height,
           frames=args.frames, num_steps=args.steps, guidance=args.guidance, shift=args.shift, seed=args.seed,
           samples_per_shard=args.samples_per_shard, sampler=args.sampler, device=args.device,
-          dtype=_DTYPES[args.dtype], negative_prompt=args.negative_prompt)
+          dtype=_dtype(args.dtype), negative_prompt=args.negative_prompt)
     return 0

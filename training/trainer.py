@@ -359,7 +359,9 @@ def main_export(args) -> int:
                              "`fastwan distill` run that has saved at least once.")
     if not str(args.out).endswith(".safetensors"):
         raise InputError(f"--out {args.out}: the export is one file; give a path ending in .safetensors.")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    from ..fastwan_core.pipeline import DTYPES
+
+    dtype = DTYPES[args.dtype]
     student = load_dit(folder / checkpointing.MODEL_FILES["student"], dtype=dtype)
     path = save_dit(student, args.out, layout=args.layout)
     print(json.dumps({"exported": str(path), "checkpoint": str(folder), "layout": args.layout, "dtype": args.dtype}))
