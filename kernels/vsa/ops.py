@@ -67,7 +67,7 @@ def _strides(x: Tensor) -> tuple[int, int, int]:
 # USE_TMA: per kernel, load whole 64-row tiles with Hopper bulk tensor copies (device-side tensor
 # descriptors) instead of masked pointer loads.
 # Used only on Hopper or newer (the bulk tensor copy engine) with a Triton that has descriptors.
-USE_TMA = {"fwd": True, "bwd_dq": True, "bwd_dkdv": False}
+USE_TMA = {"fwd": True, "bwd_dq": True, "bwd_dkdv": True}
 LAUNCH_CONFIG = {
     ("fwd", 64): dict(num_warps=4, num_stages=3),
     ("fwd", 128): dict(num_warps=4, num_stages=3),

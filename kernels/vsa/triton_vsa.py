@@ -129,13 +129,14 @@ def _fwd(Q, K, V, G, COARSE, O, LSE, KEY_TILES, TILE_OFF, TILE_LIST,
         else:
             kT = tl.load(k_base + tok[None, :] * skl + cols[:, None], mask=k_valid[None, :], other=0.0)
             v = tl.load(v_base + tok[:, None] * svl + cols[None, :], mask=k_valid[:, None], other=0.0)
-        s = tl.dot(q, kT) * qk_scale
-        s = tl.where(k_valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
-        p_ij = tl.math.exp2(s - m_new[:, None])
+        # Raw scores; the scale folds into the max and into exp2's multiply-add, and P@V accumulates
+        # into the rescaled accumulator in place (-4% against scaling s first and adding the product).
+        s = tl.where(k_valid[None, :], tl.dot(q, kT), float("-inf"))
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX) * qk_scale)
+        p_ij = tl.math.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.reduce(p_ij, 1, _ADD)
-        acc = acc * alpha[:, None] + tl.dot(p_ij.to(v.dtype), v)
+        acc = tl.dot(p_ij.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     out = acc / l_i[:, None]
     if HAS_GATE:
@@ -216,11 +217,11 @@ def _bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KEY_TILES, TILE_OFF, TILE_LIST, DQ_COAR
         else:
             k = tl.load(k_base + tok[:, None] * skl + cols[None, :], mask=k_valid[:, None], other=0.0)
             vT = tl.load(v_base + tok[None, :] * svl + cols[:, None], mask=k_valid[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        p_ij = tl.where(k_valid[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
+        s = tl.dot(q, tl.trans(k))
+        p_ij = tl.where(k_valid[None, :], tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
         dp = tl.dot(do, vT)
         ds = p_ij * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        dq = tl.dot(ds.to(k.dtype), k, dq)
     dq *= sm_scale
     if HAS_COARSE:
         dq += tl.load(DQ_COARSE + row * D + cols)[None, :]
@@ -266,21 +267,23 @@ def _bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, QUERY_TILES, QUERY_OFF, TILE_OFF,
         q_valid = query_rows < tl.load(TILE_OFF + qt + 1) - q_start
         tok = q_start + query_rows
         if USE_TMA:
-            # Rows past the query tile must not count: zero them (q and dO both) like masked loads do.
-            qT = tl.trans(tl.where(q_valid[:, None], q_desc.load([q_start, 0]), 0.0))
-            do = tl.where(q_valid[:, None], do_desc.load([q_start, 0]), 0.0)
+            # Whole 64-row copies: rows past the query tile belong to the next tile. They are removed
+            # by zeroing their P columns (so their dS columns are zero too); rewriting the loaded q
+            # and dO tiles instead cost more than the copies saved (bench/NOTES_vsa.md).
+            q = q_desc.load([q_start, 0])
+            do = do_desc.load([q_start, 0])
         else:
-            qT = tl.load(q_base + tok[None, :] * sql + cols[:, None], mask=q_valid[None, :], other=0.0)
+            q = tl.load(q_base + tok[:, None] * sql + cols[None, :], mask=q_valid[:, None], other=0.0)
             do = tl.load(do_base + tok[:, None] * sdol + cols[None, :], mask=q_valid[:, None], other=0.0)
         lse = tl.load(LSE + bh * L + tok, mask=q_valid, other=0.0)
         delta = tl.load(DELTA + bh * L + tok, mask=q_valid, other=0.0)
-        sT = tl.dot(k, qT) * qk_scale  # [keys, queries]
-        # Invalid query columns have q = dO = 0, so they add nothing to dv or dk; invalid key rows are never stored.
-        pT = tl.math.exp2(sT - lse[None, :])
-        dv += tl.dot(pT.to(do.dtype), do)
+        sT = tl.dot(k, tl.trans(q))  # [keys, queries]
+        # Invalid key rows are never stored.
+        pT = tl.where(q_valid[None, :], tl.math.exp2(sT * qk_scale - lse[None, :]), 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv)
         dpT = tl.dot(v, tl.trans(do))
         dsT = pT * (dpT - delta[None, :])
-        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT))
+        dk = tl.dot(dsT.to(q.dtype), q, dk)
     dk *= sm_scale
     if HAS_COARSE:
         dk += tl.load(DK_COARSE + row * D + cols)[None, :]

@@ -1,0 +1,247 @@
+"""Where the VSA fine-branch kernels spend their time at 480p: a roofline probe.
+
+Prints ONE JSON object. At the 480p shape ([1, 12, 32760, 128], grid 21x30x52, bf16, sparsity 0.8,
+random inputs as in bench/vsa_attention.py) it times, in one process and taking turns:
+
+- ``fwd_fine``: the forward attention kernel alone (selection and coarse branch precomputed);
+- ``loads_only_tma`` / ``loads_only_masked``: the same programs walking the same key lists and
+  loading the same K/V tiles (bulk tensor copies of 64 rows / pointer loads of the valid rows only),
+  with the attention math replaced by an elementwise sum that keeps every load alive. This is the
+  time the K/V traffic alone takes: the floor for any kernel that meets each (query tile, key tile)
+  pair by moving a key tile into the SM of a 64-row query tile;
+- ``compute_only``: the forward's math (both MMAs, online softmax) with K/V loaded once per program
+  and only rescaled per step, so no per-step K/V traffic: the floor set by the math;
+- the backward's parts: ``bwd_preprocess``, ``bwd_dq``, ``bwd_dkdv``.
+
+It also reports the bytes each (query tile, key tile) pair moves and the implied L2->SM rate.
+
+    python bench/vsa_roofline.py            # GPU
+    python bench/vsa_roofline.py --smoke    # CPU, tiny, Triton interpreter: checks the script runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+if "--smoke" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from fastwan.kernels.vsa import TileLayout, topk_for_sparsity  # noqa: E402
+from fastwan.kernels.vsa import ops as vsa_ops  # noqa: E402
+from fastwan.kernels.vsa import triton_vsa as tv  # noqa: E402
+
+_ADD, _MAX = tv._ADD, tv._MAX
+
+
+@triton.jit
+def _loads_only(K, V, OUT, KEY_TILES, TILE_OFF, TILE_LIST, skb, skh, skl, svb, svh, svl,
+                H, NUM_TILES, TOPK, L, D: tl.constexpr, USE_TMA: tl.constexpr):
+    tile = tl.load(TILE_LIST + tl.program_id(0))
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    row = bh * NUM_TILES + tile
+    cols = tl.arange(0, D)
+    key_rows = tl.arange(0, 64)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    acc = tl.full([64, D], 0.0, tl.float32)
+    if USE_TMA:
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[L, D], strides=[skl, 1], block_shape=[64, D])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[L, D], strides=[svl, 1], block_shape=[64, D])
+    for j in range(TOPK):
+        kt = tl.load(KEY_TILES + row * TOPK + j)
+        k_start = tl.load(TILE_OFF + kt)
+        tok = k_start + key_rows
+        if USE_TMA:
+            k = k_desc.load([k_start, 0])
+            v = v_desc.load([k_start, 0])
+        else:
+            k_valid = key_rows < tl.load(TILE_OFF + kt + 1) - k_start
+            k = tl.load(k_base + tok[:, None] * skl + cols[None, :], mask=k_valid[:, None], other=0.0)
+            v = tl.load(v_base + tok[:, None] * svl + cols[None, :], mask=k_valid[:, None], other=0.0)
+        acc += k.to(tl.float32) + v.to(tl.float32)
+    tl.store(OUT + row, tl.reduce(tl.reduce(acc, 1, _ADD), 0, _ADD))
+
+
+@triton.jit
+def _compute_only(Q, K, V, O, KEY_TILES, TILE_OFF, TILE_LIST, ONES, sqb, sqh, sql, skb, skh, skl,
+                  svb, svh, svl, sob, soh, sol, H, NUM_TILES, TOPK, qk_scale, D: tl.constexpr):
+    # The forward's math per step with K/V loaded once: each step rescales them by a loaded 1.0
+    # (opaque to the compiler, so the MMAs cannot be hoisted out of the loop).
+    tile = tl.load(TILE_LIST + tl.program_id(0))
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    row = bh * NUM_TILES + tile
+    q_start = tl.load(TILE_OFF + tile)
+    q_len = tl.load(TILE_OFF + tile + 1) - q_start
+    rows = tl.arange(0, 64)
+    cols = tl.arange(0, D)
+    q_mask = (rows < q_len)[:, None]
+    q = tl.load(Q + b * sqb + h * sqh + (q_start + rows)[:, None] * sql + cols[None, :], mask=q_mask, other=0.0)
+    kt0 = tl.load(KEY_TILES + row * TOPK)
+    k_start = tl.load(TILE_OFF + kt0)
+    k_valid = rows < tl.load(TILE_OFF + kt0 + 1) - k_start
+    k0 = tl.load(K + b * skb + h * skh + (k_start + rows)[:, None] * skl + cols[None, :], mask=k_valid[:, None],
+                 other=0.0)
+    v0 = tl.load(V + b * svb + h * svh + (k_start + rows)[:, None] * svl + cols[None, :], mask=k_valid[:, None],
+                 other=0.0)
+    m_i = tl.full([64], float("-inf"), tl.float32)
+    l_i = tl.full([64], 0.0, tl.float32)
+    acc = tl.full([64, D], 0.0, tl.float32)
+    for j in range(TOPK):
+        one = tl.load(ONES + j).to(k0.dtype)
+        kT = tl.trans(k0 * one)
+        v = v0 * one
+        s = tl.dot(q, kT) * qk_scale
+        s = tl.where(k_valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
+        p_ij = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.reduce(p_ij, 1, _ADD)
+        acc = acc * alpha[:, None] + tl.dot(p_ij.to(v.dtype), v)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(O + b * sob + h * soh + (q_start + rows)[:, None] * sol + cols[None, :], out.to(O.dtype.element_ty),
+             mask=q_mask)
+
+
+def bench_ms(fn, smoke):
+    if smoke:
+        fn()
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of taking turns (median reported)")
+    args = parser.parse_args()
+    smoke = args.smoke
+    device = torch.device("cpu" if smoke else "cuda")
+    dtype = torch.float16 if smoke else torch.bfloat16
+    grid, heads, D = ((3, 6, 9), 2, 64) if smoke else ((21, 30, 52), 12, 128)
+    torch.manual_seed(0)
+    layout = TileLayout.for_grid(grid, device)
+    n, L, B = layout.num_tiles, layout.num_tokens, 1
+    topk = topk_for_sparsity(n, 0.8)
+    q, k, v, gate, grad_out = (torch.randn(B, L, heads, D, dtype=dtype, device=device).transpose(1, 2)
+                               for _ in range(5))
+    groups = vsa_ops._groups(vsa_ops._flat_groups(layout))
+    offsets, by_block = layout.tile_offsets, layout.tiles_by_block
+    S = vsa_ops._strides
+    K = tv.kernels()
+    if not smoke:
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+    with torch.no_grad():
+        out, lse, key_tiles, means, probs = vsa_ops._triton_forward(q, k, v, gate, offsets, by_block,
+                                                                    vsa_ops._flat_groups(layout), topk)
+    coarse = torch.matmul(probs, means[2])
+    qk_scale = math.log2(math.e) / math.sqrt(D)
+
+    def config(kernel):
+        return {} if smoke else vsa_ops._launch_config(kernel, D, device)
+
+    def fwd_fine():
+        for rows, first, count in groups:
+            K["fwd"][(count, B * heads)](
+                q, k, v, gate, coarse, out, lse, key_tiles, offsets, by_block[first:],
+                *S(q), *S(k), *S(v), *S(gate), *S(out), heads, n, topk, L, qk_scale,
+                HAS_GATE=True, BLOCK_M=rows, D=D, USE_TMA=vsa_ops.USE_TMA["fwd"], **config("fwd"))
+
+    sink = torch.empty(B * heads * n, dtype=torch.float32, device=device)
+
+    def loads_only(use_tma):
+        def run():
+            _loads_only[(n, B * heads)](k, v, sink, key_tiles, offsets, by_block, *S(k), *S(v), heads, n, topk, L,
+                                        D=D, USE_TMA=use_tma, **config("fwd"))
+        return run
+
+    ones = torch.ones(topk, dtype=torch.float32, device=device)
+    out_c = torch.empty_like(out)
+
+    def compute_only():
+        _compute_only[(n, B * heads)](q, k, v, out_c, key_tiles, offsets, by_block, ones,
+                                      *S(q), *S(k), *S(v), *S(out_c), heads, n, topk, qk_scale, D=D,
+                                      **({} if smoke else dict(num_warps=4, num_stages=2)))
+
+    # The backward's kernels on the inputs _triton_backward gives them (coarse gradients zero).
+    delta = torch.empty(B, heads, L, dtype=torch.float32, device=device)
+    d_gate = torch.empty_like(out)
+    d_coarse = torch.empty(B, heads, n, D, dtype=torch.float32, device=device)
+    dq, dk, dv = (torch.empty_like(out) for _ in range(3))
+    zeros = torch.zeros(B, heads, n, D, dtype=torch.float32, device=device)
+    query_tiles, query_offsets = vsa_ops._transpose_key_tiles(key_tiles)
+
+    def bwd_preprocess():
+        K["bwd_preprocess"][(n, B * heads)](out, grad_out, gate, coarse, delta, d_gate, d_coarse, offsets,
+                                            *S(out), *S(grad_out), *S(gate), *S(d_gate), heads, n, L,
+                                            HAS_GATE=True, BLOCK=64, D=D)
+
+    def bwd_dq():
+        for rows, first, count in groups:
+            K["bwd_dq"][(count, B * heads)](q, k, v, grad_out, dq, lse, delta, key_tiles, offsets, by_block[first:],
+                                            zeros, *S(q), *S(k), *S(v), *S(grad_out), *S(dq), heads, n, topk, L,
+                                            qk_scale, 1 / math.sqrt(D), HAS_COARSE=True, BLOCK_M=rows, D=D,
+                                            USE_TMA=vsa_ops.USE_TMA["bwd_dq"], **config("bwd_dq"))
+
+    def bwd_dkdv():
+        for rows, first, count in groups:
+            K["bwd_dkdv"][(count, B * heads)](q, k, v, grad_out, dk, dv, lse, delta, query_tiles, query_offsets,
+                                              offsets, by_block[first:], zeros, zeros, *S(q), *S(k), *S(v),
+                                              *S(grad_out), *S(dk), *S(dv), heads, n, L, qk_scale,
+                                              1 / math.sqrt(D), HAS_COARSE=True, BLOCK_N=rows, D=D,
+                                              USE_TMA=vsa_ops.USE_TMA["bwd_dkdv"], **config("bwd_dkdv"))
+
+    variants = {"fwd_fine": fwd_fine, "loads_only_tma": loads_only(True), "loads_only_masked": loads_only(False),
+                "compute_only": compute_only, "bwd_preprocess": bwd_preprocess, "bwd_dq": bwd_dq,
+                "bwd_dkdv": bwd_dkdv}
+    report = {"device": torch.cuda.get_device_name() if not smoke else "cpu (smoke)", "grid": list(grid),
+              "heads": heads, "head_dim": D, "topk": topk, "tiles": n,
+              "use_tma": dict(vsa_ops.USE_TMA), "launch_config": {f"{a}/{b}": c for (a, b), c in
+                                                                  vsa_ops.LAUNCH_CONFIG.items() if b == D}}
+    for fn in variants.values():
+        fn()
+    times = {name: [] for name in variants}
+    for _ in range(1 if smoke else args.rounds):  # taking turns: each round times every variant once
+        for name, fn in variants.items():
+            times[name].append(bench_ms(fn, smoke))
+    for name, values in times.items():
+        report[f"{name}_ms"] = sorted(values)[len(values) // 2]
+    # Traffic: every (query tile, key tile) pair streams one 64-row K and V tile (bulk copies), or
+    # only the tile's valid rows (masked loads).
+    sizes = layout.tile_sizes.to(device).long()
+    pairs = key_tiles.numel()
+    item = q.element_size()
+    tma_bytes = pairs * 2 * 64 * D * item
+    valid_bytes = int(sizes[key_tiles.long()].sum()) * 2 * D * item
+    report["pairs"] = pairs
+    report["kv_bytes_tma_gb"] = tma_bytes / 1e9
+    report["kv_bytes_valid_rows_gb"] = valid_bytes / 1e9
+    for name in ("fwd_fine", "loads_only_tma"):
+        report[f"{name}_l2_tb_per_s"] = tma_bytes / report[f"{name}_ms"] / 1e9
+    report["loads_only_masked_l2_tb_per_s"] = valid_bytes / report["loads_only_masked_ms"] / 1e9
+    block_flops = 4 * D * pairs * 64 * 64
+    kept_flops = 4 * D * float((sizes[key_tiles.long()].sum(-1) * sizes.view(1, 1, -1)).sum())
+    report["kept_over_block_flops"] = kept_flops / block_flops
+    for name in ("fwd_fine", "compute_only"):
+        report[f"{name}_tflops_blocks"] = block_flops / report[f"{name}_ms"] / 1e9
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
