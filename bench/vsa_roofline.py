@@ -185,6 +185,7 @@ def main() -> int:
     dq, dk, dv = (torch.empty_like(out) for _ in range(3))
     zeros = torch.zeros(B, heads, n, D, dtype=torch.float32, device=device)
     query_tiles, query_offsets = vsa_ops._transpose_key_tiles(key_tiles)
+    query_entries = vsa_ops._pack_tile_entries(query_tiles, offsets)
 
     def bwd_preprocess():
         K["bwd_preprocess"][(n, B * heads)](out, grad_out, gate, coarse, delta, d_gate, d_coarse, offsets,
@@ -200,7 +201,7 @@ def main() -> int:
 
     def bwd_dkdv():
         for rows, first, count in groups:
-            K["bwd_dkdv"][(count, B * heads)](q, k, v, grad_out, dk, dv, lse, delta, query_tiles, query_offsets,
+            K["bwd_dkdv"][(count, B * heads)](q, k, v, grad_out, dk, dv, lse, delta, query_entries, query_offsets,
                                               offsets, by_block[first:], zeros, zeros, *S(q), *S(k), *S(v),
                                               *S(grad_out), *S(dk), *S(dv), heads, n, L, qk_scale,
                                               1 / math.sqrt(D), HAS_COARSE=True, BLOCK_N=rows, D=D,

@@ -133,6 +133,26 @@ def test_transposed_index_list_matches_brute_force():
             assert query_tiles[lo:hi].tolist() == want
 
 
+def test_packed_tile_entries_hold_each_tiles_first_token_and_size():
+    layout = TileLayout.for_grid((5, 6, 7))  # partial tiles of every size class
+    tiles = torch.randint(0, layout.num_tiles, (3, 11), dtype=torch.int32)
+    entries = vsa_ops._pack_tile_entries(tiles, layout.tile_offsets)
+    assert entries.dtype == torch.int32 and entries.shape == tiles.shape
+    for entry, tile in zip(entries.flatten().tolist(), tiles.flatten().tolist()):
+        tokens = torch.nonzero(layout.tile_of_token == tile).flatten()  # tile-ordered positions of the tile
+        assert entry >> 7 == tokens.min().item() and entry & 127 == tokens.numel()
+
+
+def test_triton_refuses_sequences_too_long_for_packed_entries(monkeypatch):
+    monkeypatch.setattr(vsa_ops, "MAX_TRITON_TOKENS", 32)
+    layout = TileLayout.for_grid((2, 4, 4))  # 32 tokens: one too many
+    q = torch.randn(1, 1, 32, 64)
+    with pytest.raises(InputError, match=r"fewer than 32 tokens.*32 tokens.*implementation='auto'"):
+        video_sparse_attention_tiled(q, q, q, layout, 1, implementation="triton")
+    out = video_sparse_attention_tiled(q, q, q, layout, 1, implementation="auto")
+    assert torch.isfinite(out).all()
+
+
 def test_triton_custom_op_passes_opcheck():
     layout = TileLayout.for_grid((2, 4, 8))
     q, k, v, gate = (torch.randn(1, 1, 64, 16, requires_grad=True) for _ in range(4))

@@ -202,6 +202,19 @@ def _transpose_key_tiles(key_tiles: Tensor) -> tuple[Tensor, Tensor]:
     return query_tiles, query_offsets
 
 
+# The dk/dv kernel reads each transposed-list entry as one int32: (first token << 7) | token count.
+_ENTRY_SIZE_BITS = 7  # a tile holds 1..64 tokens
+MAX_TRITON_TOKENS = 1 << (31 - _ENTRY_SIZE_BITS)
+
+
+def _pack_tile_entries(tiles: Tensor, tile_offsets: Tensor) -> Tensor:
+    """Tile indices (int32, any shape) -> int32 entries (first token << 7) | token count."""
+    index = tiles.long()
+    starts = tile_offsets[:-1].long()[index]
+    sizes = (tile_offsets[1:] - tile_offsets[:-1]).long()[index]
+    return ((starts << _ENTRY_SIZE_BITS) | sizes).to(torch.int32)
+
+
 def _coarse_backward(d_coarse, means, probs, tile_offsets):
     """Gradients of the tile means from d(coarse tile outputs), divided by each tile's count.
 
@@ -267,10 +280,11 @@ def _triton_backward(
             USE_TMA=use_tma, **_launch_config("bwd_dq", D, q.device),
         )
     query_tiles, query_offsets = _transpose_key_tiles(key_tiles)
+    query_entries = _pack_tile_entries(query_tiles, tile_offsets)
     use_tma = _use_tma("bwd_dkdv", q, grad_out)
     for rows, first, count in groups:  # one launch per key-tile size group
         tv.kernels()["bwd_dkdv"][(count, B * heads)](
-            q, k, v, grad_out, dk, dv, lse, delta, query_tiles, query_offsets, tile_offsets, tiles_by_block[first:],
+            q, k, v, grad_out, dk, dv, lse, delta, query_entries, query_offsets, tile_offsets, tiles_by_block[first:],
             dk_c, dv_c,
             *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
             heads, n, L, qk_scale, sm_scale,
@@ -439,6 +453,7 @@ def _check_inputs(q, k, v, gate, layout: TileLayout, topk: int, implementation: 
         _triton_importable()
         and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
         and q.shape[-1] in _TRITON_HEAD_DIMS
+        and q.shape[2] < MAX_TRITON_TOKENS
         and (q.is_cuda or (q.device.type == "cpu" and _triton_module().interpreting()))
     )
     if implementation == "auto":
@@ -446,8 +461,9 @@ def _check_inputs(q, k, v, gate, layout: TileLayout, topk: int, implementation: 
     if implementation == "triton" and not triton_ok:
         raise InputError(
             f"VSA implementation='triton' needs the triton package (triton-windows on Windows), CUDA tensors, "
-            f"fp16/bf16/fp32 and a head dim in {_TRITON_HEAD_DIMS}; got {q.dtype} on {q.device} with head dim "
-            f"{q.shape[-1]}. Use implementation='auto' to fall back to the PyTorch reference."
+            f"fp16/bf16/fp32, a head dim in {_TRITON_HEAD_DIMS} and fewer than {MAX_TRITON_TOKENS} tokens; got "
+            f"{q.dtype} on {q.device} with head dim {q.shape[-1]} and {q.shape[2]} tokens. Use "
+            "implementation='auto' to fall back to the PyTorch reference."
         )
     return implementation
 
