@@ -26,7 +26,6 @@ import json
 import math
 import os
 import sys
-import time
 
 if "--smoke" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -38,6 +37,7 @@ import triton.language as tl  # noqa: E402
 from fastwan.kernels.vsa import TileLayout, topk_for_sparsity  # noqa: E402
 from fastwan.kernels.vsa import ops as vsa_ops  # noqa: E402
 from fastwan.kernels.vsa import triton_vsa as tv  # noqa: E402
+from vsa_attention import bench_ms  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 _ADD, _MAX = tv._ADD, tv._MAX
 
@@ -114,15 +114,6 @@ def _compute_only(Q, K, V, O, KEY_TILES, TILE_OFF, TILE_LIST, ONES, sqb, sqh, sq
     out = acc / l_i[:, None]
     tl.store(O + b * sob + h * soh + (q_start + rows)[:, None] * sol + cols[None, :], out.to(O.dtype.element_ty),
              mask=q_mask)
-
-
-def bench_ms(fn, smoke):
-    if smoke:
-        fn()
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
-    return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
 
 
 def main() -> int:

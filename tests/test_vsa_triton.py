@@ -21,6 +21,7 @@ from fastwan.kernels.vsa import (  # noqa: E402
 )
 from fastwan.kernels.vsa import ops as vsa_ops  # noqa: E402
 from fastwan.kernels.vsa.ops import _transpose_key_tiles  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -131,6 +132,22 @@ def test_transposed_index_list_matches_brute_force():
             lo, hi = query_offsets[bh * n + kt].item(), query_offsets[bh * n + kt + 1].item()
             want = [qt for qt in range(n) if kt in flat[bh, qt].tolist()]
             assert query_tiles[lo:hi].tolist() == want
+
+
+def test_kernels_keep_their_constexpr_parameters_when_jitted_per_mode():
+    # kernels() jits copies of the kernel functions bound to per-mode globals; compiled-mode Triton
+    # learns which parameters are tl.constexpr from the copies' annotations (the interpreter does
+    # not need them, so only this catches their loss before a GPU does).
+    from triton.runtime.jit import JITFunction
+
+    from fastwan.kernels.vsa import triton_vsa
+
+    for name, fn in {**triton_vsa._RAW, **triton_vsa._HELPERS}.items():
+        # Annotations are strings in that module (from __future__ import annotations).
+        wanted = [p for p, note in fn.__annotations__.items() if note is tl.constexpr or note == "tl.constexpr"]
+        assert wanted or name in ("_program", "_rows"), name
+        compiled = JITFunction(triton_vsa._rebound(fn, dict(vars(triton_vsa))))
+        assert [p.name for p in compiled.params if p.is_constexpr] == wanted, name
 
 
 def test_packed_tile_entries_hold_each_tiles_first_token_and_size():

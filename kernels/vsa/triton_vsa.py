@@ -22,6 +22,7 @@ dv = Pᵀ dO; plus each tile's coarse-branch gradient spread evenly over its tok
 from __future__ import annotations
 
 import os
+import types
 
 import triton
 import triton.language as tl
@@ -45,20 +46,51 @@ _ADD = getattr(tl.standard, "_sum_combine", None) or JITFunction(_add)
 _MAX = getattr(tl.standard, "_elementwise_max", None) or JITFunction(_maximum)
 
 
+# Helpers the kernels call. They are jitted with the kernels, per mode (see ``kernels()``).
+def _program(tile, TILE_OFF, H, NUM_TILES):
+    # This program's (batch, head) from grid axis 1, and its tile's place in the compact order:
+    # (bh, b, h, row, first token, token count); row = bh * NUM_TILES + tile indexes the
+    # per-(batch, head, tile) arrays.
+    bh = tl.program_id(1).to(tl.int64)
+    start = tl.load(TILE_OFF + tile)
+    return bh, bh // H, bh % H, bh * NUM_TILES + tile, start, tl.load(TILE_OFF + tile + 1) - start
+
+
+def _rows(X, b, h, stride_b, stride_h, stride_l, start, rows, cols):
+    # Pointers to tokens start + rows, all head-dim columns, of one (batch, head) of [B, h, L, D] X.
+    return X + b * stride_b + h * stride_h + (start + rows)[:, None] * stride_l + cols[None, :]
+
+
+def _tile_source(X, b, h, stride_b, stride_h, stride_l, L, D: tl.constexpr, USE_TMA: tl.constexpr):
+    # Where the loop reads 64-row tiles of one (batch, head) of [B, h, L, D] X from: a bulk tensor
+    # copy descriptor (Hopper and newer), else the pointer to the head's first token.
+    base = X + b * stride_b + h * stride_h
+    if USE_TMA:
+        return tl.make_tensor_descriptor(base, shape=[L, D], strides=[stride_l, 1], block_shape=[64, D])
+    else:
+        return base
+
+
+def _load_tile(source, stride_l, start, valid, USE_TMA: tl.constexpr, D: tl.constexpr):
+    # The 64 tokens from `start`, [64, D]. A bulk copy fetches all 64 rows (rows past the tile belong
+    # to the next tile: callers mask them out of the math); pointer loads fetch only `valid` rows.
+    if USE_TMA:
+        return source.load([start, 0])
+    else:
+        rows = tl.arange(0, 64)
+        return tl.load(source + (start + rows)[:, None] * stride_l + tl.arange(0, D)[None, :], mask=valid[:, None],
+                       other=0.0)
+
+
 def _tile_means(X, OUT, TILE_OFF, stride_b, stride_h, stride_l, H, NUM_TILES,
                 BLOCK: tl.constexpr, D: tl.constexpr):
     # Mean of one tile's valid tokens, fp32: X [B, h, L, D] -> OUT [B, h, n, D].
-    tile = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    start = tl.load(TILE_OFF + tile)
-    size = tl.load(TILE_OFF + tile + 1) - start
+    bh, b, h, row, start, size = _program(tl.program_id(0), TILE_OFF, H, NUM_TILES)
     rows = tl.arange(0, BLOCK)
     cols = tl.arange(0, D)
-    ptrs = X + b * stride_b + h * stride_h + (start + rows)[:, None] * stride_l + cols[None, :]
-    x = tl.load(ptrs, mask=(rows < size)[:, None], other=0.0).to(tl.float32)
-    tl.store(OUT + (bh * NUM_TILES + tile) * D + cols, tl.reduce(x, 0, _ADD) / size.to(tl.float32))
+    x = tl.load(_rows(X, b, h, stride_b, stride_h, stride_l, start, rows, cols), mask=(rows < size)[:, None],
+                other=0.0).to(tl.float32)
+    tl.store(OUT + row * D + cols, tl.reduce(x, 0, _ADD) / size.to(tl.float32))
 
 
 def _select(SCORES, KEY_TILES, NUM_ROWS, NUM_TILES, TOPK, ROWS: tl.constexpr, BLOCK_T: tl.constexpr):
@@ -96,42 +128,27 @@ def _fwd(Q, K, V, G, COARSE, O, LSE, KEY_TILES, TILE_OFF, TILE_LIST,
     # one head against its TOPK selected key tiles, one 64-slot key tile per step (online
     # softmax). Each key tile's rows are a scalar start plus a lane offset: per-row gathered
     # addresses (packing small tiles into one block) measured 1.3-2x slower (bench/NOTES_vsa.md).
-    tile = tl.load(TILE_LIST + tl.program_id(0))
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    row = bh * NUM_TILES + tile
-    q_start = tl.load(TILE_OFF + tile)
-    q_len = tl.load(TILE_OFF + tile + 1) - q_start
+    bh, b, h, row, q_start, q_len = _program(tl.load(TILE_LIST + tl.program_id(0)), TILE_OFF, H, NUM_TILES)
     rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, D)
     q_mask = (rows < q_len)[:, None]
-    q = tl.load(Q + b * sqb + h * sqh + (q_start + rows)[:, None] * sql + cols[None, :], mask=q_mask, other=0.0)
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
+    q = tl.load(_rows(Q, b, h, sqb, sqh, sql, q_start, rows, cols), mask=q_mask, other=0.0)
+    k_source = _tile_source(K, b, h, skb, skh, skl, L, D, USE_TMA)
+    v_source = _tile_source(V, b, h, svb, svh, svl, L, D, USE_TMA)
     key_rows = tl.arange(0, 64)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, tl.float32)
     acc = tl.full([BLOCK_M, D], 0.0, tl.float32)
-    if USE_TMA:
-        # Bulk tensor copies of 64 rows from the tile start; rows past the tile are masked below.
-        k_desc = tl.make_tensor_descriptor(k_base, shape=[L, D], strides=[skl, 1], block_shape=[64, D])
-        v_desc = tl.make_tensor_descriptor(v_base, shape=[L, D], strides=[svl, 1], block_shape=[64, D])
     tiles_of_row = KEY_TILES + row * TOPK
     for j in range(TOPK):
         kt = tl.load(tiles_of_row + j)
         k_start = tl.load(TILE_OFF + kt)
         k_valid = key_rows < tl.load(TILE_OFF + kt + 1) - k_start
-        tok = k_start + key_rows
-        if USE_TMA:
-            kT = tl.trans(k_desc.load([k_start, 0]))
-            v = v_desc.load([k_start, 0])
-        else:
-            kT = tl.load(k_base + tok[None, :] * skl + cols[:, None], mask=k_valid[None, :], other=0.0)
-            v = tl.load(v_base + tok[:, None] * svl + cols[None, :], mask=k_valid[:, None], other=0.0)
+        k = _load_tile(k_source, skl, k_start, k_valid, USE_TMA, D)
+        v = _load_tile(v_source, svl, k_start, k_valid, USE_TMA, D)
         # Raw scores; the scale folds into the max and into exp2's multiply-add, and P@V accumulates
         # into the rescaled accumulator in place (-4% against scaling s first and adding the product).
-        s = tl.where(k_valid[None, :], tl.dot(q, kT), float("-inf"))
+        s = tl.where(k_valid[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
         m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX) * qk_scale)
         p_ij = tl.math.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
@@ -141,10 +158,9 @@ def _fwd(Q, K, V, G, COARSE, O, LSE, KEY_TILES, TILE_OFF, TILE_LIST,
     out = acc / l_i[:, None]
     if HAS_GATE:
         coarse = tl.load(COARSE + row * D + cols)
-        g = tl.load(G + b * sgb + h * sgh + (q_start + rows)[:, None] * sgl + cols[None, :], mask=q_mask, other=0.0)
+        g = tl.load(_rows(G, b, h, sgb, sgh, sgl, q_start, rows, cols), mask=q_mask, other=0.0)
         out += g.to(tl.float32) * coarse[None, :]
-    tl.store(O + b * sob + h * soh + (q_start + rows)[:, None] * sol + cols[None, :], out.to(O.dtype.element_ty),
-             mask=q_mask)
+    tl.store(_rows(O, b, h, sob, soh, sol, q_start, rows, cols), out.to(O.dtype.element_ty), mask=q_mask)
     tl.store(LSE + bh * L + q_start + rows, m_i + tl.math.log2(l_i), mask=rows < q_len)
 
 
@@ -153,25 +169,19 @@ def _bwd_preprocess(O, DO, G, COARSE, DELTA, DG, DCOARSE, TILE_OFF,
                     H, NUM_TILES, L,
                     HAS_GATE: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
     # delta = rowsum(dO * fine) with fine = out - gate*coarse; and the gate / coarse gradients.
-    tile = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    start = tl.load(TILE_OFF + tile)
-    size = tl.load(TILE_OFF + tile + 1) - start
+    bh, b, h, row, start, size = _program(tl.program_id(0), TILE_OFF, H, NUM_TILES)
     rows = tl.arange(0, BLOCK)
     cols = tl.arange(0, D)
     mask = (rows < size)[:, None]
-    tok = (start + rows)[:, None]
-    o = tl.load(O + b * sob + h * soh + tok * sol + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * sdob + h * sdoh + tok * sdol + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(_rows(O, b, h, sob, soh, sol, start, rows, cols), mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(_rows(DO, b, h, sdob, sdoh, sdol, start, rows, cols), mask=mask, other=0.0).to(tl.float32)
     if HAS_GATE:
-        coarse = tl.load(COARSE + (bh * NUM_TILES + tile) * D + cols)
-        g = tl.load(G + b * sgb + h * sgh + tok * sgl + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        coarse = tl.load(COARSE + row * D + cols)
+        g = tl.load(_rows(G, b, h, sgb, sgh, sgl, start, rows, cols), mask=mask, other=0.0).to(tl.float32)
         o -= g * coarse[None, :]
-        tl.store(DG + b * sdgb + h * sdgh + tok * sdgl + cols[None, :], (do * coarse[None, :]).to(DG.dtype.element_ty),
+        tl.store(_rows(DG, b, h, sdgb, sdgh, sdgl, start, rows, cols), (do * coarse[None, :]).to(DG.dtype.element_ty),
                  mask=mask)
-        tl.store(DCOARSE + (bh * NUM_TILES + tile) * D + cols, tl.reduce(do * g, 0, _ADD))
+        tl.store(DCOARSE + row * D + cols, tl.reduce(do * g, 0, _ADD))
     tl.store(DELTA + bh * L + start + rows, tl.reduce(do * o, 1, _ADD), mask=rows < size)
 
 
@@ -181,52 +191,36 @@ def _bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KEY_TILES, TILE_OFF, TILE_LIST, DQ_COAR
             HAS_COARSE: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
             USE_TMA: tl.constexpr = False):
     # dq of one query tile (BLOCK_M rows, as in the forward): walk the same key list as the forward.
-    tile = tl.load(TILE_LIST + tl.program_id(0))
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    row = bh * NUM_TILES + tile
-    q_start = tl.load(TILE_OFF + tile)
-    q_len = tl.load(TILE_OFF + tile + 1) - q_start
+    bh, b, h, row, q_start, q_len = _program(tl.load(TILE_LIST + tl.program_id(0)), TILE_OFF, H, NUM_TILES)
     rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, D)
     q_valid = rows < q_len
-    tok_q = (q_start + rows)[:, None]
-    q = tl.load(Q + b * sqb + h * sqh + tok_q * sql + cols[None, :], mask=q_valid[:, None], other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + tok_q * sdol + cols[None, :], mask=q_valid[:, None], other=0.0)
+    q = tl.load(_rows(Q, b, h, sqb, sqh, sql, q_start, rows, cols), mask=q_valid[:, None], other=0.0)
+    do = tl.load(_rows(DO, b, h, sdob, sdoh, sdol, q_start, rows, cols), mask=q_valid[:, None], other=0.0)
     # Invalid rows get lse = delta = 0: their p stays finite and their dS is 0 because dO is 0.
     lse = tl.load(LSE + bh * L + q_start + rows, mask=q_valid, other=0.0)
     delta = tl.load(DELTA + bh * L + q_start + rows, mask=q_valid, other=0.0)
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
+    k_source = _tile_source(K, b, h, skb, skh, skl, L, D, USE_TMA)
+    v_source = _tile_source(V, b, h, svb, svh, svl, L, D, USE_TMA)
     key_rows = tl.arange(0, 64)
     dq = tl.full([BLOCK_M, D], 0.0, tl.float32)
-    if USE_TMA:
-        k_desc = tl.make_tensor_descriptor(k_base, shape=[L, D], strides=[skl, 1], block_shape=[64, D])
-        v_desc = tl.make_tensor_descriptor(v_base, shape=[L, D], strides=[svl, 1], block_shape=[64, D])
     tiles_of_row = KEY_TILES + row * TOPK
     for j in range(TOPK):
         kt = tl.load(tiles_of_row + j)
         k_start = tl.load(TILE_OFF + kt)
         k_valid = key_rows < tl.load(TILE_OFF + kt + 1) - k_start
-        tok = k_start + key_rows
-        if USE_TMA:
-            # Rows past the tile belong to the next tile: p = 0 there, so they add nothing to dq.
-            k = k_desc.load([k_start, 0])
-            vT = tl.trans(v_desc.load([k_start, 0]))
-        else:
-            k = tl.load(k_base + tok[:, None] * skl + cols[None, :], mask=k_valid[:, None], other=0.0)
-            vT = tl.load(v_base + tok[None, :] * svl + cols[:, None], mask=k_valid[None, :], other=0.0)
+        k = _load_tile(k_source, skl, k_start, k_valid, USE_TMA, D)
+        v = _load_tile(v_source, svl, k_start, k_valid, USE_TMA, D)
+        # Rows past the key tile get p = 0, so they add nothing to dq.
         s = tl.dot(q, tl.trans(k))
         p_ij = tl.where(k_valid[None, :], tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
-        dp = tl.dot(do, vT)
+        dp = tl.dot(do, tl.trans(v))
         ds = p_ij * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq)
     dq *= sm_scale
     if HAS_COARSE:
         dq += tl.load(DQ_COARSE + row * D + cols)[None, :]
-    tl.store(DQ + b * sdqb + h * sdqh + tok_q * sdql + cols[None, :], dq.to(DQ.dtype.element_ty),
-             mask=q_valid[:, None])
+    tl.store(_rows(DQ, b, h, sdqb, sdqh, sdql, q_start, rows, cols), dq.to(DQ.dtype.element_ty), mask=q_valid[:, None])
 
 
 def _bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, QUERY_ENTRIES, QUERY_OFF, TILE_OFF, TILE_LIST, DK_COARSE, DV_COARSE,
@@ -239,28 +233,17 @@ def _bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, QUERY_ENTRIES, QUERY_OFF, TILE_OF
     # TILE_LIST): walk the query tiles that selected it (the transposed index list), one per step.
     # Each entry is packed as (first token << 7) | token count, so a step needs one scalar load
     # instead of the dependent tile index -> offsets chain (-10% for this kernel on the H200).
-    tile = tl.load(TILE_LIST + tl.program_id(0))
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    row = bh * NUM_TILES + tile
-    k_start = tl.load(TILE_OFF + tile)
-    k_len = tl.load(TILE_OFF + tile + 1) - k_start
+    bh, b, h, row, k_start, k_len = _program(tl.load(TILE_LIST + tl.program_id(0)), TILE_OFF, H, NUM_TILES)
     rows = tl.arange(0, BLOCK_N)
     cols = tl.arange(0, D)
     k_valid = rows < k_len
-    k = tl.load(K + b * skb + h * skh + (k_start + rows)[:, None] * skl + cols[None, :], mask=k_valid[:, None],
-                other=0.0)
-    v = tl.load(V + b * svb + h * svh + (k_start + rows)[:, None] * svl + cols[None, :], mask=k_valid[:, None],
-                other=0.0)
-    q_base = Q + b * sqb + h * sqh
-    do_base = DO + b * sdob + h * sdoh
+    k = tl.load(_rows(K, b, h, skb, skh, skl, k_start, rows, cols), mask=k_valid[:, None], other=0.0)
+    v = tl.load(_rows(V, b, h, svb, svh, svl, k_start, rows, cols), mask=k_valid[:, None], other=0.0)
+    q_source = _tile_source(Q, b, h, sqb, sqh, sql, L, D, USE_TMA)
+    do_source = _tile_source(DO, b, h, sdob, sdoh, sdol, L, D, USE_TMA)
     query_rows = tl.arange(0, 64)
     dk = tl.full([BLOCK_N, D], 0.0, tl.float32)
     dv = tl.full([BLOCK_N, D], 0.0, tl.float32)
-    if USE_TMA:
-        q_desc = tl.make_tensor_descriptor(q_base, shape=[L, D], strides=[sql, 1], block_shape=[64, D])
-        do_desc = tl.make_tensor_descriptor(do_base, shape=[L, D], strides=[sdol, 1], block_shape=[64, D])
     first = tl.load(QUERY_OFF + row)
     last = tl.load(QUERY_OFF + row + 1)
     for e in range(first, last):
@@ -268,15 +251,11 @@ def _bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, QUERY_ENTRIES, QUERY_OFF, TILE_OF
         q_start = entry >> 7
         q_valid = query_rows < (entry & 127)
         tok = q_start + query_rows
-        if USE_TMA:
-            # Whole 64-row copies: rows past the query tile belong to the next tile. They are removed
-            # by zeroing their P columns (so their dS columns are zero too); rewriting the loaded q
-            # and dO tiles instead cost more than the copies saved (bench/NOTES_vsa.md).
-            q = q_desc.load([q_start, 0])
-            do = do_desc.load([q_start, 0])
-        else:
-            q = tl.load(q_base + tok[:, None] * sql + cols[None, :], mask=q_valid[:, None], other=0.0)
-            do = tl.load(do_base + tok[:, None] * sdol + cols[None, :], mask=q_valid[:, None], other=0.0)
+        # Rows past the query tile (whole bulk copies read into the next tile) are removed by zeroing
+        # their P columns, so their dS columns are zero too; rewriting the loaded q and dO tiles
+        # instead cost more than the copies saved (bench/NOTES_vsa.md).
+        q = _load_tile(q_source, sql, q_start, q_valid, USE_TMA, D)
+        do = _load_tile(do_source, sdol, q_start, q_valid, USE_TMA, D)
         lse = tl.load(LSE + bh * L + tok, mask=q_valid, other=0.0)
         delta = tl.load(DELTA + bh * L + tok, mask=q_valid, other=0.0)
         sT = tl.dot(k, tl.trans(q))  # [keys, queries]
@@ -290,10 +269,8 @@ def _bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, QUERY_ENTRIES, QUERY_OFF, TILE_OF
     if HAS_COARSE:
         dk += tl.load(DK_COARSE + row * D + cols)[None, :]
         dv += tl.load(DV_COARSE + row * D + cols)[None, :]
-    tl.store(DK + b * sdkb + h * sdkh + (k_start + rows)[:, None] * sdkl + cols[None, :], dk.to(DK.dtype.element_ty),
-             mask=k_valid[:, None])
-    tl.store(DV + b * sdvb + h * sdvh + (k_start + rows)[:, None] * sdvl + cols[None, :], dv.to(DV.dtype.element_ty),
-             mask=k_valid[:, None])
+    tl.store(_rows(DK, b, h, sdkb, sdkh, sdkl, k_start, rows, cols), dk.to(DK.dtype.element_ty), mask=k_valid[:, None])
+    tl.store(_rows(DV, b, h, sdvb, sdvh, sdvl, k_start, rows, cols), dv.to(DV.dtype.element_ty), mask=k_valid[:, None])
 
 
 _RAW = {
@@ -304,6 +281,7 @@ _RAW = {
     "bwd_dq": _bwd_dq,
     "bwd_dkdv": _bwd_dkdv,
 }
+_HELPERS = {"_program": _program, "_rows": _rows, "_tile_source": _tile_source, "_load_tile": _load_tile}
 _JITTED: dict[bool, dict] = {}
 
 
@@ -316,5 +294,19 @@ def kernels() -> dict:
     """The jitted kernels for the current mode (compiled, or interpreted under TRITON_INTERPRET=1)."""
     mode = interpreting()
     if mode not in _JITTED:
-        _JITTED[mode] = {name: triton.jit(fn) for name, fn in _RAW.items()}
+        # The kernels find their helpers by global name, and a kernel can only call helpers jitted
+        # in its own mode; so each mode gets its own copy of the module's globals to bind them in.
+        scope = dict(globals())
+        for name, fn in _HELPERS.items():
+            scope[name] = triton.jit(_rebound(fn, scope))
+        _JITTED[mode] = {name: triton.jit(_rebound(fn, scope)) for name, fn in _RAW.items()}
     return _JITTED[mode]
+
+
+def _rebound(fn, scope: dict):
+    """``fn`` with ``scope`` as its globals (same code, so Triton reads the same source)."""
+    copy = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+    # Triton reads the tl.constexpr parameters from the annotations, which live on the function.
+    for attribute in ("__module__", "__qualname__", "__annotations__", "__kwdefaults__", "__doc__"):
+        setattr(copy, attribute, getattr(fn, attribute))
+    return copy
