@@ -11,6 +11,7 @@ Prints one JSON object. Ratios are against the diffusers pieces measured in the 
 
     python bench/generate.py             # on a GPU (needs transformers and diffusers)
     python bench/generate.py --smoke     # tiny models on CPU, checks the script runs
+    python bench/generate.py --compile --skip text,decode   # + compiled denoising (first call and steady)
 """
 from __future__ import annotations
 
@@ -141,6 +142,23 @@ def bench_denoise(args, device, dtype, shape, result):
         if f"ours_vsa{args.sparsity}_s" in stage:
             stage[f"speedup_vsa{args.sparsity}_vs_diffusers"] = round(
                 stage["diffusers_dense_s"] / stage[f"ours_vsa{args.sparsity}_s"], 3)
+    if args.compile:
+        # Regional torch.compile of the blocks, as `fastwan generate --compile` does. The first call
+        # of each attention variant compiles (the one-time wait a user sees); then the steady state.
+        ours.compile_blocks()
+        variants = [("dense", sampler(ours))]
+        if not args.no_vsa:
+            vsa = AttentionConfig.vsa(args.sparsity)
+            variants.append((f"vsa{args.sparsity}", sampler(lambda x, t, c: ours(x, t, c, attention=vsa))))
+        for label, run in variants:
+            start = time.perf_counter()
+            run()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            stage[f"ours_{label}_compiled_first_call_s"] = round(time.perf_counter() - start, 2)
+            seconds, peak = timed(run, device, args.repeats, warmup=0)
+            stage.update({f"ours_{label}_compiled_s": round(seconds, 4),
+                          f"ours_{label}_compiled_peak_gib": peak and round(peak, 2)})
     result["denoise"] = stage
 
 
@@ -179,6 +197,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--sparsity", type=float, default=0.8)
     parser.add_argument("--no-vsa", action="store_true")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time denoising with the DiT blocks torch.compiled (as `fastwan generate --compile`)")
     parser.add_argument("--skip", default="", help="comma-separated stages to skip: text,denoise,decode")
     args = parser.parse_args()
 
