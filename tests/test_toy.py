@@ -73,7 +73,7 @@ def test_1000_step_teacher_matches_target_and_3_step_does_not():
     assert toy.mode_metrics(coarse, mixture)["precision"] < 0.9
 
 
-SMALL = dict(steps=1500, batch=1024, eval_samples=4096)
+SMALL = dict(steps=1500, eval_samples=4096)
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +81,14 @@ def distilled():
     return toy.run_toy(toy.ToyOptions(seed=0, **SMALL))
 
 
+@pytest.fixture(scope="module")
+def frozen_control():
+    return toy.run_toy(toy.ToyOptions(seed=0, freeze_fake_score=True, **SMALL))
+
+
 @pytest.mark.xfail(strict=True, reason="known gap (issue 6): the 3-step MLP student plateaus below the precision "
-                   "bar (~0.87 of 0.95 at the defaults); remove this marker when the toy meets its bar")
+                   "bar (~0.90 of 0.95 at the full defaults, ~0.77 at this size); remove this marker when the "
+                   "toy meets its bar")
 def test_toy_passes_the_bar(distilled):
     result, _ = distilled
     assert result["modes_covered"] == result["modes_total"] == 8, result
@@ -92,10 +98,22 @@ def test_toy_passes_the_bar(distilled):
     assert result["passed"] is True
 
 
-def test_frozen_fake_score_control_fails_the_bar():
-    result, _ = toy.run_toy(toy.ToyOptions(seed=0, freeze_fake_score=True, **SMALL))
+def test_small_distillation_beats_the_naive_3_step_teacher(distilled):
+    """Short of the bar, the small run must still distill: every mode, and far sharper and closer to
+    the target than the exact teacher's own 3-step Euler samples (precision ~0.49, swd ~0.14)."""
+    result, _ = distilled
+    assert result["modes_covered"] == 8, result
+    assert result["precision"] > result["teacher_3step_precision"] + 0.15, result
+    assert result["swd_student"] < 0.8 * result["swd_teacher_3step"], result
+
+
+def test_frozen_fake_score_control_fails_the_bar(distilled, frozen_control):
+    result, _ = frozen_control
     assert result["passed"] is False, result
     assert result["precision"] < 0.95 or result["tv"] >= 0.05 or result["modes_covered"] < 8
+    # The failure is the missing fake-score learning, not the small size: the same run with a
+    # learning fake score is several times closer to the target.
+    assert result["swd_student"] > 3 * distilled[0]["swd_student"], (result, distilled[0])
 
 
 def test_cli_prints_one_json_line_and_writes_png(tmp_path, capsys, monkeypatch):
@@ -121,7 +139,8 @@ _ORIGINAL_OPTIONS = toy.ToyOptions
 
 
 def _small_options(**kw):
-    return _ORIGINAL_OPTIONS(**{**kw, "eval_samples": 512, "batch": 256, "teacher_fit_steps": 100})
+    return _ORIGINAL_OPTIONS(**{**kw, "eval_samples": 512, "batch": 256, "generator_batch": 256, "fake_batch": 128,
+                                "teacher_fit_steps": 100})
 
 
 def test_cli_rejects_bad_options(capsys):
