@@ -11,7 +11,10 @@ random inputs as in bench/vsa_attention.py) it times, in one process and taking 
   pair by moving a key tile into the SM of a 64-row query tile;
 - ``compute_only``: the forward's math (both MMAs, online softmax) with K/V loaded once per program
   and only rescaled per step, so no per-step K/V traffic: the floor set by the math;
-- the backward's parts: ``bwd_preprocess``, ``bwd_dq``, ``bwd_dkdv``.
+- the backward's parts: ``bwd_preprocess``, ``bwd_dq``, ``bwd_dkdv``;
+- ``bwd_fused_*``: a single backward pass (dk/dv plus each pair's dq contribution added into an fp32
+  buffer, by bulk tensor reduce-add or per-element atomics; run-to-run nondeterministic), against
+  ``bwd_dq`` + ``bwd_dkdv``: what fusing the two passes would save.
 
 It also reports the bytes each (query tile, key tile) pair moves and the implied L2->SM rate.
 
@@ -116,6 +119,63 @@ def _compute_only(Q, K, V, O, KEY_TILES, TILE_OFF, TILE_LIST, ONES, sqb, sqh, sq
              mask=q_mask)
 
 
+@triton.jit
+def _bwd_fused(Q, K, V, DO, DK, DV, DQ32, LSE, DELTA, QUERY_ENTRIES, QUERY_OFF, TILE_OFF, TILE_LIST,
+               sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol, sdkb, sdkh, sdkl, sdvb, sdvh, sdvl,
+               H, NUM_TILES, L, qk_scale, sm_scale, BLOCK_N: tl.constexpr, D: tl.constexpr,
+               BULK_ADD: tl.constexpr):
+    # The dk/dv kernel plus each pair's dq contribution, dS·K, added into an fp32 [B*h, L, D] buffer
+    # (bulk tensor reduce-add, or per-element atomics): one pass over the pairs instead of two.
+    tile = tl.load(TILE_LIST + tl.program_id(0))
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    row = bh * NUM_TILES + tile
+    k_start = tl.load(TILE_OFF + tile)
+    k_len = tl.load(TILE_OFF + tile + 1) - k_start
+    rows = tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, D)
+    k_valid = rows < k_len
+    k = tl.load(K + b * skb + h * skh + (k_start + rows)[:, None] * skl + cols[None, :], mask=k_valid[:, None],
+                other=0.0)
+    v = tl.load(V + b * svb + h * svh + (k_start + rows)[:, None] * svl + cols[None, :], mask=k_valid[:, None],
+                other=0.0)
+    q_desc = tl.make_tensor_descriptor(Q + b * sqb + h * sqh, shape=[L, D], strides=[sql, 1], block_shape=[64, D])
+    do_desc = tl.make_tensor_descriptor(DO + b * sdob + h * sdoh, shape=[L, D], strides=[sdol, 1],
+                                        block_shape=[64, D])
+    dq_base = DQ32 + bh * L * D
+    if BULK_ADD:
+        dq_desc = tl.make_tensor_descriptor(dq_base, shape=[L, D], strides=[D, 1], block_shape=[64, D])
+    query_rows = tl.arange(0, 64)
+    dk = tl.full([BLOCK_N, D], 0.0, tl.float32)
+    dv = tl.full([BLOCK_N, D], 0.0, tl.float32)
+    for e in range(tl.load(QUERY_OFF + row), tl.load(QUERY_OFF + row + 1)):
+        entry = tl.load(QUERY_ENTRIES + e)
+        q_start = entry >> 7
+        q_valid = query_rows < (entry & 127)
+        q = q_desc.load([q_start, 0])
+        do = do_desc.load([q_start, 0])
+        lse = tl.load(LSE + bh * L + q_start + query_rows, mask=q_valid, other=0.0)
+        delta = tl.load(DELTA + bh * L + q_start + query_rows, mask=q_valid, other=0.0)
+        sT = tl.dot(k, tl.trans(q))
+        pT = tl.where(q_valid[None, :], tl.math.exp2(sT * qk_scale - lse[None, :]), 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv)
+        dpT = tl.dot(v, tl.trans(do))
+        dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
+        dk = tl.dot(dsT, q, dk)
+        dq_part = tl.dot(tl.trans(dsT), k) * sm_scale  # [64 queries, D]; rows past the query tile are 0
+        if BULK_ADD:
+            dq_desc.atomic_add([q_start, 0], dq_part)
+        else:
+            tl.atomic_add(dq_base + (q_start + query_rows)[:, None] * D + cols[None, :], dq_part,
+                          mask=q_valid[:, None], sem="relaxed")
+    dk *= sm_scale
+    tl.store(DK + b * sdkb + h * sdkh + (k_start + rows)[:, None] * sdkl + cols[None, :], dk.to(DK.dtype.element_ty),
+             mask=k_valid[:, None])
+    tl.store(DV + b * sdvb + h * sdvh + (k_start + rows)[:, None] * sdvl + cols[None, :], dv.to(DV.dtype.element_ty),
+             mask=k_valid[:, None])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
@@ -198,15 +258,40 @@ def main() -> int:
                                               1 / math.sqrt(D), HAS_COARSE=True, BLOCK_N=rows, D=D,
                                               USE_TMA=vsa_ops.USE_TMA["bwd_dkdv"], **config("bwd_dkdv"))
 
+    dq32 = torch.zeros(B * heads, L, D, dtype=torch.float32, device=device)
+    dq_f, dk_f, dv_f = (torch.empty_like(out) for _ in range(3))
+
+    def bwd_fused(bulk_add):
+        # Zeroing the fp32 dq buffer and rounding it to bf16 are part of the cost.
+        def run():
+            dq32.zero_()
+            for rows, first, count in groups:
+                _bwd_fused[(count, B * heads)](q, k, v, grad_out, dk_f, dv_f, dq32, lse, delta, query_entries,
+                                               query_offsets, offsets, by_block[first:], *S(q), *S(k), *S(v),
+                                               *S(grad_out), *S(dk_f), *S(dv_f), heads, n, L, qk_scale,
+                                               1 / math.sqrt(D), BLOCK_N=rows, D=D, BULK_ADD=bulk_add,
+                                               **config("bwd_dkdv"))
+            dq_f.copy_(dq32.view(B, heads, L, D))
+        return run
+
     variants = {"fwd_fine": fwd_fine, "loads_only_tma": loads_only(True), "loads_only_masked": loads_only(False),
                 "compute_only": compute_only, "bwd_preprocess": bwd_preprocess, "bwd_dq": bwd_dq,
                 "bwd_dkdv": bwd_dkdv}
+    if smoke:  # Triton's interpreter has no bulk reduce-add
+        variants["bwd_fused_atomic_add"] = bwd_fused(False)
+    elif vsa_ops._hopper_or_newer(device):  # bulk tensor copies: Hopper and newer
+        variants.update({"bwd_fused_bulk_add": bwd_fused(True), "bwd_fused_atomic_add": bwd_fused(False)})
     report = {"device": torch.cuda.get_device_name() if not smoke else "cpu (smoke)", "grid": list(grid),
               "heads": heads, "head_dim": D, "topk": topk, "tiles": n,
               "use_tma": dict(vsa_ops.USE_TMA), "launch_config": {f"{a}/{b}": c for (a, b), c in
                                                                   vsa_ops.LAUNCH_CONFIG.items() if b == D}}
     for fn in variants.values():
         fn()
+    for name in ("bwd_fused_bulk_add", "bwd_fused_atomic_add"):
+        if name in variants:
+            variants[name]()
+            report[f"{name}_rel_err"] = max(((a.float() - b.float()).norm() / b.float().norm()).item()
+                                            for a, b in ((dq_f, dq), (dk_f, dk), (dv_f, dv)))
     times = {name: [] for name in variants}
     for _ in range(1 if smoke else args.rounds):  # taking turns: each round times every variant once
         for name, fn in variants.items():
