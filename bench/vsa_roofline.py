@@ -43,35 +43,28 @@ from fastwan.kernels.vsa import triton_vsa as tv  # noqa: E402
 from vsa_attention import bench_ms  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 _ADD, _MAX = tv._ADD, tv._MAX
+# The production kernels' helpers, jitted for this process's mode, so the probes share their layout.
+_program, _rows, _tile_entry, _tile_source, _load_tile = (
+    tv.helpers()[name] for name in ("_program", "_rows", "_tile_entry", "_tile_source", "_load_tile"))
 
 
 @triton.jit
 def _loads_only(K, V, OUT, KEY_TILES, TILE_OFF, TILE_LIST, skb, skh, skl, svb, svh, svl,
                 H, NUM_TILES, TOPK, L, D: tl.constexpr, USE_TMA: tl.constexpr):
-    tile = tl.load(TILE_LIST + tl.program_id(0))
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    row = bh * NUM_TILES + tile
-    cols = tl.arange(0, D)
+    bh, b, h, row, _, _ = _program(tl.load(TILE_LIST + tl.program_id(0)), TILE_OFF, H, NUM_TILES)
     key_rows = tl.arange(0, 64)
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
+    k_source = _tile_source(K, b, h, skb, skh, skl, L, D, USE_TMA)
+    v_source = _tile_source(V, b, h, svb, svh, svl, L, D, USE_TMA)
     acc = tl.full([64, D], 0.0, tl.float32)
-    if USE_TMA:
-        k_desc = tl.make_tensor_descriptor(k_base, shape=[L, D], strides=[skl, 1], block_shape=[64, D])
-        v_desc = tl.make_tensor_descriptor(v_base, shape=[L, D], strides=[svl, 1], block_shape=[64, D])
     for j in range(TOPK):
         kt = tl.load(KEY_TILES + row * TOPK + j)
         k_start = tl.load(TILE_OFF + kt)
-        tok = k_start + key_rows
         if USE_TMA:
-            k = k_desc.load([k_start, 0])
-            v = v_desc.load([k_start, 0])
+            k_valid = key_rows < 64  # bulk copies fetch whole rows: no mask, no tile-end load
         else:
             k_valid = key_rows < tl.load(TILE_OFF + kt + 1) - k_start
-            k = tl.load(k_base + tok[:, None] * skl + cols[None, :], mask=k_valid[:, None], other=0.0)
-            v = tl.load(v_base + tok[:, None] * svl + cols[None, :], mask=k_valid[:, None], other=0.0)
+        k = _load_tile(k_source, skl, k_start, k_valid, USE_TMA, D)
+        v = _load_tile(v_source, svl, k_start, k_valid, USE_TMA, D)
         acc += k.to(tl.float32) + v.to(tl.float32)
     tl.store(OUT + row, tl.reduce(tl.reduce(acc, 1, _ADD), 0, _ADD))
 
@@ -81,24 +74,16 @@ def _compute_only(Q, K, V, O, KEY_TILES, TILE_OFF, TILE_LIST, ONES, sqb, sqh, sq
                   svb, svh, svl, sob, soh, sol, H, NUM_TILES, TOPK, qk_scale, D: tl.constexpr):
     # The forward's math per step with K/V loaded once: each step rescales them by a loaded 1.0
     # (opaque to the compiler, so the MMAs cannot be hoisted out of the loop).
-    tile = tl.load(TILE_LIST + tl.program_id(0))
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    row = bh * NUM_TILES + tile
-    q_start = tl.load(TILE_OFF + tile)
-    q_len = tl.load(TILE_OFF + tile + 1) - q_start
+    bh, b, h, row, q_start, q_len = _program(tl.load(TILE_LIST + tl.program_id(0)), TILE_OFF, H, NUM_TILES)
     rows = tl.arange(0, 64)
     cols = tl.arange(0, D)
     q_mask = (rows < q_len)[:, None]
-    q = tl.load(Q + b * sqb + h * sqh + (q_start + rows)[:, None] * sql + cols[None, :], mask=q_mask, other=0.0)
+    q = tl.load(_rows(Q, b, h, sqb, sqh, sql, q_start, rows, cols), mask=q_mask, other=0.0)
     kt0 = tl.load(KEY_TILES + row * TOPK)
     k_start = tl.load(TILE_OFF + kt0)
     k_valid = rows < tl.load(TILE_OFF + kt0 + 1) - k_start
-    k0 = tl.load(K + b * skb + h * skh + (k_start + rows)[:, None] * skl + cols[None, :], mask=k_valid[:, None],
-                 other=0.0)
-    v0 = tl.load(V + b * svb + h * svh + (k_start + rows)[:, None] * svl + cols[None, :], mask=k_valid[:, None],
-                 other=0.0)
+    k0 = tl.load(_rows(K, b, h, skb, skh, skl, k_start, rows, cols), mask=k_valid[:, None], other=0.0)
+    v0 = tl.load(_rows(V, b, h, svb, svh, svl, k_start, rows, cols), mask=k_valid[:, None], other=0.0)
     m_i = tl.full([64], float("-inf"), tl.float32)
     l_i = tl.full([64], 0.0, tl.float32)
     acc = tl.full([64, D], 0.0, tl.float32)
@@ -115,34 +100,24 @@ def _compute_only(Q, K, V, O, KEY_TILES, TILE_OFF, TILE_LIST, ONES, sqb, sqh, sq
         acc = acc * alpha[:, None] + tl.dot(p_ij.to(v.dtype), v)
         m_i = m_new
     out = acc / l_i[:, None]
-    tl.store(O + b * sob + h * soh + (q_start + rows)[:, None] * sol + cols[None, :], out.to(O.dtype.element_ty),
-             mask=q_mask)
+    tl.store(_rows(O, b, h, sob, soh, sol, q_start, rows, cols), out.to(O.dtype.element_ty), mask=q_mask)
 
 
 @triton.jit
 def _bwd_fused(Q, K, V, DO, DK, DV, DQ32, LSE, DELTA, QUERY_ENTRIES, QUERY_OFF, TILE_OFF, TILE_LIST,
                sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol, sdkb, sdkh, sdkl, sdvb, sdvh, sdvl,
                H, NUM_TILES, L, qk_scale, sm_scale, BLOCK_N: tl.constexpr, D: tl.constexpr,
-               BULK_ADD: tl.constexpr):
+               ENTRY_SIZE_BITS: tl.constexpr, BULK_ADD: tl.constexpr):
     # The dk/dv kernel plus each pair's dq contribution, dS·K, added into an fp32 [B*h, L, D] buffer
     # (bulk tensor reduce-add, or per-element atomics): one pass over the pairs instead of two.
-    tile = tl.load(TILE_LIST + tl.program_id(0))
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    row = bh * NUM_TILES + tile
-    k_start = tl.load(TILE_OFF + tile)
-    k_len = tl.load(TILE_OFF + tile + 1) - k_start
+    bh, b, h, row, k_start, k_len = _program(tl.load(TILE_LIST + tl.program_id(0)), TILE_OFF, H, NUM_TILES)
     rows = tl.arange(0, BLOCK_N)
     cols = tl.arange(0, D)
     k_valid = rows < k_len
-    k = tl.load(K + b * skb + h * skh + (k_start + rows)[:, None] * skl + cols[None, :], mask=k_valid[:, None],
-                other=0.0)
-    v = tl.load(V + b * svb + h * svh + (k_start + rows)[:, None] * svl + cols[None, :], mask=k_valid[:, None],
-                other=0.0)
-    q_desc = tl.make_tensor_descriptor(Q + b * sqb + h * sqh, shape=[L, D], strides=[sql, 1], block_shape=[64, D])
-    do_desc = tl.make_tensor_descriptor(DO + b * sdob + h * sdoh, shape=[L, D], strides=[sdol, 1],
-                                        block_shape=[64, D])
+    k = tl.load(_rows(K, b, h, skb, skh, skl, k_start, rows, cols), mask=k_valid[:, None], other=0.0)
+    v = tl.load(_rows(V, b, h, svb, svh, svl, k_start, rows, cols), mask=k_valid[:, None], other=0.0)
+    q_source = _tile_source(Q, b, h, sqb, sqh, sql, L, D, True)
+    do_source = _tile_source(DO, b, h, sdob, sdoh, sdol, L, D, True)
     dq_base = DQ32 + bh * L * D
     if BULK_ADD:
         dq_desc = tl.make_tensor_descriptor(dq_base, shape=[L, D], strides=[D, 1], block_shape=[64, D])
@@ -151,10 +126,10 @@ def _bwd_fused(Q, K, V, DO, DK, DV, DQ32, LSE, DELTA, QUERY_ENTRIES, QUERY_OFF, 
     dv = tl.full([BLOCK_N, D], 0.0, tl.float32)
     for e in range(tl.load(QUERY_OFF + row), tl.load(QUERY_OFF + row + 1)):
         entry = tl.load(QUERY_ENTRIES + e)
-        q_start = entry >> 7
-        q_valid = query_rows < (entry & 127)
-        q = q_desc.load([q_start, 0])
-        do = do_desc.load([q_start, 0])
+        q_start, q_len = _tile_entry(entry, ENTRY_SIZE_BITS)
+        q_valid = query_rows < q_len
+        q = _load_tile(q_source, sql, q_start, q_valid, True, D)
+        do = _load_tile(do_source, sdol, q_start, q_valid, True, D)
         lse = tl.load(LSE + bh * L + q_start + query_rows, mask=q_valid, other=0.0)
         delta = tl.load(DELTA + bh * L + q_start + query_rows, mask=q_valid, other=0.0)
         sT = tl.dot(k, tl.trans(q))
@@ -170,10 +145,8 @@ def _bwd_fused(Q, K, V, DO, DK, DV, DQ32, LSE, DELTA, QUERY_ENTRIES, QUERY_OFF, 
             tl.atomic_add(dq_base + (q_start + query_rows)[:, None] * D + cols[None, :], dq_part,
                           mask=q_valid[:, None], sem="relaxed")
     dk *= sm_scale
-    tl.store(DK + b * sdkb + h * sdkh + (k_start + rows)[:, None] * sdkl + cols[None, :], dk.to(DK.dtype.element_ty),
-             mask=k_valid[:, None])
-    tl.store(DV + b * sdvb + h * sdvh + (k_start + rows)[:, None] * sdvl + cols[None, :], dv.to(DV.dtype.element_ty),
-             mask=k_valid[:, None])
+    tl.store(_rows(DK, b, h, sdkb, sdkh, sdkl, k_start, rows, cols), dk.to(DK.dtype.element_ty), mask=k_valid[:, None])
+    tl.store(_rows(DV, b, h, sdvb, sdvh, sdvl, k_start, rows, cols), dv.to(DV.dtype.element_ty), mask=k_valid[:, None])
 
 
 def main() -> int:
@@ -256,6 +229,7 @@ def main() -> int:
                                               offsets, by_block[first:], zeros, zeros, *S(q), *S(k), *S(v),
                                               *S(grad_out), *S(dk), *S(dv), heads, n, L, qk_scale,
                                               1 / math.sqrt(D), HAS_COARSE=True, BLOCK_N=rows, D=D,
+                                              ENTRY_SIZE_BITS=vsa_ops._ENTRY_SIZE_BITS,
                                               USE_TMA=vsa_ops.USE_TMA["bwd_dkdv"], **config("bwd_dkdv"))
 
     dq32 = torch.zeros(B * heads, L, D, dtype=torch.float32, device=device)
@@ -269,7 +243,8 @@ def main() -> int:
                 _bwd_fused[(count, B * heads)](q, k, v, grad_out, dk_f, dv_f, dq32, lse, delta, query_entries,
                                                query_offsets, offsets, by_block[first:], *S(q), *S(k), *S(v),
                                                *S(grad_out), *S(dk_f), *S(dv_f), heads, n, L, qk_scale,
-                                               1 / math.sqrt(D), BLOCK_N=rows, D=D, BULK_ADD=bulk_add,
+                                               1 / math.sqrt(D), BLOCK_N=rows, D=D,
+                                               ENTRY_SIZE_BITS=vsa_ops._ENTRY_SIZE_BITS, BULK_ADD=bulk_add,
                                                **config("bwd_dkdv"))
             dq_f.copy_(dq32.view(B, heads, L, D))
         return run
@@ -290,8 +265,8 @@ def main() -> int:
     for name in ("bwd_fused_bulk_add", "bwd_fused_atomic_add"):
         if name in variants:
             variants[name]()
-            report[f"{name}_rel_err"] = max(((a.float() - b.float()).norm() / b.float().norm()).item()
-                                            for a, b in ((dq_f, dq), (dk_f, dk), (dv_f, dv)))
+            for label, a, b in (("dq", dq_f, dq), ("dk", dk_f, dk), ("dv", dv_f, dv)):
+                report[f"{name}_{label}_rel_err"] = ((a.float() - b.float()).norm() / b.float().norm()).item()
     times = {name: [] for name in variants}
     for _ in range(1 if smoke else args.rounds):  # taking turns: each round times every variant once
         for name, fn in variants.items():

@@ -202,13 +202,14 @@ def _transpose_key_tiles(key_tiles: Tensor) -> tuple[Tensor, Tensor]:
     return query_tiles, query_offsets
 
 
-# The dk/dv kernel reads each transposed-list entry as one int32: (first token << 7) | token count.
+# The dk/dv kernel reads each transposed-list entry as one int32, (first token << _ENTRY_SIZE_BITS) |
+# token count; it gets the bit count as a constexpr.
 _ENTRY_SIZE_BITS = 7  # a tile holds 1..64 tokens
 MAX_TRITON_TOKENS = 1 << (31 - _ENTRY_SIZE_BITS)
 
 
 def _pack_tile_entries(tiles: Tensor, tile_offsets: Tensor) -> Tensor:
-    """Tile indices (int32, any shape) -> int32 entries (first token << 7) | token count."""
+    """Tile indices (int32, any shape) -> int32 entries (first token << _ENTRY_SIZE_BITS) | token count."""
     index = tiles.long()
     starts = tile_offsets[:-1].long()[index]
     sizes = (tile_offsets[1:] - tile_offsets[:-1]).long()[index]
@@ -288,7 +289,7 @@ def _triton_backward(
             dk_c, dv_c,
             *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
             heads, n, L, qk_scale, sm_scale,
-            HAS_COARSE=has_gate, BLOCK_N=rows, D=D,
+            HAS_COARSE=has_gate, BLOCK_N=rows, D=D, ENTRY_SIZE_BITS=_ENTRY_SIZE_BITS,
             USE_TMA=use_tma, **_launch_config("bwd_dkdv", D, q.device),
         )
     return dq, dk, dv, (d_gate if has_gate else None)

@@ -61,6 +61,11 @@ def _rows(X, b, h, stride_b, stride_h, stride_l, start, rows, cols):
     return X + b * stride_b + h * stride_h + (start + rows)[:, None] * stride_l + cols[None, :]
 
 
+def _tile_entry(entry, ENTRY_SIZE_BITS: tl.constexpr):
+    # A packed list entry (ops._pack_tile_entries) -> (first token, token count) of its tile.
+    return entry >> ENTRY_SIZE_BITS, entry & ((1 << ENTRY_SIZE_BITS) - 1)
+
+
 def _tile_source(X, b, h, stride_b, stride_h, stride_l, L, D: tl.constexpr, USE_TMA: tl.constexpr):
     # Where the loop reads 64-row tiles of one (batch, head) of [B, h, L, D] X from: a bulk tensor
     # copy descriptor (Hopper and newer), else the pointer to the head's first token.
@@ -227,12 +232,13 @@ def _bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, QUERY_ENTRIES, QUERY_OFF, TILE_OF
               sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol,
               sdkb, sdkh, sdkl, sdvb, sdvh, sdvl,
               H, NUM_TILES, L, qk_scale, sm_scale,
-              HAS_COARSE: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+              HAS_COARSE: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, ENTRY_SIZE_BITS: tl.constexpr,
               USE_TMA: tl.constexpr = False):
     # dk, dv of one key tile (BLOCK_N rows: 64, or 32/16 for the small-tile launches over
     # TILE_LIST): walk the query tiles that selected it (the transposed index list), one per step.
-    # Each entry is packed as (first token << 7) | token count, so a step needs one scalar load
-    # instead of the dependent tile index -> offsets chain (-10% for this kernel on the H200).
+    # Each entry is packed as (first token << ENTRY_SIZE_BITS) | token count (ops._pack_tile_entries),
+    # so a step needs one scalar load instead of the dependent tile index -> offsets chain (-10% for
+    # this kernel on the H200).
     bh, b, h, row, k_start, k_len = _program(tl.load(TILE_LIST + tl.program_id(0)), TILE_OFF, H, NUM_TILES)
     rows = tl.arange(0, BLOCK_N)
     cols = tl.arange(0, D)
@@ -248,8 +254,8 @@ def _bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, QUERY_ENTRIES, QUERY_OFF, TILE_OF
     last = tl.load(QUERY_OFF + row + 1)
     for e in range(first, last):
         entry = tl.load(QUERY_ENTRIES + e)
-        q_start = entry >> 7
-        q_valid = query_rows < (entry & 127)
+        q_start, q_len = _tile_entry(entry, ENTRY_SIZE_BITS)
+        q_valid = query_rows < q_len
         tok = q_start + query_rows
         # Rows past the query tile (whole bulk copies read into the next tile) are removed by zeroing
         # their P columns, so their dS columns are zero too; rewriting the loaded q and dO tiles
@@ -281,8 +287,10 @@ _RAW = {
     "bwd_dq": _bwd_dq,
     "bwd_dkdv": _bwd_dkdv,
 }
-_HELPERS = {"_program": _program, "_rows": _rows, "_tile_source": _tile_source, "_load_tile": _load_tile}
+_HELPERS = {"_program": _program, "_rows": _rows, "_tile_entry": _tile_entry, "_tile_source": _tile_source,
+            "_load_tile": _load_tile}
 _JITTED: dict[bool, dict] = {}
+_JITTED_HELPERS: dict[bool, dict] = {}
 
 
 def interpreting() -> bool:
@@ -299,8 +307,16 @@ def kernels() -> dict:
         scope = dict(globals())
         for name, fn in _HELPERS.items():
             scope[name] = triton.jit(_rebound(fn, scope))
+        _JITTED_HELPERS[mode] = {name: scope[name] for name in _HELPERS}
         _JITTED[mode] = {name: triton.jit(_rebound(fn, scope)) for name, fn in _RAW.items()}
     return _JITTED[mode]
+
+
+def helpers() -> dict:
+    """The jitted helpers (``_program``, ``_rows``, ...) of the current mode, for kernels written
+    elsewhere that share this file's program layout (bench/vsa_roofline.py's probes)."""
+    kernels()
+    return _JITTED_HELPERS[interpreting()]
 
 
 def _rebound(fn, scope: dict):
