@@ -20,6 +20,7 @@ from fastwan.kernels.vsa import (
     video_sparse_attention,
     video_sparse_attention_tiled,
 )
+from vsa_checks import check_compile_traces_as_one_op, rel_err
 
 AWKWARD_GRIDS = [
     (1, 1, 1),  # a single token
@@ -58,10 +59,6 @@ def oracle(q, k, v, gate, grid, topk):
     if gate is not None:
         out = out + (torch.softmax(scores, -1) @ vm)[:, :, tid] * gate.double()
     return out, selected
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def fresh_inputs(B, heads, L, D, dtype=torch.float32, gate=True):
@@ -224,17 +221,4 @@ def test_reference_custom_op_passes_opcheck():
 
 
 def test_torch_compile_traces_the_op_without_graph_breaks():
-    # fullgraph=True fails on any graph break: the API and its custom op must trace as one op.
-    layout = TileLayout.for_grid((3, 5, 7))
-    inputs = [torch.randn(1, 2, layout.num_tokens, 16, requires_grad=True) for _ in range(4)]
-
-    def loss(q, k, v, gate):
-        out = video_sparse_attention_tiled(q * 2.0, k, v, layout, 2, gate=gate, implementation="reference")
-        return out.square().sum()
-
-    torch._dynamo.reset()
-    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
-    got = torch.autograd.grad(compiled(*inputs), inputs)
-    want = torch.autograd.grad(loss(*inputs), inputs)
-    for g, w in zip(got, want):
-        assert torch.allclose(g, w, rtol=1e-5, atol=1e-6)
+    check_compile_traces_as_one_op("reference", 16)

@@ -16,49 +16,18 @@ from fastwan.fastwan_core.errors import InputError  # noqa: E402
 from fastwan.kernels.vsa import (  # noqa: E402
     TileLayout,
     video_sparse_attention,
-    video_sparse_attention_reference,
     video_sparse_attention_tiled,
 )
 from fastwan.kernels.vsa import ops as vsa_ops  # noqa: E402
 from fastwan.kernels.vsa.ops import _transpose_key_tiles  # noqa: E402
 import triton.language as tl  # noqa: E402
+from vsa_checks import check_compile_traces_as_one_op, check_triton_against_reference, rel_err  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def triton_interpreter(monkeypatch):
     # The kernels are jitted per mode on first use, so setting the variable here is enough.
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
-def projection_views(B, heads, L, D, dtype, count):
-    """Fresh random [B, heads, L, D] views of [B, L, heads, D] buffers, as the DiT hands them over."""
-    return [torch.randn(B, L, heads, D, dtype=dtype).transpose(1, 2).requires_grad_(True) for _ in range(count)]
-
-
-def check_against_reference(grid, D, dtype, topk, with_gate, B=2, heads=2, tol=1e-5):
-    """Forward and all gradients of the Triton path against the fp32 reference, fresh inputs."""
-    layout = TileLayout.for_grid(grid)
-    inputs = projection_views(B, heads, layout.num_tokens, D, dtype, 4 if with_gate else 3)
-    gate = inputs[3] if with_gate else None
-    out = video_sparse_attention_tiled(*inputs[:3], layout, topk, gate=gate, implementation="triton")
-    assert out.dtype == dtype and out.shape == inputs[0].shape
-    assert out.transpose(1, 2).is_contiguous()
-    grad_out = torch.randn_like(out)
-    grads = torch.autograd.grad(out, inputs, grad_out)
-
-    ref_inputs = [t.detach().float().requires_grad_(True) for t in inputs]
-    ref_gate = ref_inputs[3] if with_gate else None
-    expected = video_sparse_attention_reference(*ref_inputs[:3], layout.tile_offsets, topk, ref_gate)
-    ref_grads = torch.autograd.grad(expected, ref_inputs, grad_out.float())
-    assert rel_err(out, expected) < tol, "out"
-    for name, g, r in zip("q k v gate".split(), grads, ref_grads):
-        assert g.dtype == dtype
-        assert torch.isfinite(g).all(), name
-        assert rel_err(g, r) < tol, name
 
 
 @pytest.mark.parametrize(
@@ -78,7 +47,7 @@ def test_triton_fp32_matches_reference(grid, topk, with_gate, use_tma, monkeypat
     # partial tiles (and past the sequence end, zero-filled) and rely on masking the scores.
     monkeypatch.setattr(vsa_ops, "USE_TMA", dict.fromkeys(("fwd", "bwd_dq", "bwd_dkdv"), use_tma))
     torch.manual_seed(sum(grid) + topk)
-    check_against_reference(grid, 64, torch.float32, topk, with_gate, tol=1e-5)
+    check_triton_against_reference(grid, 64, torch.float32, topk, with_gate, tol=1e-5)
 
 
 @pytest.mark.parametrize("D", [64, 128])
@@ -86,7 +55,7 @@ def test_triton_fp16_matches_reference(D, monkeypatch):
     # Also the tensor-descriptor (TMA) loads, which read whole 64-row blocks past partial tiles.
     monkeypatch.setattr(vsa_ops, "USE_TMA", {"fwd": True, "bwd_dq": True, "bwd_dkdv": True})
     torch.manual_seed(D)
-    check_against_reference((5, 6, 7) if D == 64 else (3, 5, 6), D, torch.float16, 3, True, B=1, tol=3e-3)
+    check_triton_against_reference((5, 6, 7) if D == 64 else (3, 5, 6), D, torch.float16, 3, True, B=1, tol=3e-3)
 
 
 def test_triton_token_order_api_matches_reference():
@@ -192,16 +161,4 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
 
 
 def test_triton_op_under_torch_compile():
-    layout = TileLayout.for_grid((3, 5, 7))
-    inputs = [torch.randn(1, 2, layout.num_tokens, 64, requires_grad=True) for _ in range(4)]
-
-    def loss(q, k, v, gate):
-        out = video_sparse_attention_tiled(q * 2.0, k, v, layout, 2, gate=gate, implementation="triton")
-        return out.square().sum()
-
-    torch._dynamo.reset()
-    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
-    got = torch.autograd.grad(compiled(*inputs), inputs)
-    want = torch.autograd.grad(loss(*inputs), inputs)
-    for g, w in zip(got, want):
-        assert torch.allclose(g, w, rtol=1e-5, atol=1e-6)
+    check_compile_traces_as_one_op("triton", 64)
