@@ -335,6 +335,8 @@ def main() -> int:
     if args.sweep and not smoke:
         section("sweep", lambda: sweep_launch_configs(device, dtype, smoke))
     report["launch_config"] = {f"{k}/{d}": v for (k, d), v in vsa_ops.LAUNCH_CONFIG.items()}
+    report["launch_config"].update({f"{k}/{d}/{rows}rows": v
+                                    for (k, d, rows), v in vsa_ops.SMALL_TILE_LAUNCH_CONFIG.items()})
     report["launch_config"]["use_tma"] = dict(vsa_ops.USE_TMA)
     for label, (grid, heads) in shapes.items():
         section(f"time_{label}", lambda: time_shape(label, grid, (0.8, 0.9), heads, device, dtype, fvk, smoke))

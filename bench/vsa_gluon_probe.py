@@ -374,7 +374,7 @@ def fine_launches(q, k, v, gate, layout, topk):
         tv.kernels()["fwd"][(count, B * heads)](
             q, k, v, gate, coarse, out, lse, key_tiles, layout.tile_offsets, tiles, *strides(out),
             heads, n, topk, L, scale, HAS_GATE=True, BLOCK_M=rows, D=D, USE_TMA=True,
-            **(config or vsa_ops._launch_config("fwd", D, q.device)))
+            **(config or vsa_ops._launch_config("fwd", D, q.device, rows)))
 
     def gluon_launch(name, count, tiles, out, lse):
         config = dict(GLUON_CONFIGS[name])
