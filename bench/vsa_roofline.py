@@ -16,7 +16,9 @@ random inputs as in bench/vsa_attention.py) it times, in one process and taking 
   buffer, by bulk tensor reduce-add or per-element atomics; run-to-run nondeterministic), against
   ``bwd_dq`` + ``bwd_dkdv``: what fusing the two passes would save.
 
-It also reports the bytes each (query tile, key tile) pair moves and the implied L2->SM rate.
+It also reports the bytes each (query tile, key tile) pair moves and the implied L2->SM rate. With
+``--small-tile-configs`` it also times each backward launch of the partial tiles (32- and 16-row
+programs) under several launch configurations (how ops.SMALL_TILE_LAUNCH_CONFIG was chosen).
 
     python bench/vsa_roofline.py            # GPU
     python bench/vsa_roofline.py --smoke    # CPU, tiny, Triton interpreter: checks the script runs
@@ -153,6 +155,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of taking turns (median reported)")
+    parser.add_argument("--small-tile-configs", action="store_true",
+                        help="also time the backward's partial-tile launches under several launch configurations")
     args = parser.parse_args()
     smoke = args.smoke
     device = torch.device("cpu" if smoke else "cuda")
@@ -176,15 +180,15 @@ def main() -> int:
     coarse = torch.matmul(probs, means[2])
     qk_scale = math.log2(math.e) / math.sqrt(D)
 
-    def config(kernel):
-        return {} if smoke else vsa_ops._launch_config(kernel, D, device)
+    def config(kernel, rows=64):
+        return {} if smoke else vsa_ops._launch_config(kernel, D, device, rows)
 
     def fwd_fine():
         for rows, first, count in groups:
             K["fwd"][(count, B * heads)](
                 q, k, v, gate, coarse, out, lse, key_tiles, offsets, by_block[first:],
                 *S(q), *S(k), *S(v), *S(gate), *S(out), heads, n, topk, L, qk_scale,
-                HAS_GATE=True, BLOCK_M=rows, D=D, USE_TMA=vsa_ops.USE_TMA["fwd"], **config("fwd"))
+                HAS_GATE=True, BLOCK_M=rows, D=D, USE_TMA=vsa_ops.USE_TMA["fwd"], **config("fwd", rows))
 
     sink = torch.empty(B * heads * n, dtype=torch.float32, device=device)
 
@@ -216,21 +220,23 @@ def main() -> int:
                                             *S(out), *S(grad_out), *S(gate), *S(d_gate), heads, n, L,
                                             HAS_GATE=True, BLOCK=64, D=D)
 
-    def bwd_dq():
+    def bwd_dq(only_rows=None, launch=None):
         for rows, first, count in groups:
-            K["bwd_dq"][(count, B * heads)](q, k, v, grad_out, dq, lse, delta, key_tiles, offsets, by_block[first:],
-                                            zeros, *S(q), *S(k), *S(v), *S(grad_out), *S(dq), heads, n, topk, L,
-                                            qk_scale, 1 / math.sqrt(D), HAS_COARSE=True, BLOCK_M=rows, D=D,
-                                            USE_TMA=vsa_ops.USE_TMA["bwd_dq"], **config("bwd_dq"))
+            if only_rows is None or rows == only_rows:
+                K["bwd_dq"][(count, B * heads)](
+                    q, k, v, grad_out, dq, lse, delta, key_tiles, offsets, by_block[first:], zeros,
+                    *S(q), *S(k), *S(v), *S(grad_out), *S(dq), heads, n, topk, L, qk_scale, 1 / math.sqrt(D),
+                    HAS_COARSE=True, BLOCK_M=rows, D=D, USE_TMA=vsa_ops.USE_TMA["bwd_dq"],
+                    **(launch or config("bwd_dq", rows)))
 
-    def bwd_dkdv():
+    def bwd_dkdv(only_rows=None, launch=None):
         for rows, first, count in groups:
-            K["bwd_dkdv"][(count, B * heads)](q, k, v, grad_out, dk, dv, lse, delta, query_entries, query_offsets,
-                                              offsets, by_block[first:], zeros, zeros, *S(q), *S(k), *S(v),
-                                              *S(grad_out), *S(dk), *S(dv), heads, n, L, qk_scale,
-                                              1 / math.sqrt(D), HAS_COARSE=True, BLOCK_N=rows, D=D,
-                                              ENTRY_SIZE_BITS=vsa_ops._ENTRY_SIZE_BITS,
-                                              USE_TMA=vsa_ops.USE_TMA["bwd_dkdv"], **config("bwd_dkdv"))
+            if only_rows is None or rows == only_rows:
+                K["bwd_dkdv"][(count, B * heads)](
+                    q, k, v, grad_out, dk, dv, lse, delta, query_entries, query_offsets, offsets, by_block[first:],
+                    zeros, zeros, *S(q), *S(k), *S(v), *S(grad_out), *S(dk), *S(dv), heads, n, L, qk_scale,
+                    1 / math.sqrt(D), HAS_COARSE=True, BLOCK_N=rows, D=D, ENTRY_SIZE_BITS=vsa_ops._ENTRY_SIZE_BITS,
+                    USE_TMA=vsa_ops.USE_TMA["bwd_dkdv"], **(launch or config("bwd_dkdv", rows)))
 
     dq32 = torch.zeros(B * heads, L, D, dtype=torch.float32, device=device)
     dq_f, dk_f, dv_f = (torch.empty_like(out) for _ in range(3))
@@ -267,6 +273,20 @@ def main() -> int:
             variants[name]()
             for label, a, b in (("dq", dq_f, dq), ("dk", dk_f, dk), ("dv", dv_f, dv)):
                 report[f"{name}_{label}_rel_err"] = ((a.float() - b.float()).norm() / b.float().norm()).item()
+    if args.small_tile_configs and not smoke:
+        # Each backward launch of the partial-tile groups alone, per launch configuration.
+        for kernel, fn in (("bwd_dq", bwd_dq), ("bwd_dkdv", bwd_dkdv)):
+            for rows, _, _ in groups:
+                report[f"{kernel}_{rows}rows_current_ms"] = bench_ms(lambda fn=fn, rows=rows: fn(rows), False)
+                if rows == 64:
+                    continue
+                for warps, stages in ((1, 2), (2, 2), (2, 3), (4, 2), (4, 3)):
+                    launch = {"num_warps": warps, "num_stages": stages}
+                    try:
+                        ms = bench_ms(lambda fn=fn, rows=rows, launch=launch: fn(rows, launch), False)
+                    except Exception as exc:  # e.g. out of shared memory: report it and go on
+                        ms = repr(exc)[:200]
+                    report[f"{kernel}_{rows}rows_w{warps}_s{stages}_ms"] = ms
     times = {name: [] for name in variants}
     for _ in range(1 if smoke else args.rounds):  # taking turns: each round times every variant once
         for name, fn in variants.items():

@@ -76,12 +76,17 @@ LAUNCH_CONFIG = {
     ("bwd_dkdv", 64): dict(num_warps=4, num_stages=2),
     ("bwd_dkdv", 128): dict(num_warps=4, num_stages=2),
 }
-# The forward's 32- and 16-row programs (partial query tiles) at D=128: fewer warps and stages than
-# the 64-row ones (H200, bench/results/vsa_gluon_probe_h200_2026-11-29.json: 0.59 -> 0.55 ms and
-# 0.70 -> 0.62 ms of a 4.6 ms forward at 480p, the same gain at sparsity 0.9).
+# The 32- and 16-row programs of partial tiles at D=128, where another configuration than the 64-row
+# one measured faster on the H200 at 480p, 0.8 (per launch, ms): forward 0.59 -> 0.55 and 0.70 -> 0.62
+# (bench/results/vsa_gluon_probe_h200_2026-11-29.json, the same at 0.9); dq 0.57 -> 0.53 and
+# 0.78 -> 0.65; dk/dv 1.06 -> 1.03 and 1.68 -> 1.62 (bench/vsa_roofline.py --small-tile-configs).
 SMALL_TILE_LAUNCH_CONFIG = {
     ("fwd", 128, 32): dict(num_warps=2, num_stages=2),
     ("fwd", 128, 16): dict(num_warps=1, num_stages=2),
+    ("bwd_dq", 128, 32): dict(num_warps=2, num_stages=2),
+    ("bwd_dq", 128, 16): dict(num_warps=4, num_stages=3),
+    ("bwd_dkdv", 128, 32): dict(num_warps=4, num_stages=3),
+    ("bwd_dkdv", 128, 16): dict(num_warps=4, num_stages=3),
 }
 
 
@@ -286,7 +291,7 @@ def _triton_backward(
             *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
             heads, n, topk, L, qk_scale, sm_scale,
             HAS_COARSE=has_gate, BLOCK_M=rows, D=D,
-            USE_TMA=use_tma, **_launch_config("bwd_dq", D, q.device),
+            USE_TMA=use_tma, **_launch_config("bwd_dq", D, q.device, rows),
         )
     query_tiles, query_offsets = _transpose_key_tiles(key_tiles)
     query_entries = _pack_tile_entries(query_tiles, tile_offsets)
@@ -298,7 +303,7 @@ def _triton_backward(
             *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
             heads, n, L, qk_scale, sm_scale,
             HAS_COARSE=has_gate, BLOCK_N=rows, D=D, ENTRY_SIZE_BITS=_ENTRY_SIZE_BITS,
-            USE_TMA=use_tma, **_launch_config("bwd_dkdv", D, q.device),
+            USE_TMA=use_tma, **_launch_config("bwd_dkdv", D, q.device, rows),
         )
     return dq, dk, dv, (d_gate if has_gate else None)
 
