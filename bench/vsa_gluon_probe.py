@@ -370,10 +370,13 @@ def fine_launches(q, k, v, gate, layout, topk):
         return (*vsa_ops._strides(q), *vsa_ops._strides(k), *vsa_ops._strides(v), *vsa_ops._strides(gate),
                 *vsa_ops._strides(out))
 
+    key_entries, key_counts = vsa_ops._class_sorted_key_entries(key_tiles, layout.tile_offsets)
+
     def triton_launch(rows, count, tiles, out, lse, **config):
         tv.kernels()["fwd"][(count, B * heads)](
-            q, k, v, gate, coarse, out, lse, key_tiles, layout.tile_offsets, tiles, *strides(out),
-            heads, n, topk, L, scale, HAS_GATE=True, BLOCK_M=rows, D=D, USE_TMA=True,
+            q, k, v, gate, coarse, out, lse, key_entries, key_counts, layout.tile_offsets, tiles, *strides(out),
+            heads, n, topk, L, scale, HAS_GATE=True, BLOCK_M=rows, D=D, ENTRY_SIZE_BITS=vsa_ops._ENTRY_SIZE_BITS,
+            HAS_PARTIAL_KEYS=True, USE_TMA=True,
             **(config or vsa_ops._launch_config("fwd", D, q.device, rows)))
 
     def gluon_launch(name, count, tiles, out, lse):

@@ -183,12 +183,16 @@ def main() -> int:
     def config(kernel, rows=64):
         return {} if smoke else vsa_ops._launch_config(kernel, D, device, rows)
 
+    key_entries, key_counts = vsa_ops._class_sorted_key_entries(key_tiles, offsets)
+
     def fwd_fine():
         for rows, first, count in groups:
             K["fwd"][(count, B * heads)](
-                q, k, v, gate, coarse, out, lse, key_tiles, offsets, by_block[first:],
+                q, k, v, gate, coarse, out, lse, key_entries, key_counts, offsets, by_block[first:],
                 *S(q), *S(k), *S(v), *S(gate), *S(out), heads, n, topk, L, qk_scale,
-                HAS_GATE=True, BLOCK_M=rows, D=D, USE_TMA=vsa_ops.USE_TMA["fwd"], **config("fwd", rows))
+                HAS_GATE=True, BLOCK_M=rows, D=D, ENTRY_SIZE_BITS=vsa_ops._ENTRY_SIZE_BITS,
+                HAS_PARTIAL_KEYS=any(r < 64 for r, _, _ in groups), USE_TMA=vsa_ops.USE_TMA["fwd"],
+                **config("fwd", rows))
 
     sink = torch.empty(B * heads * n, dtype=torch.float32, device=device)
 

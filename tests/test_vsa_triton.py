@@ -50,6 +50,34 @@ def test_triton_fp32_matches_reference(grid, topk, with_gate, use_tma, monkeypat
     check_triton_against_reference(grid, 64, torch.float32, topk, with_gate, tol=1e-5)
 
 
+@pytest.mark.parametrize("topk, use_tma", [(27, False), (13, True), (6, False)])
+def test_triton_packs_partial_key_tiles(topk, use_tma, monkeypatch):
+    # Grid 9x10x11 has tiles of 64, 48 | 32, 24 | 16, 12, 8 and 6 tokens, so the forward's three
+    # loops (one tile per step, two of 17..32 tokens, four of up to 16) all run, with odd tails.
+    monkeypatch.setattr(vsa_ops, "USE_TMA", dict.fromkeys(("fwd", "bwd_dq", "bwd_dkdv"), use_tma))
+    torch.manual_seed(topk)
+    check_triton_against_reference((9, 10, 11), 64, torch.float32, topk, True, B=1, heads=2, tol=1e-5)
+
+
+def test_class_sorted_key_entries_orders_tiles_by_size():
+    layout = TileLayout.for_grid((9, 10, 11))
+    sizes = layout.tile_sizes.tolist()
+    torch.manual_seed(0)
+    n, topk = layout.num_tiles, 11
+    key_tiles = torch.stack([torch.randperm(n)[:topk].sort().values for _ in range(6)]).view(1, 2, 3, topk)
+    entries, counts = vsa_ops._class_sorted_key_entries(key_tiles.to(torch.int32), layout.tile_offsets)
+    offsets = layout.tile_offsets.tolist()
+    bits = vsa_ops._ENTRY_SIZE_BITS
+    for row, entry_row, count_row in zip(key_tiles.view(-1, topk).tolist(), entries.view(-1, topk).tolist(),
+                                         counts.view(-1, 2).tolist()):
+        def size_class(tile):
+            return 0 if sizes[tile] > 32 else (1 if sizes[tile] > 16 else 2)
+
+        want = sorted(row, key=lambda tile: (size_class(tile), tile))
+        assert [(e >> bits, e & ((1 << bits) - 1)) for e in entry_row] == [(offsets[t], sizes[t]) for t in want]
+        assert count_row == [sum(size_class(t) == 0 for t in row), sum(size_class(t) == 1 for t in row)]
+
+
 @pytest.mark.parametrize("D", [64, 128])
 def test_triton_fp16_matches_reference(D, monkeypatch):
     # Also the tensor-descriptor (TMA) loads, which read whole 64-row blocks past partial tiles.

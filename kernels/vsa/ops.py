@@ -186,15 +186,34 @@ def _triton_forward(q, k, v, gate, tile_offsets, tiles_by_block, block_groups, t
     lse = torch.empty(B, heads, L, dtype=torch.float32, device=q.device)
     g = gate if gate is not None else q  # dummy pointer when HAS_GATE is False
     use_tma = _use_tma("fwd", k, v)
-    for rows, first, count in _groups(block_groups):  # one launch per query-tile size group
+    groups = _groups(block_groups)
+    # Tiles of <= 32 tokens are exactly those in the 32- and 16-row groups (known on the host).
+    has_partial_keys = any(rows < 64 for rows, _, _ in groups)
+    if has_partial_keys:
+        key_entries, key_counts = _class_sorted_key_entries(key_tiles, tile_offsets)
+    else:
+        key_entries, key_counts = _pack_tile_entries(key_tiles, tile_offsets), tile_offsets  # counts unread
+    for rows, first, count in groups:  # one launch per query-tile size group
         tv.kernels()["fwd"][(count, B * heads)](
-            q, k, v, g, coarse, out, lse, key_tiles, tile_offsets, tiles_by_block[first:],
+            q, k, v, g, coarse, out, lse, key_entries, key_counts, tile_offsets, tiles_by_block[first:],
             *_strides(q), *_strides(k), *_strides(v), *_strides(g), *_strides(out),
             heads, n, topk, L, math.log2(math.e) / math.sqrt(D),
-            HAS_GATE=gate is not None, BLOCK_M=rows, D=D,
-            USE_TMA=use_tma, **_launch_config("fwd", D, q.device, rows),
+            HAS_GATE=gate is not None, BLOCK_M=rows, D=D, ENTRY_SIZE_BITS=_ENTRY_SIZE_BITS,
+            HAS_PARTIAL_KEYS=has_partial_keys, USE_TMA=use_tma, **_launch_config("fwd", D, q.device, rows),
         )
     return out, lse, key_tiles, means, probs
+
+
+def _class_sorted_key_entries(key_tiles: Tensor, tile_offsets: Tensor) -> tuple[Tensor, Tensor]:
+    """The forward's key lists: each row's selected tiles ordered by size class (more than 32 tokens,
+    17..32, up to 16; ascending tile index within a class), as packed entries (``_pack_tile_entries``),
+    with per-row counts of the first two classes (int32 [B, h, n, 2])."""
+    sizes = tile_offsets[1:] - tile_offsets[:-1]
+    size_class = ((sizes <= 32).to(torch.int32) + (sizes <= 16).to(torch.int32))[key_tiles.long()]
+    order = torch.sort(size_class, dim=-1, stable=True).indices
+    entries = _pack_tile_entries(torch.gather(key_tiles, -1, order), tile_offsets)
+    counts = torch.stack([(size_class == 0).sum(-1), (size_class == 1).sum(-1)], dim=-1).to(torch.int32)
+    return entries, counts
 
 
 def _transpose_key_tiles(key_tiles: Tensor) -> tuple[Tensor, Tensor]:

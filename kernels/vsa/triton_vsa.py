@@ -124,15 +124,68 @@ def _select(SCORES, KEY_TILES, NUM_ROWS, NUM_TILES, TOPK, ROWS: tl.constexpr, BL
     tl.store(KEY_TILES + rows[:, None] * TOPK + position, lanes[None, :] + rows[:, None] * 0, mask=chosen & valid)
 
 
-def _fwd(Q, K, V, G, COARSE, O, LSE, KEY_TILES, TILE_OFF, TILE_LIST,
+def _segment_sources(K, V, b, h, skb, skh, skl, svb, svh, svl, L, ROWS: tl.constexpr, D: tl.constexpr,
+                     USE_TMA: tl.constexpr):
+    # Where ROWS-row blocks of K and V are read from: bulk-copy descriptors with ROWS-row boxes
+    # (Hopper and newer), else the pointers to the head's first token.
+    if USE_TMA:
+        return (tl.make_tensor_descriptor(K + b * skb + h * skh, shape=[L, D], strides=[skl, 1], block_shape=[ROWS, D]),
+                tl.make_tensor_descriptor(V + b * svb + h * svh, shape=[L, D], strides=[svl, 1], block_shape=[ROWS, D]))
+    else:
+        return K + b * skb + h * skh, V + b * svb + h * svh
+
+
+def _load_segment(source, stride_l, entry, ROWS: tl.constexpr, D: tl.constexpr, ENTRY_SIZE_BITS: tl.constexpr,
+                  USE_TMA: tl.constexpr):
+    # The tokens of one partial key tile (packed list entry) as a [ROWS, D] block, and which rows
+    # are valid. A bulk copy fetches all ROWS rows (rows past the tile belong to the next tile, or
+    # are zeros past the sequence end: callers mask them); pointer loads fetch only the valid rows.
+    start, count = _tile_entry(entry, ENTRY_SIZE_BITS)
+    rows = tl.arange(0, ROWS)
+    valid = rows < count
+    if USE_TMA:
+        x = source.load([start, 0])
+    else:
+        x = tl.load(source + (start + rows)[:, None] * stride_l + tl.arange(0, D)[None, :], mask=valid[:, None],
+                    other=0.0)
+    return x, valid
+
+
+def _attend_pair(q, k_source, v_source, skl, svl, entries, j, end, m_i, l_i, acc, qk_scale,
+                 ROWS: tl.constexpr, D: tl.constexpr, ENTRY_SIZE_BITS: tl.constexpr, USE_TMA: tl.constexpr):
+    # One online-softmax step over list entries j and j+1 (if j+1 < end), each as a ROWS-row block.
+    # Entry j always holds a tile (>= 1 valid key), so m_new is finite; an absent second entry has
+    # count 0, is fully masked and adds exp2(-inf) = 0.
+    entry1 = tl.load(entries + j)
+    entry2 = tl.load(entries + j + 1, mask=j + 1 < end, other=0)
+    k1, valid1 = _load_segment(k_source, skl, entry1, ROWS, D, ENTRY_SIZE_BITS, USE_TMA)
+    k2, valid2 = _load_segment(k_source, skl, entry2, ROWS, D, ENTRY_SIZE_BITS, USE_TMA)
+    v1, _ = _load_segment(v_source, svl, entry1, ROWS, D, ENTRY_SIZE_BITS, USE_TMA)
+    v2, _ = _load_segment(v_source, svl, entry2, ROWS, D, ENTRY_SIZE_BITS, USE_TMA)
+    s1 = tl.where(valid1[None, :], tl.dot(q, tl.trans(k1)), float("-inf"))
+    s2 = tl.where(valid2[None, :], tl.dot(q, tl.trans(k2)), float("-inf"))
+    m_new = tl.maximum(m_i, tl.maximum(tl.reduce(s1, 1, _MAX), tl.reduce(s2, 1, _MAX)) * qk_scale)
+    p1 = tl.math.exp2(s1 * qk_scale - m_new[:, None])
+    p2 = tl.math.exp2(s2 * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.reduce(p1, 1, _ADD) + tl.reduce(p2, 1, _ADD)
+    acc = tl.dot(p2.to(v2.dtype), v2, tl.dot(p1.to(v1.dtype), v1, acc * alpha[:, None]))
+    return m_new, l_i, acc
+
+
+def _fwd(Q, K, V, G, COARSE, O, LSE, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, TILE_LIST,
          sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sgb, sgh, sgl, sob, soh, sol,
          H, NUM_TILES, TOPK, L, qk_scale,
-         HAS_GATE: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
-         USE_TMA: tl.constexpr = False):
+         HAS_GATE: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, ENTRY_SIZE_BITS: tl.constexpr,
+         HAS_PARTIAL_KEYS: tl.constexpr, USE_TMA: tl.constexpr = False):
     # One query tile (BLOCK_M rows: 64, or 32/16 for the small-tile launches over TILE_LIST) of
-    # one head against its TOPK selected key tiles, one 64-slot key tile per step (online
-    # softmax). Each key tile's rows are a scalar start plus a lane offset: per-row gathered
-    # addresses (packing small tiles into one block) measured 1.3-2x slower (bench/NOTES_vsa.md).
+    # one head against its TOPK selected key tiles (online softmax). The key list comes sorted by
+    # tile size with counts (ops._class_sorted_key_entries): tiles of more than 32 tokens take one
+    # 64-slot step each; smaller ones go two per step, each as its own 32-row (17..32 tokens) or
+    # 16-row (up to 16) block, so a partial key tile costs neither a whole tile's copy nor a whole
+    # tile's MMA columns. Grids without tiles of <= 32 tokens compile without those loops
+    # (HAS_PARTIAL_KEYS=False; their registers cost the one-tile loop ~10%). Each key tile's rows are a scalar start plus a
+    # lane offset: per-row gathered addresses measured 1.3-2x slower (bench/NOTES_vsa.md).
     bh, b, h, row, q_start, q_len = _program(tl.load(TILE_LIST + tl.program_id(0)), TILE_OFF, H, NUM_TILES)
     rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, D)
@@ -144,11 +197,14 @@ def _fwd(Q, K, V, G, COARSE, O, LSE, KEY_TILES, TILE_OFF, TILE_LIST,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, tl.float32)
     acc = tl.full([BLOCK_M, D], 0.0, tl.float32)
-    tiles_of_row = KEY_TILES + row * TOPK
-    for j in range(TOPK):
-        kt = tl.load(tiles_of_row + j)
-        k_start = tl.load(TILE_OFF + kt)
-        k_valid = key_rows < tl.load(TILE_OFF + kt + 1) - k_start
+    entries = KEY_ENTRIES + row * TOPK
+    if HAS_PARTIAL_KEYS:
+        full_end = tl.load(KEY_COUNTS + 2 * row)
+    else:
+        full_end = TOPK
+    for j in range(0, full_end):
+        k_start, k_len = _tile_entry(tl.load(entries + j), ENTRY_SIZE_BITS)
+        k_valid = key_rows < k_len
         k = _load_tile(k_source, skl, k_start, k_valid, USE_TMA, D)
         v = _load_tile(v_source, svl, k_start, k_valid, USE_TMA, D)
         # Raw scores; the scale folds into the max and into exp2's multiply-add, and P@V accumulates
@@ -160,6 +216,17 @@ def _fwd(Q, K, V, G, COARSE, O, LSE, KEY_TILES, TILE_OFF, TILE_LIST,
         l_i = l_i * alpha + tl.reduce(p_ij, 1, _ADD)
         acc = tl.dot(p_ij.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
+    if HAS_PARTIAL_KEYS:
+        # Partial key tiles, two per step: two 32-row blocks (17..32 tokens), then two 16-row blocks.
+        half_end = full_end + tl.load(KEY_COUNTS + 2 * row + 1)
+        k32, v32 = _segment_sources(K, V, b, h, skb, skh, skl, svb, svh, svl, L, 32, D, USE_TMA)
+        for j in range(full_end, half_end, 2):
+            m_i, l_i, acc = _attend_pair(q, k32, v32, skl, svl, entries, j, half_end, m_i, l_i, acc, qk_scale,
+                                         32, D, ENTRY_SIZE_BITS, USE_TMA)
+        k16, v16 = _segment_sources(K, V, b, h, skb, skh, skl, svb, svh, svl, L, 16, D, USE_TMA)
+        for j in range(half_end, TOPK, 2):
+            m_i, l_i, acc = _attend_pair(q, k16, v16, skl, svl, entries, j, TOPK, m_i, l_i, acc, qk_scale,
+                                         16, D, ENTRY_SIZE_BITS, USE_TMA)
     out = acc / l_i[:, None]
     if HAS_GATE:
         coarse = tl.load(COARSE + row * D + cols)
@@ -288,7 +355,8 @@ _RAW = {
     "bwd_dkdv": _bwd_dkdv,
 }
 _HELPERS = {"_program": _program, "_rows": _rows, "_tile_entry": _tile_entry, "_tile_source": _tile_source,
-            "_load_tile": _load_tile}
+            "_load_tile": _load_tile, "_load_segment": _load_segment, "_attend_pair": _attend_pair,
+            "_segment_sources": _segment_sources}
 _JITTED: dict[bool, dict] = {}
 _JITTED_HELPERS: dict[bool, dict] = {}
 
