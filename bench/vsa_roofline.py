@@ -183,7 +183,7 @@ def main() -> int:
     def config(kernel, rows=64):
         return {} if smoke else vsa_ops._launch_config(kernel, D, device, rows)
 
-    key_entries, key_counts = vsa_ops._class_sorted_key_entries(key_tiles, offsets)
+    key_entries, key_counts, has_partial_keys = vsa_ops._key_lists(key_tiles, offsets, groups)
 
     def fwd_fine():
         for rows, first, count in groups:
@@ -191,7 +191,7 @@ def main() -> int:
                 q, k, v, gate, coarse, out, lse, key_entries, key_counts, offsets, by_block[first:],
                 *S(q), *S(k), *S(v), *S(gate), *S(out), heads, n, topk, L, qk_scale,
                 HAS_GATE=True, BLOCK_M=rows, D=D, ENTRY_SIZE_BITS=vsa_ops._ENTRY_SIZE_BITS,
-                HAS_PARTIAL_KEYS=any(r < 64 for r, _, _ in groups), USE_TMA=vsa_ops.USE_TMA["fwd"],
+                HAS_PARTIAL_KEYS=has_partial_keys, USE_TMA=vsa_ops.USE_TMA["fwd"],
                 **config("fwd", rows))
 
     sink = torch.empty(B * heads * n, dtype=torch.float32, device=device)
@@ -228,9 +228,10 @@ def main() -> int:
         for rows, first, count in groups:
             if only_rows is None or rows == only_rows:
                 K["bwd_dq"][(count, B * heads)](
-                    q, k, v, grad_out, dq, lse, delta, key_tiles, offsets, by_block[first:], zeros,
+                    q, k, v, grad_out, dq, lse, delta, key_entries, key_counts, offsets, by_block[first:], zeros,
                     *S(q), *S(k), *S(v), *S(grad_out), *S(dq), heads, n, topk, L, qk_scale, 1 / math.sqrt(D),
-                    HAS_COARSE=True, BLOCK_M=rows, D=D, USE_TMA=vsa_ops.USE_TMA["bwd_dq"],
+                    HAS_COARSE=True, BLOCK_M=rows, D=D, ENTRY_SIZE_BITS=vsa_ops._ENTRY_SIZE_BITS,
+                    HAS_PARTIAL_KEYS=has_partial_keys, USE_TMA=vsa_ops.USE_TMA["bwd_dq"],
                     **(launch or config("bwd_dq", rows)))
 
     def bwd_dkdv(only_rows=None, launch=None):

@@ -187,12 +187,7 @@ def _triton_forward(q, k, v, gate, tile_offsets, tiles_by_block, block_groups, t
     g = gate if gate is not None else q  # dummy pointer when HAS_GATE is False
     use_tma = _use_tma("fwd", k, v)
     groups = _groups(block_groups)
-    # Tiles of <= 32 tokens are exactly those in the 32- and 16-row groups (known on the host).
-    has_partial_keys = any(rows < 64 for rows, _, _ in groups)
-    if has_partial_keys:
-        key_entries, key_counts = _class_sorted_key_entries(key_tiles, tile_offsets)
-    else:
-        key_entries, key_counts = _pack_tile_entries(key_tiles, tile_offsets), tile_offsets  # counts unread
+    key_entries, key_counts, has_partial_keys = _key_lists(key_tiles, tile_offsets, groups)
     for rows, first, count in groups:  # one launch per query-tile size group
         tv.kernels()["fwd"][(count, B * heads)](
             q, k, v, g, coarse, out, lse, key_entries, key_counts, tile_offsets, tiles_by_block[first:],
@@ -202,6 +197,17 @@ def _triton_forward(q, k, v, gate, tile_offsets, tiles_by_block, block_groups, t
             HAS_PARTIAL_KEYS=has_partial_keys, USE_TMA=use_tma, **_launch_config("fwd", D, q.device, rows),
         )
     return out, lse, key_tiles, means, probs
+
+
+def _key_lists(key_tiles: Tensor, tile_offsets: Tensor, groups) -> tuple[Tensor, Tensor, bool]:
+    """The key lists the forward and dq kernels walk: (entries, counts, has_partial_keys).
+
+    Tiles of <= 32 tokens are exactly those in the 32- and 16-row groups, so the host knows whether
+    any exist; without them the lists stay in selection order and the kernels skip the count loads.
+    """
+    if any(rows < 64 for rows, _, _ in groups):
+        return (*_class_sorted_key_entries(key_tiles, tile_offsets), True)
+    return _pack_tile_entries(key_tiles, tile_offsets), tile_offsets, False  # counts unread
 
 
 def _class_sorted_key_entries(key_tiles: Tensor, tile_offsets: Tensor) -> tuple[Tensor, Tensor]:
@@ -304,13 +310,14 @@ def _triton_backward(
     dv = _out_like_projection(v)
     groups = _groups(block_groups)
     use_tma = _use_tma("bwd_dq", k, v)
+    key_entries, key_counts, has_partial_keys = _key_lists(key_tiles, tile_offsets, groups)
     for rows, first, count in groups:
         tv.kernels()["bwd_dq"][(count, B * heads)](
-            q, k, v, grad_out, dq, lse, delta, key_tiles, tile_offsets, tiles_by_block[first:], dq_c,
+            q, k, v, grad_out, dq, lse, delta, key_entries, key_counts, tile_offsets, tiles_by_block[first:], dq_c,
             *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
             heads, n, topk, L, qk_scale, sm_scale,
-            HAS_COARSE=has_gate, BLOCK_M=rows, D=D,
-            USE_TMA=use_tma, **_launch_config("bwd_dq", D, q.device, rows),
+            HAS_COARSE=has_gate, BLOCK_M=rows, D=D, ENTRY_SIZE_BITS=_ENTRY_SIZE_BITS,
+            HAS_PARTIAL_KEYS=has_partial_keys, USE_TMA=use_tma, **_launch_config("bwd_dq", D, q.device, rows),
         )
     query_tiles, query_offsets = _transpose_key_tiles(key_tiles)
     query_entries = _pack_tile_entries(query_tiles, tile_offsets)

@@ -257,12 +257,35 @@ def _bwd_preprocess(O, DO, G, COARSE, DELTA, DG, DCOARSE, TILE_OFF,
     tl.store(DELTA + bh * L + start + rows, tl.reduce(do * o, 1, _ADD), mask=rows < size)
 
 
-def _bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KEY_TILES, TILE_OFF, TILE_LIST, DQ_COARSE,
+def _dq_block(q, do, lse, delta, k, v, k_valid, dq, qk_scale):
+    # dq += dS k for one block of keys; rows past the key tile get p = 0, so they add nothing.
+    s = tl.dot(q, tl.trans(k))
+    p_ij = tl.where(k_valid[None, :], tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v))
+    ds = p_ij * (dp - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq)
+
+
+def _dq_pair(q, do, lse, delta, k_source, v_source, skl, svl, entries, j, end, dq, qk_scale,
+             ROWS: tl.constexpr, D: tl.constexpr, ENTRY_SIZE_BITS: tl.constexpr, USE_TMA: tl.constexpr):
+    # List entries j and j+1 (if j+1 < end) as ROWS-row blocks; an absent second entry has count 0.
+    entry1 = tl.load(entries + j)
+    entry2 = tl.load(entries + j + 1, mask=j + 1 < end, other=0)
+    k1, valid1 = _load_segment(k_source, skl, entry1, ROWS, D, ENTRY_SIZE_BITS, USE_TMA)
+    v1, _ = _load_segment(v_source, svl, entry1, ROWS, D, ENTRY_SIZE_BITS, USE_TMA)
+    k2, valid2 = _load_segment(k_source, skl, entry2, ROWS, D, ENTRY_SIZE_BITS, USE_TMA)
+    v2, _ = _load_segment(v_source, svl, entry2, ROWS, D, ENTRY_SIZE_BITS, USE_TMA)
+    dq = _dq_block(q, do, lse, delta, k1, v1, valid1, dq, qk_scale)
+    return _dq_block(q, do, lse, delta, k2, v2, valid2, dq, qk_scale)
+
+
+def _bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, TILE_LIST, DQ_COARSE,
             sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol, sdqb, sdqh, sdql,
             H, NUM_TILES, TOPK, L, qk_scale, sm_scale,
-            HAS_COARSE: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
-            USE_TMA: tl.constexpr = False):
-    # dq of one query tile (BLOCK_M rows, as in the forward): walk the same key list as the forward.
+            HAS_COARSE: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, ENTRY_SIZE_BITS: tl.constexpr,
+            HAS_PARTIAL_KEYS: tl.constexpr, USE_TMA: tl.constexpr = False):
+    # dq of one query tile (BLOCK_M rows, as in the forward): walk the forward's key list, with its
+    # partial key tiles two per step as 32- or 16-row blocks.
     bh, b, h, row, q_start, q_len = _program(tl.load(TILE_LIST + tl.program_id(0)), TILE_OFF, H, NUM_TILES)
     rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, D)
@@ -276,19 +299,27 @@ def _bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KEY_TILES, TILE_OFF, TILE_LIST, DQ_COAR
     v_source = _tile_source(V, b, h, svb, svh, svl, L, D, USE_TMA)
     key_rows = tl.arange(0, 64)
     dq = tl.full([BLOCK_M, D], 0.0, tl.float32)
-    tiles_of_row = KEY_TILES + row * TOPK
-    for j in range(TOPK):
-        kt = tl.load(tiles_of_row + j)
-        k_start = tl.load(TILE_OFF + kt)
-        k_valid = key_rows < tl.load(TILE_OFF + kt + 1) - k_start
+    entries = KEY_ENTRIES + row * TOPK
+    if HAS_PARTIAL_KEYS:
+        full_end = tl.load(KEY_COUNTS + 2 * row)
+    else:
+        full_end = TOPK
+    for j in range(0, full_end):
+        k_start, k_len = _tile_entry(tl.load(entries + j), ENTRY_SIZE_BITS)
+        k_valid = key_rows < k_len
         k = _load_tile(k_source, skl, k_start, k_valid, USE_TMA, D)
         v = _load_tile(v_source, svl, k_start, k_valid, USE_TMA, D)
-        # Rows past the key tile get p = 0, so they add nothing to dq.
-        s = tl.dot(q, tl.trans(k))
-        p_ij = tl.where(k_valid[None, :], tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p_ij * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq)
+        dq = _dq_block(q, do, lse, delta, k, v, k_valid, dq, qk_scale)
+    if HAS_PARTIAL_KEYS:
+        half_end = full_end + tl.load(KEY_COUNTS + 2 * row + 1)
+        k32, v32 = _segment_sources(K, V, b, h, skb, skh, skl, svb, svh, svl, L, 32, D, USE_TMA)
+        for j in range(full_end, half_end, 2):
+            dq = _dq_pair(q, do, lse, delta, k32, v32, skl, svl, entries, j, half_end, dq, qk_scale,
+                          32, D, ENTRY_SIZE_BITS, USE_TMA)
+        k16, v16 = _segment_sources(K, V, b, h, skb, skh, skl, svb, svh, svl, L, 16, D, USE_TMA)
+        for j in range(half_end, TOPK, 2):
+            dq = _dq_pair(q, do, lse, delta, k16, v16, skl, svl, entries, j, TOPK, dq, qk_scale,
+                          16, D, ENTRY_SIZE_BITS, USE_TMA)
     dq *= sm_scale
     if HAS_COARSE:
         dq += tl.load(DQ_COARSE + row * D + cols)[None, :]
@@ -356,7 +387,7 @@ _RAW = {
 }
 _HELPERS = {"_program": _program, "_rows": _rows, "_tile_entry": _tile_entry, "_tile_source": _tile_source,
             "_load_tile": _load_tile, "_load_segment": _load_segment, "_attend_pair": _attend_pair,
-            "_segment_sources": _segment_sources}
+            "_segment_sources": _segment_sources, "_dq_block": _dq_block, "_dq_pair": _dq_pair}
 _JITTED: dict[bool, dict] = {}
 _JITTED_HELPERS: dict[bool, dict] = {}
 
