@@ -240,8 +240,9 @@ def _transpose_key_tiles(key_tiles: Tensor) -> tuple[Tensor, Tensor]:
     return query_tiles, query_offsets
 
 
-# The dk/dv kernel reads each transposed-list entry as one int32, (first token << _ENTRY_SIZE_BITS) |
-# token count; it gets the bit count as a constexpr.
+# The attention kernels read each list entry (the forward's and dq's key lists, dk/dv's transposed
+# lists) as one int32, (first token << _ENTRY_SIZE_BITS) | token count; they get the bit count as a
+# constexpr.
 _ENTRY_SIZE_BITS = 7  # a tile holds 1..64 tokens
 MAX_TRITON_TOKENS = 1 << (31 - _ENTRY_SIZE_BITS)
 
