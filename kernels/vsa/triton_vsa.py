@@ -184,8 +184,9 @@ def _fwd(Q, K, V, G, COARSE, O, LSE, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, TILE_LIS
     # 64-slot step each; smaller ones go two per step, each as its own 32-row (17..32 tokens) or
     # 16-row (up to 16) block, so a partial key tile costs neither a whole tile's copy nor a whole
     # tile's MMA columns. Grids without tiles of <= 32 tokens compile without those loops
-    # (HAS_PARTIAL_KEYS=False; their registers cost the one-tile loop ~10%). Each key tile's rows are a scalar start plus a
-    # lane offset: per-row gathered addresses measured 1.3-2x slower (bench/NOTES_vsa.md).
+    # (HAS_PARTIAL_KEYS=False: compiled in, they made the one-tile loop ~10% slower at the training
+    # shape). Each key tile's rows are a scalar start plus a lane offset: per-row gathered addresses
+    # measured 1.3-2x slower (bench/NOTES_vsa.md).
     bh, b, h, row, q_start, q_len = _program(tl.load(TILE_LIST + tl.program_id(0)), TILE_OFF, H, NUM_TILES)
     rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, D)
