@@ -9,7 +9,8 @@ warpgroup MMAs and explicit shared-memory rings. Two kernels for the full (64-to
   * ``_fwd_inline``: the same MMA overlap with the copies issued by the compute warpgroup itself
     (one warpgroup per CTA; 64 KB of shared memory, so 3 CTAs per SM), optionally with q in
     registers (``Q_IN_REGS``) and copies of only a partial key tile's valid rows (``PARTIAL_COPIES``).
-Both give the Triton kernel's output bit for bit (same math, same summation order).
+Both gave the v7 Triton kernel's output bit for bit (same math, same summation order); the v8
+kernel walks size-sorted key lists, so it now differs from them by summation order only.
 
 Measured on the H200 (bench/results/vsa_gluon_probe_h200_2026-11-29.json, bench/NOTES_vsa.md): the
 64-row launch goes from 3.26 ms (Triton) to 3.02 ms, the whole forward by ~4%; none of the options
