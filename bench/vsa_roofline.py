@@ -55,8 +55,8 @@ def _loads_only(K, V, OUT, KEY_TILES, TILE_OFF, TILE_LIST, skb, skh, skl, svb, s
                 H, NUM_TILES, TOPK, L, D: tl.constexpr, USE_TMA: tl.constexpr):
     bh, b, h, row, _, _ = _program(tl.load(TILE_LIST + tl.program_id(0)), TILE_OFF, H, NUM_TILES)
     key_rows = tl.arange(0, 64)
-    k_source = _tile_source(K, b, h, skb, skh, skl, L, D, USE_TMA)
-    v_source = _tile_source(V, b, h, svb, svh, svl, L, D, USE_TMA)
+    k_source = _tile_source(K, b, h, skb, skh, skl, L, D, 64, USE_TMA)
+    v_source = _tile_source(V, b, h, svb, svh, svl, L, D, 64, USE_TMA)
     acc = tl.full([64, D], 0.0, tl.float32)
     for j in range(TOPK):
         kt = tl.load(KEY_TILES + row * TOPK + j)
@@ -65,8 +65,8 @@ def _loads_only(K, V, OUT, KEY_TILES, TILE_OFF, TILE_LIST, skb, skh, skl, svb, s
             k_valid = key_rows < 64  # bulk copies fetch whole rows: no mask, no tile-end load
         else:
             k_valid = key_rows < tl.load(TILE_OFF + kt + 1) - k_start
-        k = _load_tile(k_source, skl, k_start, k_valid, USE_TMA, D)
-        v = _load_tile(v_source, svl, k_start, k_valid, USE_TMA, D)
+        k = _load_tile(k_source, skl, k_start, k_valid, USE_TMA, D, 64)
+        v = _load_tile(v_source, svl, k_start, k_valid, USE_TMA, D, 64)
         acc += k.to(tl.float32) + v.to(tl.float32)
     tl.store(OUT + row, tl.reduce(tl.reduce(acc, 1, _ADD), 0, _ADD))
 
@@ -118,8 +118,8 @@ def _bwd_fused(Q, K, V, DO, DK, DV, DQ32, LSE, DELTA, QUERY_ENTRIES, QUERY_OFF, 
     k_valid = rows < k_len
     k = tl.load(_rows(K, b, h, skb, skh, skl, k_start, rows, cols), mask=k_valid[:, None], other=0.0)
     v = tl.load(_rows(V, b, h, svb, svh, svl, k_start, rows, cols), mask=k_valid[:, None], other=0.0)
-    q_source = _tile_source(Q, b, h, sqb, sqh, sql, L, D, True)
-    do_source = _tile_source(DO, b, h, sdob, sdoh, sdol, L, D, True)
+    q_source = _tile_source(Q, b, h, sqb, sqh, sql, L, D, 64, True)
+    do_source = _tile_source(DO, b, h, sdob, sdoh, sdol, L, D, 64, True)
     dq_base = DQ32 + bh * L * D
     if BULK_ADD:
         dq_desc = tl.make_tensor_descriptor(dq_base, shape=[L, D], strides=[D, 1], block_shape=[64, D])
@@ -130,8 +130,8 @@ def _bwd_fused(Q, K, V, DO, DK, DV, DQ32, LSE, DELTA, QUERY_ENTRIES, QUERY_OFF, 
         entry = tl.load(QUERY_ENTRIES + e)
         q_start, q_len = _tile_entry(entry, ENTRY_SIZE_BITS)
         q_valid = query_rows < q_len
-        q = _load_tile(q_source, sql, q_start, q_valid, True, D)
-        do = _load_tile(do_source, sdol, q_start, q_valid, True, D)
+        q = _load_tile(q_source, sql, q_start, q_valid, True, D, 64)
+        do = _load_tile(do_source, sdol, q_start, q_valid, True, D, 64)
         lse = tl.load(LSE + bh * L + q_start + query_rows, mask=q_valid, other=0.0)
         delta = tl.load(DELTA + bh * L + q_start + query_rows, mask=q_valid, other=0.0)
         sT = tl.dot(k, tl.trans(q))

@@ -66,23 +66,25 @@ def _tile_entry(entry, ENTRY_SIZE_BITS: tl.constexpr):
     return entry >> ENTRY_SIZE_BITS, entry & ((1 << ENTRY_SIZE_BITS) - 1)
 
 
-def _tile_source(X, b, h, stride_b, stride_h, stride_l, L, D: tl.constexpr, USE_TMA: tl.constexpr):
-    # Where the loop reads 64-row tiles of one (batch, head) of [B, h, L, D] X from: a bulk tensor
-    # copy descriptor (Hopper and newer), else the pointer to the head's first token.
+def _tile_source(X, b, h, stride_b, stride_h, stride_l, L, D: tl.constexpr, ROWS: tl.constexpr,
+                 USE_TMA: tl.constexpr):
+    # Where the loop reads ROWS-row blocks of one (batch, head) of [B, h, L, D] X from: a bulk tensor
+    # copy descriptor with ROWS-row boxes (Hopper and newer), else the pointer to the head's first token.
     base = X + b * stride_b + h * stride_h
     if USE_TMA:
-        return tl.make_tensor_descriptor(base, shape=[L, D], strides=[stride_l, 1], block_shape=[64, D])
+        return tl.make_tensor_descriptor(base, shape=[L, D], strides=[stride_l, 1], block_shape=[ROWS, D])
     else:
         return base
 
 
-def _load_tile(source, stride_l, start, valid, USE_TMA: tl.constexpr, D: tl.constexpr):
-    # The 64 tokens from `start`, [64, D]. A bulk copy fetches all 64 rows (rows past the tile belong
-    # to the next tile: callers mask them out of the math); pointer loads fetch only `valid` rows.
+def _load_tile(source, stride_l, start, valid, USE_TMA: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr):
+    # The ROWS tokens from `start`, [ROWS, D]. A bulk copy fetches all ROWS rows (rows past the tile
+    # belong to the next tile, or are zeros past the sequence end: callers mask them out of the math);
+    # pointer loads fetch only `valid` rows.
     if USE_TMA:
         return source.load([start, 0])
     else:
-        rows = tl.arange(0, 64)
+        rows = tl.arange(0, ROWS)
         return tl.load(source + (start + rows)[:, None] * stride_l + tl.arange(0, D)[None, :], mask=valid[:, None],
                        other=0.0)
 
@@ -124,44 +126,29 @@ def _select(SCORES, KEY_TILES, NUM_ROWS, NUM_TILES, TOPK, ROWS: tl.constexpr, BL
     tl.store(KEY_TILES + rows[:, None] * TOPK + position, lanes[None, :] + rows[:, None] * 0, mask=chosen & valid)
 
 
-def _segment_sources(K, V, b, h, skb, skh, skl, svb, svh, svl, L, ROWS: tl.constexpr, D: tl.constexpr,
-                     USE_TMA: tl.constexpr):
-    # Where ROWS-row blocks of K and V are read from: bulk-copy descriptors with ROWS-row boxes
-    # (Hopper and newer), else the pointers to the head's first token.
-    if USE_TMA:
-        return (tl.make_tensor_descriptor(K + b * skb + h * skh, shape=[L, D], strides=[skl, 1], block_shape=[ROWS, D]),
-                tl.make_tensor_descriptor(V + b * svb + h * svh, shape=[L, D], strides=[svl, 1], block_shape=[ROWS, D]))
-    else:
-        return K + b * skb + h * skh, V + b * svb + h * svh
-
-
-def _load_segment(source, stride_l, entry, ROWS: tl.constexpr, D: tl.constexpr, ENTRY_SIZE_BITS: tl.constexpr,
-                  USE_TMA: tl.constexpr):
-    # The tokens of one partial key tile (packed list entry) as a [ROWS, D] block, and which rows
-    # are valid. A bulk copy fetches all ROWS rows (rows past the tile belong to the next tile, or
-    # are zeros past the sequence end: callers mask them); pointer loads fetch only the valid rows.
-    start, count = _tile_entry(entry, ENTRY_SIZE_BITS)
+def _load_pair(k_source, v_source, skl, svl, entries, j, end,
+               ROWS: tl.constexpr, D: tl.constexpr, ENTRY_SIZE_BITS: tl.constexpr, USE_TMA: tl.constexpr):
+    # The partial key tiles of list entries j and j+1 as ROWS-row blocks of K and V, with their valid
+    # rows. Entry j always holds a tile; past `end` the second entry is absent: count 0, all masked.
+    start1, count1 = _tile_entry(tl.load(entries + j), ENTRY_SIZE_BITS)
+    start2, count2 = _tile_entry(tl.load(entries + j + 1, mask=j + 1 < end, other=0), ENTRY_SIZE_BITS)
     rows = tl.arange(0, ROWS)
-    valid = rows < count
-    if USE_TMA:
-        x = source.load([start, 0])
-    else:
-        x = tl.load(source + (start + rows)[:, None] * stride_l + tl.arange(0, D)[None, :], mask=valid[:, None],
-                    other=0.0)
-    return x, valid
+    valid1 = rows < count1
+    valid2 = rows < count2
+    k1 = _load_tile(k_source, skl, start1, valid1, USE_TMA, D, ROWS)
+    k2 = _load_tile(k_source, skl, start2, valid2, USE_TMA, D, ROWS)
+    v1 = _load_tile(v_source, svl, start1, valid1, USE_TMA, D, ROWS)
+    v2 = _load_tile(v_source, svl, start2, valid2, USE_TMA, D, ROWS)
+    return k1, v1, valid1, k2, v2, valid2
 
 
 def _attend_pair(q, k_source, v_source, skl, svl, entries, j, end, m_i, l_i, acc, qk_scale,
                  ROWS: tl.constexpr, D: tl.constexpr, ENTRY_SIZE_BITS: tl.constexpr, USE_TMA: tl.constexpr):
     # One online-softmax step over list entries j and j+1 (if j+1 < end), each as a ROWS-row block.
-    # Entry j always holds a tile (>= 1 valid key), so m_new is finite; an absent second entry has
-    # count 0, is fully masked and adds exp2(-inf) = 0.
-    entry1 = tl.load(entries + j)
-    entry2 = tl.load(entries + j + 1, mask=j + 1 < end, other=0)
-    k1, valid1 = _load_segment(k_source, skl, entry1, ROWS, D, ENTRY_SIZE_BITS, USE_TMA)
-    k2, valid2 = _load_segment(k_source, skl, entry2, ROWS, D, ENTRY_SIZE_BITS, USE_TMA)
-    v1, _ = _load_segment(v_source, svl, entry1, ROWS, D, ENTRY_SIZE_BITS, USE_TMA)
-    v2, _ = _load_segment(v_source, svl, entry2, ROWS, D, ENTRY_SIZE_BITS, USE_TMA)
+    # Entry j always holds a tile (>= 1 valid key), so m_new is finite; an absent second entry is
+    # fully masked and adds exp2(-inf) = 0.
+    k1, v1, valid1, k2, v2, valid2 = _load_pair(k_source, v_source, skl, svl, entries, j, end,
+                                                ROWS, D, ENTRY_SIZE_BITS, USE_TMA)
     s1 = tl.where(valid1[None, :], tl.dot(q, tl.trans(k1)), float("-inf"))
     s2 = tl.where(valid2[None, :], tl.dot(q, tl.trans(k2)), float("-inf"))
     m_new = tl.maximum(m_i, tl.maximum(tl.reduce(s1, 1, _MAX), tl.reduce(s2, 1, _MAX)) * qk_scale)
@@ -192,8 +179,8 @@ def _fwd(Q, K, V, G, COARSE, O, LSE, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, TILE_LIS
     cols = tl.arange(0, D)
     q_mask = (rows < q_len)[:, None]
     q = tl.load(_rows(Q, b, h, sqb, sqh, sql, q_start, rows, cols), mask=q_mask, other=0.0)
-    k_source = _tile_source(K, b, h, skb, skh, skl, L, D, USE_TMA)
-    v_source = _tile_source(V, b, h, svb, svh, svl, L, D, USE_TMA)
+    k_source = _tile_source(K, b, h, skb, skh, skl, L, D, 64, USE_TMA)
+    v_source = _tile_source(V, b, h, svb, svh, svl, L, D, 64, USE_TMA)
     key_rows = tl.arange(0, 64)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, tl.float32)
@@ -206,8 +193,8 @@ def _fwd(Q, K, V, G, COARSE, O, LSE, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, TILE_LIS
     for j in range(0, full_end):
         k_start, k_len = _tile_entry(tl.load(entries + j), ENTRY_SIZE_BITS)
         k_valid = key_rows < k_len
-        k = _load_tile(k_source, skl, k_start, k_valid, USE_TMA, D)
-        v = _load_tile(v_source, svl, k_start, k_valid, USE_TMA, D)
+        k = _load_tile(k_source, skl, k_start, k_valid, USE_TMA, D, 64)
+        v = _load_tile(v_source, svl, k_start, k_valid, USE_TMA, D, 64)
         # Raw scores; the scale folds into the max and into exp2's multiply-add, and P@V accumulates
         # into the rescaled accumulator in place (-4% against scaling s first and adding the product).
         s = tl.where(k_valid[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
@@ -220,11 +207,13 @@ def _fwd(Q, K, V, G, COARSE, O, LSE, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, TILE_LIS
     if HAS_PARTIAL_KEYS:
         # Partial key tiles, two per step: two 32-row blocks (17..32 tokens), then two 16-row blocks.
         half_end = full_end + tl.load(KEY_COUNTS + 2 * row + 1)
-        k32, v32 = _segment_sources(K, V, b, h, skb, skh, skl, svb, svh, svl, L, 32, D, USE_TMA)
+        k32 = _tile_source(K, b, h, skb, skh, skl, L, D, 32, USE_TMA)
+        v32 = _tile_source(V, b, h, svb, svh, svl, L, D, 32, USE_TMA)
         for j in range(full_end, half_end, 2):
             m_i, l_i, acc = _attend_pair(q, k32, v32, skl, svl, entries, j, half_end, m_i, l_i, acc, qk_scale,
                                          32, D, ENTRY_SIZE_BITS, USE_TMA)
-        k16, v16 = _segment_sources(K, V, b, h, skb, skh, skl, svb, svh, svl, L, 16, D, USE_TMA)
+        k16 = _tile_source(K, b, h, skb, skh, skl, L, D, 16, USE_TMA)
+        v16 = _tile_source(V, b, h, svb, svh, svl, L, D, 16, USE_TMA)
         for j in range(half_end, TOPK, 2):
             m_i, l_i, acc = _attend_pair(q, k16, v16, skl, svl, entries, j, TOPK, m_i, l_i, acc, qk_scale,
                                          16, D, ENTRY_SIZE_BITS, USE_TMA)
@@ -269,13 +258,9 @@ def _dq_block(q, do, lse, delta, k, v, k_valid, dq, qk_scale):
 
 def _dq_pair(q, do, lse, delta, k_source, v_source, skl, svl, entries, j, end, dq, qk_scale,
              ROWS: tl.constexpr, D: tl.constexpr, ENTRY_SIZE_BITS: tl.constexpr, USE_TMA: tl.constexpr):
-    # List entries j and j+1 (if j+1 < end) as ROWS-row blocks; an absent second entry has count 0.
-    entry1 = tl.load(entries + j)
-    entry2 = tl.load(entries + j + 1, mask=j + 1 < end, other=0)
-    k1, valid1 = _load_segment(k_source, skl, entry1, ROWS, D, ENTRY_SIZE_BITS, USE_TMA)
-    v1, _ = _load_segment(v_source, svl, entry1, ROWS, D, ENTRY_SIZE_BITS, USE_TMA)
-    k2, valid2 = _load_segment(k_source, skl, entry2, ROWS, D, ENTRY_SIZE_BITS, USE_TMA)
-    v2, _ = _load_segment(v_source, svl, entry2, ROWS, D, ENTRY_SIZE_BITS, USE_TMA)
+    # List entries j and j+1 (if j+1 < end) as ROWS-row blocks; an absent second entry adds nothing.
+    k1, v1, valid1, k2, v2, valid2 = _load_pair(k_source, v_source, skl, svl, entries, j, end,
+                                                ROWS, D, ENTRY_SIZE_BITS, USE_TMA)
     dq = _dq_block(q, do, lse, delta, k1, v1, valid1, dq, qk_scale)
     return _dq_block(q, do, lse, delta, k2, v2, valid2, dq, qk_scale)
 
@@ -296,8 +281,8 @@ def _bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, TILE
     # Invalid rows get lse = delta = 0: their p stays finite and their dS is 0 because dO is 0.
     lse = tl.load(LSE + bh * L + q_start + rows, mask=q_valid, other=0.0)
     delta = tl.load(DELTA + bh * L + q_start + rows, mask=q_valid, other=0.0)
-    k_source = _tile_source(K, b, h, skb, skh, skl, L, D, USE_TMA)
-    v_source = _tile_source(V, b, h, svb, svh, svl, L, D, USE_TMA)
+    k_source = _tile_source(K, b, h, skb, skh, skl, L, D, 64, USE_TMA)
+    v_source = _tile_source(V, b, h, svb, svh, svl, L, D, 64, USE_TMA)
     key_rows = tl.arange(0, 64)
     dq = tl.full([BLOCK_M, D], 0.0, tl.float32)
     entries = KEY_ENTRIES + row * TOPK
@@ -308,16 +293,18 @@ def _bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, TILE
     for j in range(0, full_end):
         k_start, k_len = _tile_entry(tl.load(entries + j), ENTRY_SIZE_BITS)
         k_valid = key_rows < k_len
-        k = _load_tile(k_source, skl, k_start, k_valid, USE_TMA, D)
-        v = _load_tile(v_source, svl, k_start, k_valid, USE_TMA, D)
+        k = _load_tile(k_source, skl, k_start, k_valid, USE_TMA, D, 64)
+        v = _load_tile(v_source, svl, k_start, k_valid, USE_TMA, D, 64)
         dq = _dq_block(q, do, lse, delta, k, v, k_valid, dq, qk_scale)
     if HAS_PARTIAL_KEYS:
         half_end = full_end + tl.load(KEY_COUNTS + 2 * row + 1)
-        k32, v32 = _segment_sources(K, V, b, h, skb, skh, skl, svb, svh, svl, L, 32, D, USE_TMA)
+        k32 = _tile_source(K, b, h, skb, skh, skl, L, D, 32, USE_TMA)
+        v32 = _tile_source(V, b, h, svb, svh, svl, L, D, 32, USE_TMA)
         for j in range(full_end, half_end, 2):
             dq = _dq_pair(q, do, lse, delta, k32, v32, skl, svl, entries, j, half_end, dq, qk_scale,
                           32, D, ENTRY_SIZE_BITS, USE_TMA)
-        k16, v16 = _segment_sources(K, V, b, h, skb, skh, skl, svb, svh, svl, L, 16, D, USE_TMA)
+        k16 = _tile_source(K, b, h, skb, skh, skl, L, D, 16, USE_TMA)
+        v16 = _tile_source(V, b, h, svb, svh, svl, L, D, 16, USE_TMA)
         for j in range(half_end, TOPK, 2):
             dq = _dq_pair(q, do, lse, delta, k16, v16, skl, svl, entries, j, TOPK, dq, qk_scale,
                           16, D, ENTRY_SIZE_BITS, USE_TMA)
@@ -344,8 +331,8 @@ def _bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, QUERY_ENTRIES, QUERY_OFF, TILE_OF
     k_valid = rows < k_len
     k = tl.load(_rows(K, b, h, skb, skh, skl, k_start, rows, cols), mask=k_valid[:, None], other=0.0)
     v = tl.load(_rows(V, b, h, svb, svh, svl, k_start, rows, cols), mask=k_valid[:, None], other=0.0)
-    q_source = _tile_source(Q, b, h, sqb, sqh, sql, L, D, USE_TMA)
-    do_source = _tile_source(DO, b, h, sdob, sdoh, sdol, L, D, USE_TMA)
+    q_source = _tile_source(Q, b, h, sqb, sqh, sql, L, D, 64, USE_TMA)
+    do_source = _tile_source(DO, b, h, sdob, sdoh, sdol, L, D, 64, USE_TMA)
     query_rows = tl.arange(0, 64)
     dk = tl.full([BLOCK_N, D], 0.0, tl.float32)
     dv = tl.full([BLOCK_N, D], 0.0, tl.float32)
@@ -359,8 +346,8 @@ def _bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, QUERY_ENTRIES, QUERY_OFF, TILE_OF
         # Rows past the query tile (whole bulk copies read into the next tile) are removed by zeroing
         # their P columns, so their dS columns are zero too; rewriting the loaded q and dO tiles
         # instead cost more than the copies saved (bench/NOTES_vsa.md).
-        q = _load_tile(q_source, sql, q_start, q_valid, USE_TMA, D)
-        do = _load_tile(do_source, sdol, q_start, q_valid, USE_TMA, D)
+        q = _load_tile(q_source, sql, q_start, q_valid, USE_TMA, D, 64)
+        do = _load_tile(do_source, sdol, q_start, q_valid, USE_TMA, D, 64)
         lse = tl.load(LSE + bh * L + tok, mask=q_valid, other=0.0)
         delta = tl.load(DELTA + bh * L + tok, mask=q_valid, other=0.0)
         sT = tl.dot(k, tl.trans(q))  # [keys, queries]
@@ -387,8 +374,8 @@ _RAW = {
     "bwd_dkdv": _bwd_dkdv,
 }
 _HELPERS = {"_program": _program, "_rows": _rows, "_tile_entry": _tile_entry, "_tile_source": _tile_source,
-            "_load_tile": _load_tile, "_load_segment": _load_segment, "_attend_pair": _attend_pair,
-            "_segment_sources": _segment_sources, "_dq_block": _dq_block, "_dq_pair": _dq_pair}
+            "_load_tile": _load_tile, "_load_pair": _load_pair, "_attend_pair": _attend_pair,
+            "_dq_block": _dq_block, "_dq_pair": _dq_pair}
 _JITTED: dict[bool, dict] = {}
 _JITTED_HELPERS: dict[bool, dict] = {}
 
