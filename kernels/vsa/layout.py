@@ -22,6 +22,16 @@ TILE_SIDE = 4
 TILE_TOKENS = TILE_SIDE**3  # 64: the most tokens one tile can hold
 
 
+# The row blocks the kernels process a tile's tokens in: a tile of up to 16 tokens takes a 16-row
+# block, 17..32 a 32-row block, more a whole 64-row tile (largest first, the order of ``tiles_by_block``).
+BLOCK_ROWS = (64, 32, 16)
+
+
+def block_rows(sizes: torch.Tensor) -> torch.Tensor:
+    """Tokens per tile (any int tensor) -> the smallest of ``BLOCK_ROWS`` that holds them, same shape."""
+    return torch.where(sizes <= 16, 16, torch.where(sizes <= 32, 32, 64))
+
+
 @dataclass(frozen=True, eq=False)
 class TileLayout:
     """The compact tile order for one grid on one device.
@@ -94,8 +104,8 @@ def _layout_for_grid(grid: tuple[int, int, int], device: torch.device) -> TileLa
     sizes = torch.bincount(tile, minlength=num_tiles)
     offsets = torch.zeros(num_tiles + 1, dtype=torch.int64)
     offsets[1:] = torch.cumsum(sizes, 0)
-    rows_needed = torch.where(sizes <= 16, 16, torch.where(sizes <= 32, 32, 64))
-    groups = [(rows, torch.nonzero(rows_needed == rows).flatten()) for rows in (64, 32, 16)]
+    rows_needed = block_rows(sizes)
+    groups = [(rows, torch.nonzero(rows_needed == rows).flatten()) for rows in BLOCK_ROWS]
     groups = [(rows, tiles) for rows, tiles in groups if tiles.numel() > 0]
     return TileLayout(
         grid=grid,

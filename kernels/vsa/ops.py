@@ -21,7 +21,7 @@ import math
 import torch
 
 from ...fastwan_core.errors import InputError
-from .layout import TileLayout, from_tile_order, to_tile_order
+from .layout import TileLayout, block_rows, from_tile_order, to_tile_order
 from .reference import video_sparse_attention_reference
 
 Tensor = torch.Tensor
@@ -211,14 +211,13 @@ def _key_lists(key_tiles: Tensor, tile_offsets: Tensor, groups) -> tuple[Tensor,
 
 
 def _class_sorted_key_entries(key_tiles: Tensor, tile_offsets: Tensor) -> tuple[Tensor, Tensor]:
-    """The forward's key lists: each row's selected tiles ordered by size class (more than 32 tokens,
-    17..32, up to 16; ascending tile index within a class), as packed entries (``_pack_tile_entries``),
-    with per-row counts of the first two classes (int32 [B, h, n, 2])."""
-    sizes = tile_offsets[1:] - tile_offsets[:-1]
-    size_class = ((sizes <= 32).to(torch.int32) + (sizes <= 16).to(torch.int32))[key_tiles.long()]
-    order = torch.sort(size_class, dim=-1, stable=True).indices
+    """The forward's key lists: each row's selected tiles ordered by the row block that holds them
+    (``layout.block_rows``: 64, then 32, then 16; ascending tile index within a block size), as packed
+    entries (``_pack_tile_entries``), with per-row counts of the 64- and 32-row ones (int32 [B, h, n, 2])."""
+    rows = block_rows(tile_offsets[1:] - tile_offsets[:-1])[key_tiles.long()]
+    order = torch.sort(rows, dim=-1, descending=True, stable=True).indices
     entries = _pack_tile_entries(torch.gather(key_tiles, -1, order), tile_offsets)
-    counts = torch.stack([(size_class == 0).sum(-1), (size_class == 1).sum(-1)], dim=-1).to(torch.int32)
+    counts = torch.stack([(rows == 64).sum(-1), (rows == 32).sum(-1)], dim=-1).to(torch.int32)
     return entries, counts
 
 
