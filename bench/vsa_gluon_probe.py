@@ -357,7 +357,7 @@ def fine_launches(q, k, v, gate, layout, topk):
     tv = vsa_ops._triton_module()
     B, heads, L, D = q.shape
     n = layout.num_tiles
-    means, probs, key_tiles = vsa_ops._coarse_forward(q, k, v, layout.tile_offsets, topk)
+    means, probs, key_tiles, key_entries, key_counts = vsa_ops._coarse_forward(q, k, v, layout.tile_offsets, topk)
     coarse = torch.matmul(probs, means[2])
     entries = vsa_ops._pack_tile_entries(key_tiles, layout.tile_offsets)
     scale = math.log2(math.e) / math.sqrt(D)
@@ -371,7 +371,6 @@ def fine_launches(q, k, v, gate, layout, topk):
         return (*vsa_ops._strides(q), *vsa_ops._strides(k), *vsa_ops._strides(v), *vsa_ops._strides(gate),
                 *vsa_ops._strides(out))
 
-    key_entries, key_counts = vsa_ops._class_sorted_key_entries(key_tiles, layout.tile_offsets)
 
     def triton_launch(rows, count, tiles, out, lse, **config):
         tv.kernels()["fwd"][(count, B * heads)](

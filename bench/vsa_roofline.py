@@ -17,8 +17,12 @@ random inputs as in bench/vsa_attention.py) it times, in one process and taking 
   ``bwd_dq`` + ``bwd_dkdv``: what fusing the two passes would save.
 
 It also reports the bytes each (query tile, key tile) pair moves and the implied L2->SM rate. With
-``--small-tile-configs`` it also times each backward launch of the partial tiles (32- and 16-row
-programs) under several launch configurations (how ops.SMALL_TILE_LAUNCH_CONFIG was chosen).
+``--launch-variants`` it also times each kernel's launch per tile-size group alone: dk/dv's 64-row
+launch also with every query tile as a whole 64-row block (``HAS_PARTIAL_QUERIES=False``), the 32- and
+16-row launches under several launch configurations, each checked against the current launch (how
+ops.SMALL_TILE_LAUNCH_CONFIG was chosen). With ``--profile`` it lists the GPU kernels of the whole
+production forward and forward+backward (torch.profiler, mean microseconds per call): what the time
+outside the fine-branch kernels is spent on.
 
     python bench/vsa_roofline.py            # GPU
     python bench/vsa_roofline.py --smoke    # CPU, tiny, Triton interpreter: checks the script runs
@@ -42,7 +46,7 @@ import triton.language as tl  # noqa: E402
 from fastwan.kernels.vsa import TileLayout, topk_for_sparsity  # noqa: E402
 from fastwan.kernels.vsa import ops as vsa_ops  # noqa: E402
 from fastwan.kernels.vsa import triton_vsa as tv  # noqa: E402
-from vsa_attention import bench_ms  # noqa: E402  (bench/ is on sys.path when run as a script)
+from vsa_attention import backward_of, bench_ms  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 _ADD, _MAX = tv._ADD, tv._MAX
 # The production kernels' helpers, jitted for this process's mode, so the probes share their layout.
@@ -151,12 +155,76 @@ def _bwd_fused(Q, K, V, DO, DK, DV, DQ32, LSE, DELTA, QUERY_ENTRIES, QUERY_OFF, 
     tl.store(_rows(DV, b, h, sdvb, sdvh, sdvl, k_start, rows, cols), dv.to(DV.dtype.element_ty), mask=k_valid[:, None])
 
 
+def kernel_profile(q, k, v, gate, grad_out, layout, topk, calls=10):
+    """GPU kernels of the production forward and forward+backward: {pass: {kernel: mean us per call}}."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fastwan.kernels.vsa import video_sparse_attention_tiled
+
+    inputs = [t.detach().requires_grad_() for t in (q, k, v, gate)]
+
+    def forward():
+        return video_sparse_attention_tiled(*inputs[:3], layout, topk, gate=inputs[3])
+
+    result = {}
+    for name, fn in (("fwd", forward), ("fwd_bwd", backward_of(forward, grad_out, inputs))):
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+        rows = {}
+        for event in prof.key_averages():
+            us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+            if us > 0:
+                rows[event.key[:90]] = round(us / calls, 1)
+        result[name] = dict(sorted(rows.items(), key=lambda item: -item[1]))
+        result[name + "_total_us"] = round(sum(rows.values()), 1)
+    return result
+
+
+def launch_variants(groups, kernels, smoke):
+    """Each (kernel, size group) launch alone: the current settings, then dk/dv's 64-row launch with
+    whole-tile query blocks and the 16/32-row launches under other launch configurations. Each variant
+    writes fresh zeroed buffers that must match the current launch's (max relative difference
+    reported); times in ms."""
+    result = {}
+    configs = ((1, 1), (1, 2), (2, 1), (2, 2), (2, 3), (4, 1), (4, 2), (4, 3)) if not smoke else ((1, 2),)
+    for kernel, (fn, names, like) in kernels.items():
+        for rows, _, _ in groups:
+            variants = [("current", {})]
+            if rows == 64 and kernel == "bwd_dkdv":
+                variants.append(("whole_query_tiles", {"HAS_PARTIAL_QUERIES": False}))
+            elif rows < 64:
+                variants += [(f"w{w}_s{st}", {} if smoke else dict(num_warps=w, num_stages=st)) for w, st in configs]
+            expected = None
+            for label, launch in variants:
+                buffers = {name: torch.zeros_like(like) for name in names}
+                key = f"{kernel}_{rows}rows_{label}"
+                try:
+                    fn(rows, launch, **buffers)
+                    if expected is None:
+                        expected = buffers
+                    result[key + "_rel_diff"] = max(
+                        ((buffers[name].float() - expected[name].float()).norm() / expected[name].float().norm()).item()
+                        for name in names)
+                    result[key + "_ms"] = bench_ms(lambda: fn(rows, launch, **buffers), smoke)
+                except Exception as exc:  # e.g. out of shared memory: report it and go on
+                    result[key + "_ms"] = repr(exc)[:200]
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of taking turns (median reported)")
-    parser.add_argument("--small-tile-configs", action="store_true",
-                        help="also time the backward's partial-tile launches under several launch configurations")
+    parser.add_argument("--profile", action="store_true",
+                        help="also list the GPU kernels of the production forward and forward+backward")
+    parser.add_argument("--launch-variants", action="store_true",
+                        help="also time each size group's launch alone under other launch configurations "
+                             "(and dk/dv's without partial query blocks), checking each against the current one")
     args = parser.parse_args()
     smoke = args.smoke
     device = torch.device("cpu" if smoke else "cuda")
@@ -175,24 +243,31 @@ def main() -> int:
     if not smoke:
         triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
     with torch.no_grad():
-        out, lse, key_tiles, means, probs = vsa_ops._triton_forward(q, k, v, gate, offsets, by_block,
-                                                                    vsa_ops._flat_groups(layout), topk)
+        out, lse, key_tiles, key_entries, key_counts, means, probs = vsa_ops._triton_forward(
+            q, k, v, gate, offsets, by_block, vsa_ops._flat_groups(layout), topk)
     coarse = torch.matmul(probs, means[2])
     qk_scale = math.log2(math.e) / math.sqrt(D)
 
     def config(kernel, rows=64):
         return {} if smoke else vsa_ops._launch_config(kernel, D, device, rows)
 
-    key_entries, key_counts, has_partial_keys = vsa_ops._key_lists(key_tiles, offsets, groups)
+    has_partial_keys = vsa_ops._has_partial_tiles(groups)
 
-    def fwd_fine():
+    def settings(kernel, rows, launch):
+        # The production launch of one group (constexprs and configuration), with `launch` overriding any of it.
+        flags = dict(USE_TMA=vsa_ops.USE_TMA[kernel],
+                     ENTRY_SIZE_BITS=vsa_ops._ENTRY_SIZE_BITS, D=D)
+        flags.update(HAS_PARTIAL_QUERIES=has_partial_keys) if kernel == "bwd_dkdv" else flags.update(
+            HAS_PARTIAL_KEYS=has_partial_keys)
+        return {**flags, **config(kernel, rows), **(launch or {})}
+
+    def fwd_fine(only_rows=None, launch=None, out=out):
         for rows, first, count in groups:
-            K["fwd"][(count, B * heads)](
-                q, k, v, gate, coarse, out, lse, key_entries, key_counts, offsets, by_block[first:],
-                *S(q), *S(k), *S(v), *S(gate), *S(out), heads, n, topk, L, qk_scale,
-                HAS_GATE=True, BLOCK_M=rows, D=D, ENTRY_SIZE_BITS=vsa_ops._ENTRY_SIZE_BITS,
-                HAS_PARTIAL_KEYS=has_partial_keys, USE_TMA=vsa_ops.USE_TMA["fwd"],
-                **config("fwd", rows))
+            if only_rows is None or rows == only_rows:
+                K["fwd"][(count, B * heads)](
+                    q, k, v, gate, coarse, out, lse, key_entries, key_counts, offsets, by_block[first:],
+                    *S(q), *S(k), *S(v), *S(gate), *S(out), heads, n, topk, L, qk_scale,
+                    HAS_GATE=True, BLOCK_M=rows, **settings("fwd", rows, launch))
 
     sink = torch.empty(B * heads * n, dtype=torch.float32, device=device)
 
@@ -216,32 +291,28 @@ def main() -> int:
     d_coarse = torch.empty(B, heads, n, D, dtype=torch.float32, device=device)
     dq, dk, dv = (torch.empty_like(out) for _ in range(3))
     zeros = torch.zeros(B, heads, n, D, dtype=torch.float32, device=device)
-    query_tiles, query_offsets = vsa_ops._transpose_key_tiles(key_tiles)
-    query_entries = vsa_ops._pack_tile_entries(query_tiles, offsets)
+    query_entries, query_offsets, query_counts = vsa_ops._transposed_query_lists(key_tiles, offsets)
 
     def bwd_preprocess():
         K["bwd_preprocess"][(n, B * heads)](out, grad_out, gate, coarse, delta, d_gate, d_coarse, offsets,
                                             *S(out), *S(grad_out), *S(gate), *S(d_gate), heads, n, L,
                                             HAS_GATE=True, BLOCK=64, D=D)
 
-    def bwd_dq(only_rows=None, launch=None):
+    def bwd_dq(only_rows=None, launch=None, dq=dq):
         for rows, first, count in groups:
             if only_rows is None or rows == only_rows:
                 K["bwd_dq"][(count, B * heads)](
                     q, k, v, grad_out, dq, lse, delta, key_entries, key_counts, offsets, by_block[first:], zeros,
                     *S(q), *S(k), *S(v), *S(grad_out), *S(dq), heads, n, topk, L, qk_scale, 1 / math.sqrt(D),
-                    HAS_COARSE=True, BLOCK_M=rows, D=D, ENTRY_SIZE_BITS=vsa_ops._ENTRY_SIZE_BITS,
-                    HAS_PARTIAL_KEYS=has_partial_keys, USE_TMA=vsa_ops.USE_TMA["bwd_dq"],
-                    **(launch or config("bwd_dq", rows)))
+                    HAS_COARSE=True, BLOCK_M=rows, **settings("bwd_dq", rows, launch))
 
-    def bwd_dkdv(only_rows=None, launch=None):
+    def bwd_dkdv(only_rows=None, launch=None, dk=dk, dv=dv):
         for rows, first, count in groups:
             if only_rows is None or rows == only_rows:
                 K["bwd_dkdv"][(count, B * heads)](
-                    q, k, v, grad_out, dk, dv, lse, delta, query_entries, query_offsets, offsets, by_block[first:],
-                    zeros, zeros, *S(q), *S(k), *S(v), *S(grad_out), *S(dk), *S(dv), heads, n, L, qk_scale,
-                    1 / math.sqrt(D), HAS_COARSE=True, BLOCK_N=rows, D=D, ENTRY_SIZE_BITS=vsa_ops._ENTRY_SIZE_BITS,
-                    USE_TMA=vsa_ops.USE_TMA["bwd_dkdv"], **(launch or config("bwd_dkdv", rows)))
+                    q, k, v, grad_out, dk, dv, lse, delta, query_entries, query_offsets, query_counts, offsets,
+                    by_block[first:], zeros, zeros, *S(q), *S(k), *S(v), *S(grad_out), *S(dk), *S(dv), heads, n, L,
+                    qk_scale, 1 / math.sqrt(D), HAS_COARSE=True, BLOCK_N=rows, **settings("bwd_dkdv", rows, launch))
 
     dq32 = torch.zeros(B * heads, L, D, dtype=torch.float32, device=device)
     dq_f, dk_f, dv_f = (torch.empty_like(out) for _ in range(3))
@@ -278,20 +349,11 @@ def main() -> int:
             variants[name]()
             for label, a, b in (("dq", dq_f, dq), ("dk", dk_f, dk), ("dv", dv_f, dv)):
                 report[f"{name}_{label}_rel_err"] = ((a.float() - b.float()).norm() / b.float().norm()).item()
-    if args.small_tile_configs and not smoke:
-        # Each backward launch of the partial-tile groups alone, per launch configuration.
-        for kernel, fn in (("bwd_dq", bwd_dq), ("bwd_dkdv", bwd_dkdv)):
-            for rows, _, _ in groups:
-                report[f"{kernel}_{rows}rows_current_ms"] = bench_ms(lambda fn=fn, rows=rows: fn(rows), False)
-                if rows == 64:
-                    continue
-                for warps, stages in ((1, 2), (2, 2), (2, 3), (4, 2), (4, 3)):
-                    launch = {"num_warps": warps, "num_stages": stages}
-                    try:
-                        ms = bench_ms(lambda fn=fn, rows=rows, launch=launch: fn(rows, launch), False)
-                    except Exception as exc:  # e.g. out of shared memory: report it and go on
-                        ms = repr(exc)[:200]
-                    report[f"{kernel}_{rows}rows_w{warps}_s{stages}_ms"] = ms
+    if args.profile and not smoke:
+        report["profile"] = kernel_profile(q, k, v, gate, grad_out, layout, topk)
+    if args.launch_variants:
+        report.update(launch_variants(groups, {"fwd": (fwd_fine, ("out",), out), "bwd_dq": (bwd_dq, ("dq",), dq),
+                                               "bwd_dkdv": (bwd_dkdv, ("dk", "dv"), dk)}, smoke))
     times = {name: [] for name in variants}
     for _ in range(1 if smoke else args.rounds):  # taking turns: each round times every variant once
         for name, fn in variants.items():

@@ -19,7 +19,6 @@ from fastwan.kernels.vsa import (  # noqa: E402
     video_sparse_attention_tiled,
 )
 from fastwan.kernels.vsa import ops as vsa_ops  # noqa: E402
-from fastwan.kernels.vsa.ops import _transpose_key_tiles  # noqa: E402
 import triton.language as tl  # noqa: E402
 from vsa_checks import check_compile_traces_as_one_op, check_triton_against_reference, rel_err  # noqa: E402
 
@@ -59,25 +58,6 @@ def test_triton_packs_partial_key_tiles(topk, use_tma, monkeypatch):
     check_triton_against_reference((9, 10, 11), 64, torch.float32, topk, True, B=1, heads=2, tol=1e-5)
 
 
-def test_class_sorted_key_entries_orders_tiles_by_size():
-    layout = TileLayout.for_grid((9, 10, 11))
-    sizes = layout.tile_sizes.tolist()
-    torch.manual_seed(0)
-    n, topk = layout.num_tiles, 11
-    key_tiles = torch.stack([torch.randperm(n)[:topk].sort().values for _ in range(6)]).view(1, 2, 3, topk)
-    entries, counts = vsa_ops._class_sorted_key_entries(key_tiles.to(torch.int32), layout.tile_offsets)
-    offsets = layout.tile_offsets.tolist()
-    bits = vsa_ops._ENTRY_SIZE_BITS
-    for row, entry_row, count_row in zip(key_tiles.view(-1, topk).tolist(), entries.view(-1, topk).tolist(),
-                                         counts.view(-1, 2).tolist()):
-        def size_class(tile):
-            return 0 if sizes[tile] > 32 else (1 if sizes[tile] > 16 else 2)
-
-        want = sorted(row, key=lambda tile: (size_class(tile), tile))
-        assert [(e >> bits, e & ((1 << bits) - 1)) for e in entry_row] == [(offsets[t], sizes[t]) for t in want]
-        assert count_row == [sum(size_class(t) == 0 for t in row), sum(size_class(t) == 1 for t in row)]
-
-
 @pytest.mark.parametrize("D", [64, 128])
 def test_triton_fp16_matches_reference(D, monkeypatch):
     # Also the tensor-descriptor (TMA) loads, which read whole 64-row blocks past partial tiles.
@@ -96,39 +76,55 @@ def test_triton_token_order_api_matches_reference():
 
 
 @pytest.mark.parametrize("n, topk", [(7, 3), (16, 16), (20, 1), (33, 12)])
-def test_triton_selection_is_exact_topk(n, topk):
-    # The selection kernel writes each row's top-k tile indices directly, ascending; ties go to the
-    # lowest index. Rows straddle program boundaries (4 rows per program) and pad lanes (BLOCK_T).
-    from fastwan.kernels.vsa import triton_vsa
-
+def test_triton_selection_is_exact_topk_with_size_sorted_lists(n, topk):
+    # The selection kernel writes each row's top-k tile indices directly, ascending (ties go to the
+    # lowest index), and the same tiles as packed entries grouped whole tiles / 17..32 tokens / up to 16
+    # (ascending within a group) with the first two counts. Rows straddle program boundaries (4 rows
+    # per program) and pad lanes (BLOCK_T); tile sizes are random, so every group and order occurs.
     rows = 10
+    sizes = torch.randint(1, 65, (n,))
+    offsets = torch.zeros(n + 1, dtype=torch.int32)
+    offsets[1:] = torch.cumsum(sizes, 0)
     scores = torch.randn(rows, n)
     scores[0, : min(n, 4)] = 3.0  # a tie at the top
     scores[1] = -scores[1].abs()  # all negative
-    key_tiles = torch.full((rows, topk), -1, dtype=torch.int32)
-    triton_vsa.kernels()["select"][((rows + 3) // 4,)](
-        scores, key_tiles, rows, n, topk, ROWS=4, BLOCK_T=max(16, 1 << (n - 1).bit_length())
-    )
+    key_tiles, entries, counts = vsa_ops._select_key_tiles(scores, offsets, topk)
+    bits = vsa_ops._ENTRY_SIZE_BITS
     for r in range(rows):
         values = scores[r]
         kth = values.sort(descending=True).values[topk - 1]
         want = [i for i in range(n) if values[i] > kth]
         want += [i for i in range(n) if values[i] == kth][: topk - len(want)]
         assert key_tiles[r].tolist() == sorted(want)
+        groups = [[t for t in sorted(want) if lo < sizes[t] <= hi] for lo, hi in ((32, 64), (16, 32), (0, 16))]
+        packed = [(offsets[t].item() << bits) | sizes[t].item() for group in groups for t in group]
+        assert entries[r].tolist() == packed
+        assert counts[r].tolist() == [len(groups[0]), len(groups[1])]
 
 
-def test_transposed_index_list_matches_brute_force():
+def test_transposed_query_lists_match_brute_force():
+    # Each key tile's list: the query tiles that selected it, whole tiles first, then those of
+    # 17..32 tokens, then up to 16 (ascending within each), with the first two counts.
+    layout = TileLayout.for_grid((5, 6, 7))  # tiles of 64, 48 | 32, 24 | 16, 12 tokens...
+    sizes = layout.tile_sizes.tolist()
+    starts = layout.tile_offsets.tolist()
     torch.manual_seed(6)
-    B, heads, n, topk = 2, 3, 7, 3
+    B, heads, n, topk = 2, 3, layout.num_tiles, 5
     key_tiles = torch.stack([torch.randperm(n)[:topk] for _ in range(B * heads * n)]).view(B, heads, n, topk)
     key_tiles = key_tiles.sort(-1).values.to(torch.int32)
-    query_tiles, query_offsets = _transpose_key_tiles(key_tiles)
+    entries, offsets, counts = vsa_ops._transposed_query_lists(key_tiles, layout.tile_offsets)
     flat = key_tiles.view(B * heads, n, topk)
+    bits = vsa_ops._ENTRY_SIZE_BITS
     for bh in range(B * heads):
         for kt in range(n):
-            lo, hi = query_offsets[bh * n + kt].item(), query_offsets[bh * n + kt + 1].item()
-            want = [qt for qt in range(n) if kt in flat[bh, qt].tolist()]
-            assert query_tiles[lo:hi].tolist() == want
+            lo, hi = offsets[bh * n + kt].item(), offsets[bh * n + kt + 1].item()
+            selected_by = [qt for qt in range(n) if kt in flat[bh, qt].tolist()]
+            whole = [qt for qt in selected_by if sizes[qt] > 32]
+            half = [qt for qt in selected_by if 16 < sizes[qt] <= 32]
+            small = [qt for qt in selected_by if sizes[qt] <= 16]
+            got = [(e >> bits, e & ((1 << bits) - 1)) for e in entries[lo:hi].tolist()]
+            assert got == [(starts[qt], sizes[qt]) for qt in whole + half + small]
+            assert counts[bh * n + kt].tolist() == [len(whole), len(half)]
 
 
 def test_kernels_keep_their_constexpr_parameters_when_jitted_per_mode():

@@ -77,16 +77,17 @@ LAUNCH_CONFIG = {
     ("bwd_dkdv", 128): dict(num_warps=4, num_stages=2),
 }
 # The 32- and 16-row programs of partial tiles at D=128, where another configuration than the 64-row
-# one measured faster on the H200 at 480p, 0.8 (per launch, ms): forward 0.59 -> 0.55 and 0.70 -> 0.62
-# (bench/results/vsa_gluon_probe_h200_2026-11-29.json, the same at 0.9); dq 0.57 -> 0.53 and
-# 0.78 -> 0.65; dk/dv 1.06 -> 1.03 and 1.68 -> 1.62 (bench/vsa_roofline.py --small-tile-configs).
+# one measured faster on the H200 at 480p, 0.8, per launch (``bench/vsa_roofline.py --launch-variants``,
+# bench/results/vsa_roofline_h200_2026-11-29.json; ms): forward 0.47 (32 rows) and 0.48 (16 rows)
+# against 0.56 and 0.59 at 4 warps / 2 stages; dq 0.48 and 0.52 against 0.51 and 0.65; dk/dv 0.99 and
+# 1.24 against 0.99 and 1.31. Single runs, which move by up to ±4%.
 SMALL_TILE_LAUNCH_CONFIG = {
     ("fwd", 128, 32): dict(num_warps=2, num_stages=2),
     ("fwd", 128, 16): dict(num_warps=1, num_stages=2),
-    ("bwd_dq", 128, 32): dict(num_warps=2, num_stages=2),
-    ("bwd_dq", 128, 16): dict(num_warps=4, num_stages=3),
-    ("bwd_dkdv", 128, 32): dict(num_warps=4, num_stages=3),
-    ("bwd_dkdv", 128, 16): dict(num_warps=4, num_stages=3),
+    ("bwd_dq", 128, 32): dict(num_warps=4, num_stages=3),
+    ("bwd_dq", 128, 16): dict(num_warps=2, num_stages=3),
+    ("bwd_dkdv", 128, 32): dict(num_warps=4, num_stages=2),
+    ("bwd_dkdv", 128, 16): dict(num_warps=2, num_stages=2),
 }
 
 
@@ -136,8 +137,7 @@ def _launch_config(kernel: str, D: int, device: torch.device, rows: int = 64) ->
 def _coarse_forward(q, k, v, tile_offsets, topk):
     """Tile means and top-k selection (Triton), tile-level scores and softmax (PyTorch, fp32, tiny).
 
-    Returns means fp32 [3, B, h, n, D], probs fp32 [B, h, n, n], key_tiles int32 [B, h, n, topk]
-    (ascending tile indices).
+    Returns means fp32 [3, B, h, n, D], probs fp32 [B, h, n, n], and ``_select_key_tiles``' three lists.
     """
     tv = _triton_module()
     B, heads, L, D = q.shape
@@ -149,14 +149,34 @@ def _coarse_forward(q, k, v, tile_offsets, topk):
     # fp32 even under bf16 autocast: the selection kernel ranks exact fp32 score keys.
     with torch.autocast(device_type=q.device.type, enabled=False):
         scores = torch.matmul(means[0], means[1].transpose(-1, -2)).mul_(1.0 / math.sqrt(D))
-    key_tiles = torch.empty(B, heads, n, topk, dtype=torch.int32, device=q.device)
+    key_tiles, key_entries, key_counts = _select_key_tiles(scores, tile_offsets, topk)
+    probs = torch.softmax(scores, dim=-1)
+    return means, probs, key_tiles, key_entries, key_counts
+
+
+def _select_key_tiles(scores: Tensor, tile_offsets: Tensor, topk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact top-k key tiles of each row of fp32 scores [..., n] (ties to the lower index), one kernel.
+
+    Returns key_tiles int32 [..., topk] (ascending tile indices: what the backward transposes), and
+    the lists the forward and dq kernels walk: key_entries int32 [..., topk], the same tiles packed
+    (``_pack_tile_entries``) and ordered by the row block that holds them (``layout.block_rows``: 64,
+    then 32, then 16; ascending within a block size), and key_counts int32 [..., 2], per row the
+    number of 64- and 32-row ones.
+    """
+    tv = _triton_module()
+    n = scores.shape[-1]
+    num_rows = scores.numel() // n
+    key_tiles = scores.new_empty(*scores.shape[:-1], topk, dtype=torch.int32)
+    key_entries = torch.empty_like(key_tiles)
+    key_counts = scores.new_empty(*scores.shape[:-1], 2, dtype=torch.int32)
+    tile_rows = block_rows(tile_offsets[1:] - tile_offsets[:-1]).to(torch.int32)
     rows_per_program = 4
-    tv.kernels()["select"][(triton_cdiv(B * heads * n, rows_per_program),)](
-        scores, key_tiles, B * heads * n, n, topk, ROWS=rows_per_program, BLOCK_T=max(16, _next_power_of_2(n)),
+    tv.kernels()["select"][(triton_cdiv(num_rows, rows_per_program),)](
+        scores.contiguous(), key_tiles, key_entries, key_counts, tile_offsets, tile_rows, num_rows, n, topk,
+        ENTRY_SIZE_BITS=_ENTRY_SIZE_BITS, ROWS=rows_per_program, BLOCK_T=max(16, _next_power_of_2(n)),
         **({} if tv.interpreting() else dict(num_warps=8)),
     )
-    probs = torch.softmax(scores, dim=-1)
-    return means, probs, key_tiles
+    return key_tiles, key_entries, key_counts
 
 
 def _next_power_of_2(n: int) -> int:
@@ -180,63 +200,55 @@ def _triton_forward(q, k, v, gate, tile_offsets, tiles_by_block, block_groups, t
     tv = _triton_module()
     B, heads, L, D = q.shape
     n = tile_offsets.numel() - 1
-    means, probs, key_tiles = _coarse_forward(q, k, v, tile_offsets, topk)
+    means, probs, key_tiles, key_entries, key_counts = _coarse_forward(q, k, v, tile_offsets, topk)
     coarse = torch.matmul(probs, means[2])  # [B, h, n, D] fp32
     out = _out_like_projection(q)
     lse = torch.empty(B, heads, L, dtype=torch.float32, device=q.device)
     g = gate if gate is not None else q  # dummy pointer when HAS_GATE is False
     use_tma = _use_tma("fwd", k, v)
     groups = _groups(block_groups)
-    key_entries, key_counts, has_partial_keys = _key_lists(key_tiles, tile_offsets, groups)
     for rows, first, count in groups:  # one launch per query-tile size group
         tv.kernels()["fwd"][(count, B * heads)](
             q, k, v, g, coarse, out, lse, key_entries, key_counts, tile_offsets, tiles_by_block[first:],
             *_strides(q), *_strides(k), *_strides(v), *_strides(g), *_strides(out),
             heads, n, topk, L, math.log2(math.e) / math.sqrt(D),
             HAS_GATE=gate is not None, BLOCK_M=rows, D=D, ENTRY_SIZE_BITS=_ENTRY_SIZE_BITS,
-            HAS_PARTIAL_KEYS=has_partial_keys, USE_TMA=use_tma, **_launch_config("fwd", D, q.device, rows),
+            HAS_PARTIAL_KEYS=_has_partial_tiles(groups), USE_TMA=use_tma,
+            **_launch_config("fwd", D, q.device, rows),
         )
-    return out, lse, key_tiles, means, probs
+    return out, lse, key_tiles, key_entries, key_counts, means, probs
 
 
-def _key_lists(key_tiles: Tensor, tile_offsets: Tensor, groups) -> tuple[Tensor, Tensor, bool]:
-    """The key lists the forward and dq kernels walk: (entries, counts, has_partial_keys).
-
-    Tiles of <= 32 tokens are exactly those in the 32- and 16-row groups, so the host knows whether
-    any exist; without them the lists stay in selection order and the kernels skip the count loads.
-    """
-    if any(rows < 64 for rows, _, _ in groups):
-        return (*_class_sorted_key_entries(key_tiles, tile_offsets), True)
-    return _pack_tile_entries(key_tiles, tile_offsets), tile_offsets, False  # counts unread
+def _has_partial_tiles(groups) -> bool:
+    """Whether the grid has tiles of <= 32 tokens (exactly the 32- and 16-row groups). Without them
+    the kernels compile without their partial-tile loops and never read the per-row counts."""
+    return any(rows < 64 for rows, _, _ in groups)
 
 
-def _class_sorted_key_entries(key_tiles: Tensor, tile_offsets: Tensor) -> tuple[Tensor, Tensor]:
-    """The forward's key lists: each row's selected tiles ordered by the row block that holds them
-    (``layout.block_rows``: 64, then 32, then 16; ascending tile index within a block size), as packed
-    entries (``_pack_tile_entries``), with per-row counts of the 64- and 32-row ones (int32 [B, h, n, 2])."""
-    rows = block_rows(tile_offsets[1:] - tile_offsets[:-1])[key_tiles.long()]
-    order = torch.sort(rows, dim=-1, descending=True, stable=True).indices
-    entries = _pack_tile_entries(torch.gather(key_tiles, -1, order), tile_offsets)
-    counts = torch.stack([(rows == 64).sum(-1), (rows == 32).sum(-1)], dim=-1).to(torch.int32)
-    return entries, counts
+def _transposed_query_lists(key_tiles: Tensor, tile_offsets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """dk/dv's lists: for each (batch*head, key tile), the query tiles that selected it.
 
-
-def _transpose_key_tiles(key_tiles: Tensor) -> tuple[Tensor, Tensor]:
-    """For each (batch*head, key tile): the query tiles that selected it.
-
-    key_tiles int32 [B, h, n, topk] -> (query_tiles int32 [B*h*n*topk] grouped by key tile with
-    queries ascending, query_offsets int32 [B*h*n + 1]). A histogram gives the offsets; a stable
-    sort places the entries (a counting sort in two library calls).
+    key_tiles int32 [B, h, n, topk] -> (entries int32 [B*h*n*topk], packed as ``_pack_tile_entries``,
+    grouped by key tile and within one key tile ordered by the row block that holds the query tile
+    (``layout.block_rows``: 64, then 32, then 16; ascending tile index within a block size);
+    offsets int32 [B*h*n + 1] of each key tile's entries; counts int32 [B*h*n, 2] of its 64- and
+    32-row query tiles). One stable sort on (key tile, block size) places the entries; a histogram of
+    the same sort keys gives offsets and counts (a counting sort in library calls).
     """
     B, heads, n, topk = key_tiles.shape
-    bh = torch.arange(B * heads, device=key_tiles.device, dtype=torch.int64).view(B * heads, 1, 1)
+    device = key_tiles.device
+    bh = torch.arange(B * heads, device=device, dtype=torch.int64).view(B * heads, 1, 1)
     key_ids = (bh * n + key_tiles.view(B * heads, n, topk).to(torch.int64)).view(-1)
-    order = torch.argsort(key_ids, stable=True)
-    query_tiles = ((order // topk) % n).to(torch.int32)
-    counts = torch.bincount(key_ids, minlength=B * heads * n)
-    query_offsets = torch.zeros(B * heads * n + 1, dtype=torch.int32, device=key_tiles.device)
-    query_offsets[1:] = torch.cumsum(counts, 0)
-    return query_tiles, query_offsets
+    query_tiles = torch.arange(n, device=device).view(1, n, 1).expand(B * heads, n, topk).reshape(-1)
+    rows = block_rows(tile_offsets[1:] - tile_offsets[:-1]).to(device)
+    size_rank = (rows == 32).long() + 2 * (rows == 16).long()  # 64 -> 0, 32 -> 1, 16 -> 2
+    sort_keys = key_ids * 3 + size_rank[query_tiles]
+    order = torch.argsort(sort_keys, stable=True)
+    entries = _pack_tile_entries(query_tiles[order], tile_offsets)
+    per_size = torch.bincount(sort_keys, minlength=3 * B * heads * n).view(B * heads * n, 3)
+    offsets = torch.zeros(B * heads * n + 1, dtype=torch.int32, device=device)
+    offsets[1:] = torch.cumsum(per_size.sum(1), 0)
+    return entries, offsets, per_size[:, :2].to(torch.int32).contiguous()
 
 
 # The attention kernels read each list entry (the forward's and dq's key lists, dk/dv's transposed
@@ -276,7 +288,8 @@ def _coarse_backward_fp32(d_coarse, means, probs, tile_offsets):
 
 
 def _triton_backward(
-    grad_out, q, k, v, gate, out, lse, key_tiles, means, probs, tile_offsets, tiles_by_block, block_groups
+    grad_out, q, k, v, gate, out, lse, key_tiles, key_entries, key_counts, means, probs, tile_offsets, tiles_by_block,
+    block_groups,
 ):
     tv = _triton_module()
     B, heads, L, D = q.shape
@@ -310,26 +323,26 @@ def _triton_backward(
     dv = _out_like_projection(v)
     groups = _groups(block_groups)
     use_tma = _use_tma("bwd_dq", k, v)
-    key_entries, key_counts, has_partial_keys = _key_lists(key_tiles, tile_offsets, groups)
+    has_partial_tiles = _has_partial_tiles(groups)
     for rows, first, count in groups:
         tv.kernels()["bwd_dq"][(count, B * heads)](
             q, k, v, grad_out, dq, lse, delta, key_entries, key_counts, tile_offsets, tiles_by_block[first:], dq_c,
             *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
             heads, n, topk, L, qk_scale, sm_scale,
             HAS_COARSE=has_gate, BLOCK_M=rows, D=D, ENTRY_SIZE_BITS=_ENTRY_SIZE_BITS,
-            HAS_PARTIAL_KEYS=has_partial_keys, USE_TMA=use_tma, **_launch_config("bwd_dq", D, q.device, rows),
+            HAS_PARTIAL_KEYS=has_partial_tiles, USE_TMA=use_tma, **_launch_config("bwd_dq", D, q.device, rows),
         )
-    query_tiles, query_offsets = _transpose_key_tiles(key_tiles)
-    query_entries = _pack_tile_entries(query_tiles, tile_offsets)
+    query_entries, query_offsets, query_counts = _transposed_query_lists(key_tiles, tile_offsets)
     use_tma = _use_tma("bwd_dkdv", q, grad_out)
     for rows, first, count in groups:  # one launch per key-tile size group
         tv.kernels()["bwd_dkdv"][(count, B * heads)](
-            q, k, v, grad_out, dk, dv, lse, delta, query_entries, query_offsets, tile_offsets, tiles_by_block[first:],
-            dk_c, dv_c,
+            q, k, v, grad_out, dk, dv, lse, delta, query_entries, query_offsets, query_counts, tile_offsets,
+            tiles_by_block[first:], dk_c, dv_c,
             *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
             heads, n, L, qk_scale, sm_scale,
             HAS_COARSE=has_gate, BLOCK_N=rows, D=D, ENTRY_SIZE_BITS=_ENTRY_SIZE_BITS,
-            USE_TMA=use_tma, **_launch_config("bwd_dkdv", D, q.device, rows),
+            HAS_PARTIAL_QUERIES=has_partial_tiles, USE_TMA=use_tma,
+            **_launch_config("bwd_dkdv", D, q.device, rows),
         )
     return dq, dk, dv, (d_gate if has_gate else None)
 
@@ -342,8 +355,9 @@ def _triton_backward(
 def _vsa_triton_fwd(
     q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, tile_offsets: Tensor, tiles_by_block: Tensor,
     block_groups: list[int], topk: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (out [B,h,L,D], lse2 fp32 [B,h,L], key_tiles int32 [B,h,n,topk], means fp32 [3,B,h,n,D],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (out [B,h,L,D], lse2 fp32 [B,h,L], key_tiles int32 [B,h,n,topk], key_entries int32
+    [B,h,n,topk] and key_counts int32 [B,h,n,2] (``_select_key_tiles``), means fp32 [3,B,h,n,D],
     coarse probs fp32 [B,h,n,n])."""
     return _triton_forward(q, k, v, gate, tile_offsets, tiles_by_block, block_groups, topk)
 
@@ -353,10 +367,13 @@ def _(q, k, v, gate, tile_offsets, tiles_by_block, block_groups, topk):
     B, heads, L, D = q.shape
     n = tile_offsets.shape[0] - 1
     f32 = dict(dtype=torch.float32)
+    i32 = dict(dtype=torch.int32)
     return (
         _out_like_projection(q),
         q.new_empty(B, heads, L, **f32),
-        q.new_empty(B, heads, n, topk, dtype=torch.int32),
+        q.new_empty(B, heads, n, topk, **i32),
+        q.new_empty(B, heads, n, topk, **i32),
+        q.new_empty(B, heads, n, 2, **i32),
         q.new_empty(3, B, heads, n, D, **f32),
         q.new_empty(B, heads, n, n, **f32),
     )
@@ -365,33 +382,35 @@ def _(q, k, v, gate, tile_offsets, tiles_by_block, block_groups, topk):
 @torch.library.custom_op("fastwan::vsa_triton_bwd", mutates_args=())
 def _vsa_triton_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, out: Tensor, lse: Tensor,
-    key_tiles: Tensor, means: Tensor, probs: Tensor, tile_offsets: Tensor, tiles_by_block: Tensor,
-    block_groups: list[int],
+    key_tiles: Tensor, key_entries: Tensor, key_counts: Tensor, means: Tensor, probs: Tensor, tile_offsets: Tensor,
+    tiles_by_block: Tensor, block_groups: list[int],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dq, dk, dv, d_gate = _triton_backward(
-        grad_out, q, k, v, gate, out, lse, key_tiles, means, probs, tile_offsets, tiles_by_block, block_groups
+        grad_out, q, k, v, gate, out, lse, key_tiles, key_entries, key_counts, means, probs, tile_offsets,
+        tiles_by_block, block_groups,
     )
     return dq, dk, dv, (d_gate if d_gate is not None else q.new_empty(0))
 
 
 @_vsa_triton_bwd.register_fake
-def _(grad_out, q, k, v, gate, out, lse, key_tiles, means, probs, tile_offsets, tiles_by_block, block_groups):
+def _(grad_out, q, k, v, gate, out, lse, key_tiles, key_entries, key_counts, means, probs, tile_offsets,
+      tiles_by_block, block_groups):
     d_gate = _out_like_projection(q, gate.dtype) if gate is not None else q.new_empty(0)
     return _out_like_projection(q), _out_like_projection(k), _out_like_projection(v), d_gate
 
 
 def _triton_setup_context(ctx, inputs, output):
     q, k, v, gate, tile_offsets, tiles_by_block, block_groups, topk = inputs
-    out, lse, key_tiles, means, probs = output
     ctx.has_gate = gate is not None
     ctx.block_groups = block_groups
-    ctx.save_for_backward(q, k, v, gate, out, lse, key_tiles, means, probs, tile_offsets, tiles_by_block)
+    # All the forward's outputs: out, lse, the three selection lists, means, probs.
+    ctx.save_for_backward(q, k, v, gate, *output, tile_offsets, tiles_by_block)
 
 
 def _triton_autograd(ctx, grad_out, *_unused):
-    q, k, v, gate, out, lse, key_tiles, means, probs, tile_offsets, tiles_by_block = ctx.saved_tensors
+    q, k, v, gate, *forward_outputs, tile_offsets, tiles_by_block = ctx.saved_tensors
     dq, dk, dv, d_gate = _vsa_triton_bwd(
-        grad_out, q, k, v, gate, out, lse, key_tiles, means, probs, tile_offsets, tiles_by_block, ctx.block_groups
+        grad_out, q, k, v, gate, *forward_outputs, tile_offsets, tiles_by_block, ctx.block_groups
     )
     return dq, dk, dv, (d_gate if ctx.has_gate else None), None, None, None, None
 

@@ -100,10 +100,14 @@ def _tile_means(X, OUT, TILE_OFF, stride_b, stride_h, stride_l, H, NUM_TILES,
     tl.store(OUT + row * D + cols, tl.reduce(x, 0, _ADD) / size.to(tl.float32))
 
 
-def _select(SCORES, KEY_TILES, NUM_ROWS, NUM_TILES, TOPK, ROWS: tl.constexpr, BLOCK_T: tl.constexpr):
+def _select(SCORES, KEY_TILES, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, TILE_ROWS, NUM_ROWS, NUM_TILES, TOPK,
+            ENTRY_SIZE_BITS: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr):
     # ROWS (batch, head, query tile) rows of coarse scores -> each row's TOPK best key tiles, written
-    # directly as an ascending index list (no boolean mask, no sort). Several rows per program
-    # amortise the 32 dependent reduction steps of the radix search.
+    # directly as an ascending index list (no boolean mask, no sort), and as the list the forward and
+    # dq walk: packed entries (ops._pack_tile_entries) grouped by the row block that holds the tile
+    # (TILE_ROWS, layout.block_rows: 64, 32, then 16; ascending within one), with per-row counts of
+    # the 64- and 32-row ones. Several rows per program amortise the 32 dependent reduction steps of
+    # the radix search.
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     lanes = tl.arange(0, BLOCK_T)
     valid = (lanes[None, :] < NUM_TILES) & (rows[:, None] < NUM_ROWS)
@@ -124,6 +128,23 @@ def _select(SCORES, KEY_TILES, NUM_ROWS, NUM_TILES, TOPK, ROWS: tl.constexpr, BL
     chosen = above | (ties & (tie_rank < TOPK - n_above))
     position = tl.associative_scan(chosen.to(tl.int32), 1, _ADD) - 1
     tl.store(KEY_TILES + rows[:, None] * TOPK + position, lanes[None, :] + rows[:, None] * 0, mask=chosen & valid)
+    # The same tiles grouped by block size: a stable partition by three prefix sums.
+    lane_ok = lanes < NUM_TILES
+    start = tl.load(TILE_OFF + lanes, mask=lane_ok, other=0)
+    entry = (start << ENTRY_SIZE_BITS) | (tl.load(TILE_OFF + lanes + 1, mask=lane_ok, other=0) - start)
+    block = tl.load(TILE_ROWS + lanes, mask=lane_ok, other=0)[None, :]
+    whole = chosen & (block == 64)
+    half = chosen & (block == 32)
+    small = chosen & (block == 16)
+    n_whole = tl.reduce(whole.to(tl.int32), 1, _ADD, keep_dims=True)
+    n_half = tl.reduce(half.to(tl.int32), 1, _ADD, keep_dims=True)
+    slot = tl.where(whole, tl.associative_scan(whole.to(tl.int32), 1, _ADD) - 1,
+                    tl.where(half, n_whole + tl.associative_scan(half.to(tl.int32), 1, _ADD) - 1,
+                             n_whole + n_half + tl.associative_scan(small.to(tl.int32), 1, _ADD) - 1))
+    tl.store(KEY_ENTRIES + rows[:, None] * TOPK + slot, entry[None, :] + rows[:, None] * 0, mask=chosen & valid)
+    row_ok = rows[:, None] < NUM_ROWS
+    tl.store(KEY_COUNTS + rows[:, None] * 2, n_whole, mask=row_ok)
+    tl.store(KEY_COUNTS + rows[:, None] * 2 + 1, n_half, mask=row_ok)
 
 
 def _load_pair(k_source, v_source, skl, svl, entries, j, end,
@@ -167,7 +188,7 @@ def _fwd(Q, K, V, G, COARSE, O, LSE, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, TILE_LIS
          HAS_PARTIAL_KEYS: tl.constexpr, USE_TMA: tl.constexpr = False):
     # One query tile (BLOCK_M rows: 64, or 32/16 for the small-tile launches over TILE_LIST) of
     # one head against its TOPK selected key tiles (online softmax). The key list comes sorted by
-    # tile size with counts (ops._class_sorted_key_entries): tiles of more than 32 tokens take one
+    # tile size with counts (written by _select): tiles of more than 32 tokens take one
     # 64-slot step each; smaller ones go two per step, each as its own 32-row (17..32 tokens) or
     # 16-row (up to 16) block, so a partial key tile costs neither a whole tile's copy nor a whole
     # tile's MMA columns. Grids without tiles of <= 32 tokens compile without those loops
@@ -314,49 +335,90 @@ def _bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, TILE
     tl.store(_rows(DQ, b, h, sdqb, sdqh, sdql, q_start, rows, cols), dq.to(DQ.dtype.element_ty), mask=q_valid[:, None])
 
 
-def _bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, QUERY_ENTRIES, QUERY_OFF, TILE_OFF, TILE_LIST, DK_COARSE, DV_COARSE,
+def _dkdv_entry(k, v, q_source, do_source, sql, sdol, LSE, DELTA, bh, L, entry, dk, dv, qk_scale,
+                ROWS: tl.constexpr, D: tl.constexpr, ENTRY_SIZE_BITS: tl.constexpr, USE_TMA: tl.constexpr):
+    # dk += dSᵀ q and dv += Pᵀ dO (dk unscaled: the kernel scales once) for the query tile of one
+    # transposed-list entry, as a ROWS-row block. Rows past the query tile (a bulk copy reads into the
+    # next tile) are removed by zeroing their P columns, so their dS columns are zero too; rewriting
+    # the loaded q and dO tiles instead cost more than the copies saved (bench/NOTES_vsa.md).
+    q_start, q_len = _tile_entry(entry, ENTRY_SIZE_BITS)
+    rows = tl.arange(0, ROWS)
+    q_valid = rows < q_len
+    q = _load_tile(q_source, sql, q_start, q_valid, USE_TMA, D, ROWS)
+    do = _load_tile(do_source, sdol, q_start, q_valid, USE_TMA, D, ROWS)
+    lse = tl.load(LSE + bh * L + q_start + rows, mask=q_valid, other=0.0)
+    delta = tl.load(DELTA + bh * L + q_start + rows, mask=q_valid, other=0.0)
+    sT = tl.dot(k, tl.trans(q))  # [keys, queries]
+    pT = tl.where(q_valid[None, :], tl.math.exp2(sT * qk_scale - lse[None, :]), 0.0)
+    dv = tl.dot(pT.to(do.dtype), do, dv)
+    dpT = tl.dot(v, tl.trans(do))
+    dsT = pT * (dpT - delta[None, :])
+    return tl.dot(dsT.to(q.dtype), q, dk), dv
+
+
+def _dkdv_queries(k, v, q_source, do_source, sql, sdol, LSE, DELTA, bh, L, QUERY_ENTRIES, first, end, dk, dv,
+                  qk_scale, ROWS: tl.constexpr, UNPIPELINED: tl.constexpr, D: tl.constexpr,
+                  ENTRY_SIZE_BITS: tl.constexpr, USE_TMA: tl.constexpr):
+    # The query tiles of transposed-list entries first..end-1, one ROWS-row block per step. UNPIPELINED
+    # loops issue each step's copies in the step (num_stages=1): a 64-row key tile's loops over partial
+    # query tiles must, because a second pipelined loop of MMAs into the same accumulators makes ptxas
+    # serialize every MMA of the kernel (C7515, Triton 3.6 for sm_90; bench/NOTES_vsa.md v8 variant).
+    if UNPIPELINED:
+        for e in tl.range(first, end, num_stages=1):
+            dk, dv = _dkdv_entry(k, v, q_source, do_source, sql, sdol, LSE, DELTA, bh, L, tl.load(QUERY_ENTRIES + e),
+                                 dk, dv, qk_scale, ROWS, D, ENTRY_SIZE_BITS, USE_TMA)
+    else:
+        for e in range(first, end):
+            dk, dv = _dkdv_entry(k, v, q_source, do_source, sql, sdol, LSE, DELTA, bh, L, tl.load(QUERY_ENTRIES + e),
+                                 dk, dv, qk_scale, ROWS, D, ENTRY_SIZE_BITS, USE_TMA)
+    return dk, dv
+
+
+def _bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, QUERY_ENTRIES, QUERY_OFF, QUERY_COUNTS, TILE_OFF, TILE_LIST,
+              DK_COARSE, DV_COARSE,
               sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol,
               sdkb, sdkh, sdkl, sdvb, sdvh, sdvl,
               H, NUM_TILES, L, qk_scale, sm_scale,
               HAS_COARSE: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, ENTRY_SIZE_BITS: tl.constexpr,
-              USE_TMA: tl.constexpr = False):
+              HAS_PARTIAL_QUERIES: tl.constexpr, USE_TMA: tl.constexpr = False):
     # dk, dv of one key tile (BLOCK_N rows: 64, or 32/16 for the small-tile launches over
-    # TILE_LIST): walk the query tiles that selected it (the transposed index list), one per step.
-    # Each entry is packed as (first token << ENTRY_SIZE_BITS) | token count (ops._pack_tile_entries),
-    # so a step needs one scalar load instead of the dependent tile index -> offsets chain (-10% for
-    # this kernel on the H200).
+    # TILE_LIST): walk the query tiles that selected it (the transposed list), one per step. Each
+    # entry is packed as (first token << ENTRY_SIZE_BITS) | token count (ops._pack_tile_entries), so a
+    # step needs one scalar load instead of the dependent tile index -> offsets chain (-10% for this
+    # kernel on the H200). The list comes sorted by query-tile size with per-row counts
+    # (ops._transposed_query_lists), so partial query tiles (HAS_PARTIAL_QUERIES) are 32- or 16-row
+    # blocks: bulk copies and MMA columns of their own size, not a whole tile's.
     bh, b, h, row, k_start, k_len = _program(tl.load(TILE_LIST + tl.program_id(0)), TILE_OFF, H, NUM_TILES)
     rows = tl.arange(0, BLOCK_N)
     cols = tl.arange(0, D)
     k_valid = rows < k_len
-    k = tl.load(_rows(K, b, h, skb, skh, skl, k_start, rows, cols), mask=k_valid[:, None], other=0.0)
-    v = tl.load(_rows(V, b, h, svb, svh, svl, k_start, rows, cols), mask=k_valid[:, None], other=0.0)
-    q_source = _tile_source(Q, b, h, sqb, sqh, sql, L, D, 64, USE_TMA)
-    do_source = _tile_source(DO, b, h, sdob, sdoh, sdol, L, D, 64, USE_TMA)
-    query_rows = tl.arange(0, 64)
+    k = _load_tile(_tile_source(K, b, h, skb, skh, skl, L, D, BLOCK_N, USE_TMA), skl, k_start, k_valid, USE_TMA, D,
+                   BLOCK_N)
+    v = _load_tile(_tile_source(V, b, h, svb, svh, svl, L, D, BLOCK_N, USE_TMA), svl, k_start, k_valid, USE_TMA, D,
+                   BLOCK_N)
     dk = tl.full([BLOCK_N, D], 0.0, tl.float32)
     dv = tl.full([BLOCK_N, D], 0.0, tl.float32)
     first = tl.load(QUERY_OFF + row)
     last = tl.load(QUERY_OFF + row + 1)
-    for e in range(first, last):
-        entry = tl.load(QUERY_ENTRIES + e)
-        q_start, q_len = _tile_entry(entry, ENTRY_SIZE_BITS)
-        q_valid = query_rows < q_len
-        tok = q_start + query_rows
-        # Rows past the query tile (whole bulk copies read into the next tile) are removed by zeroing
-        # their P columns, so their dS columns are zero too; rewriting the loaded q and dO tiles
-        # instead cost more than the copies saved (bench/NOTES_vsa.md).
-        q = _load_tile(q_source, sql, q_start, q_valid, USE_TMA, D, 64)
-        do = _load_tile(do_source, sdol, q_start, q_valid, USE_TMA, D, 64)
-        lse = tl.load(LSE + bh * L + tok, mask=q_valid, other=0.0)
-        delta = tl.load(DELTA + bh * L + tok, mask=q_valid, other=0.0)
-        sT = tl.dot(k, tl.trans(q))  # [keys, queries]
-        # Invalid key rows are never stored.
-        pT = tl.where(q_valid[None, :], tl.math.exp2(sT * qk_scale - lse[None, :]), 0.0)
-        dv = tl.dot(pT.to(do.dtype), do, dv)
-        dpT = tl.dot(v, tl.trans(do))
-        dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(q.dtype), q, dk)
+    if HAS_PARTIAL_QUERIES:
+        full_end = first + tl.load(QUERY_COUNTS + 2 * row)
+        half_end = full_end + tl.load(QUERY_COUNTS + 2 * row + 1)
+    else:
+        full_end = last
+        half_end = last
+    q_source = _tile_source(Q, b, h, sqb, sqh, sql, L, D, 64, USE_TMA)
+    do_source = _tile_source(DO, b, h, sdob, sdoh, sdol, L, D, 64, USE_TMA)
+    dk, dv = _dkdv_queries(k, v, q_source, do_source, sql, sdol, LSE, DELTA, bh, L, QUERY_ENTRIES, first, full_end,
+                           dk, dv, qk_scale, 64, False, D, ENTRY_SIZE_BITS, USE_TMA)
+    if HAS_PARTIAL_QUERIES:
+        q32 = _tile_source(Q, b, h, sqb, sqh, sql, L, D, 32, USE_TMA)
+        do32 = _tile_source(DO, b, h, sdob, sdoh, sdol, L, D, 32, USE_TMA)
+        dk, dv = _dkdv_queries(k, v, q32, do32, sql, sdol, LSE, DELTA, bh, L, QUERY_ENTRIES, full_end, half_end,
+                               dk, dv, qk_scale, 32, BLOCK_N == 64, D, ENTRY_SIZE_BITS, USE_TMA)
+        q16 = _tile_source(Q, b, h, sqb, sqh, sql, L, D, 16, USE_TMA)
+        do16 = _tile_source(DO, b, h, sdob, sdoh, sdol, L, D, 16, USE_TMA)
+        dk, dv = _dkdv_queries(k, v, q16, do16, sql, sdol, LSE, DELTA, bh, L, QUERY_ENTRIES, half_end, last,
+                               dk, dv, qk_scale, 16, BLOCK_N == 64, D, ENTRY_SIZE_BITS, USE_TMA)
     dk *= sm_scale
     if HAS_COARSE:
         dk += tl.load(DK_COARSE + row * D + cols)[None, :]
@@ -375,7 +437,8 @@ _RAW = {
 }
 _HELPERS = {"_program": _program, "_rows": _rows, "_tile_entry": _tile_entry, "_tile_source": _tile_source,
             "_load_tile": _load_tile, "_load_pair": _load_pair, "_attend_pair": _attend_pair,
-            "_dq_block": _dq_block, "_dq_pair": _dq_pair}
+            "_dq_block": _dq_block, "_dq_pair": _dq_pair, "_dkdv_entry": _dkdv_entry,
+            "_dkdv_queries": _dkdv_queries}
 _JITTED: dict[bool, dict] = {}
 _JITTED_HELPERS: dict[bool, dict] = {}
 
