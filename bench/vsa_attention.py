@@ -127,19 +127,12 @@ def compare_with_fastvideo(fvk, q, k, v, gate, layout, topk, ours):
 
 
 def coarse_breakdown(q, k, v, layout, topk, smoke):
-    """Times of the coarse stage's parts: the three tile-mean launches and the top-k kernel."""
-    tv = vsa_ops._triton_module()
-    B, heads, L, D = q.shape
-    n = layout.num_tiles
-    means = torch.empty(3, B, heads, n, D, dtype=torch.float32, device=q.device)
+    """Times of the coarse stage's parts: the tile means (one launch for q, k, v) and the top-k kernel."""
 
     def pool():
-        for i, x in enumerate((q, k, v)):
-            tv.kernels()["tile_means"][(n, B * heads)](
-                x, means[i], layout.tile_offsets, *vsa_ops._strides(x), heads, n, BLOCK=64, D=D
-            )
+        return vsa_ops._tile_means(q, k, v, layout.tile_offsets)
 
-    pool()
+    means = pool()
     scores = torch.matmul(means[0], means[1].transpose(-1, -2))
 
     def select():

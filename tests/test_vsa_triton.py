@@ -163,6 +163,14 @@ def test_triton_refuses_sequences_too_long_for_packed_entries(monkeypatch):
     assert torch.isfinite(out).all()
 
 
+def test_triton_refuses_grids_with_too_many_tiles_for_the_selection_counters(monkeypatch):
+    monkeypatch.setattr(vsa_ops, "MAX_TRITON_TILES", 2)
+    layout = TileLayout.for_grid((2, 4, 8))  # 2 tiles: one too many
+    q = torch.randn(1, 1, 64, 64)
+    with pytest.raises(InputError, match=r"fewer than 2 tiles.*64 tokens and 2 tiles.*implementation='auto'"):
+        video_sparse_attention_tiled(q, q, q, layout, 1, implementation="triton")
+
+
 def test_triton_custom_op_passes_opcheck():
     layout = TileLayout.for_grid((2, 4, 8))
     q, k, v, gate = (torch.randn(1, 1, 64, 16, requires_grad=True) for _ in range(4))

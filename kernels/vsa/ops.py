@@ -91,6 +91,10 @@ SMALL_TILE_LAUNCH_CONFIG = {
 }
 
 
+# The selection kernel: score rows per program and warps.
+SELECT_LAUNCH = dict(rows=1, num_warps=8)
+
+
 def _use_tma(kernel: str, *tensors: Tensor) -> bool:
     """Tensor descriptors need 16-byte aligned bases and row strides (true for [B, L, h, D] projections)."""
     if not USE_TMA.get(kernel, False):
@@ -139,19 +143,26 @@ def _coarse_forward(q, k, v, tile_offsets, topk):
 
     Returns means fp32 [3, B, h, n, D], probs fp32 [B, h, n, n], and ``_select_key_tiles``' three lists.
     """
-    tv = _triton_module()
-    B, heads, L, D = q.shape
-    n = tile_offsets.numel() - 1
-    means = torch.empty(3, B, heads, n, D, dtype=torch.float32, device=q.device)
-    grid = (n, B * heads)
-    for i, x in enumerate((q, k, v)):
-        tv.kernels()["tile_means"][grid](x, means[i], tile_offsets, *_strides(x), heads, n, BLOCK=64, D=D)
+    D = q.shape[-1]
+    means = _tile_means(q, k, v, tile_offsets)
     # fp32 even under bf16 autocast: the selection kernel ranks exact fp32 score keys.
     with torch.autocast(device_type=q.device.type, enabled=False):
         scores = torch.matmul(means[0], means[1].transpose(-1, -2)).mul_(1.0 / math.sqrt(D))
     key_tiles, key_entries, key_counts = _select_key_tiles(scores, tile_offsets, topk)
     probs = torch.softmax(scores, dim=-1)
     return means, probs, key_tiles, key_entries, key_counts
+
+
+def _tile_means(q: Tensor, k: Tensor, v: Tensor, tile_offsets: Tensor) -> Tensor:
+    """Per-tile means of q, k and v [B, h, L, D] (one launch) -> fp32 [3, B, h, n, D]."""
+    B, heads, L, D = q.shape
+    n = tile_offsets.numel() - 1
+    means = torch.empty(3, B, heads, n, D, dtype=torch.float32, device=q.device)
+    _triton_module().kernels()["tile_means"][(n, B * heads, 3)](
+        q, k, v, means, tile_offsets, *_strides(q), *_strides(k), *_strides(v), heads, n, B * heads * n,
+        BLOCK=64, D=D,
+    )
+    return means
 
 
 def _select_key_tiles(scores: Tensor, tile_offsets: Tensor, topk: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -170,11 +181,11 @@ def _select_key_tiles(scores: Tensor, tile_offsets: Tensor, topk: int) -> tuple[
     key_entries = torch.empty_like(key_tiles)
     key_counts = scores.new_empty(*scores.shape[:-1], 2, dtype=torch.int32)
     tile_rows = block_rows(tile_offsets[1:] - tile_offsets[:-1]).to(torch.int32)
-    rows_per_program = 4
+    rows_per_program = SELECT_LAUNCH["rows"]
     tv.kernels()["select"][(triton_cdiv(num_rows, rows_per_program),)](
         scores.contiguous(), key_tiles, key_entries, key_counts, tile_offsets, tile_rows, num_rows, n, topk,
         ENTRY_SIZE_BITS=_ENTRY_SIZE_BITS, ROWS=rows_per_program, BLOCK_T=max(16, _next_power_of_2(n)),
-        **({} if tv.interpreting() else dict(num_warps=8)),
+        **({} if tv.interpreting() else dict(num_warps=SELECT_LAUNCH["num_warps"])),
     )
     return key_tiles, key_entries, key_counts
 
@@ -256,6 +267,8 @@ def _transposed_query_lists(key_tiles: Tensor, tile_offsets: Tensor) -> tuple[Te
 # constexpr.
 _ENTRY_SIZE_BITS = 7  # a tile holds 1..64 tokens
 MAX_TRITON_TOKENS = 1 << (31 - _ENTRY_SIZE_BITS)
+# The selection kernel counts chosen tiles in 16-bit fields (triton_vsa._select).
+MAX_TRITON_TILES = 1 << 16
 
 
 def _pack_tile_entries(tiles: Tensor, tile_offsets: Tensor) -> Tensor:
@@ -513,6 +526,7 @@ def _check_inputs(q, k, v, gate, layout: TileLayout, topk: int, implementation: 
         and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
         and q.shape[-1] in _TRITON_HEAD_DIMS
         and q.shape[2] < MAX_TRITON_TOKENS
+        and layout.num_tiles < MAX_TRITON_TILES
         and (q.is_cuda or (q.device.type == "cpu" and _triton_module().interpreting()))
     )
     if implementation == "auto":
@@ -520,8 +534,9 @@ def _check_inputs(q, k, v, gate, layout: TileLayout, topk: int, implementation: 
     if implementation == "triton" and not triton_ok:
         raise InputError(
             f"VSA implementation='triton' needs the triton package (triton-windows on Windows), CUDA tensors, "
-            f"fp16/bf16/fp32, a head dim in {_TRITON_HEAD_DIMS} and fewer than {MAX_TRITON_TOKENS} tokens; got "
-            f"{q.dtype} on {q.device} with head dim {q.shape[-1]} and {q.shape[2]} tokens. Use "
+            f"fp16/bf16/fp32, a head dim in {_TRITON_HEAD_DIMS}, fewer than {MAX_TRITON_TOKENS} tokens and fewer than "
+            f"{MAX_TRITON_TILES} tiles; got {q.dtype} on {q.device} with head dim {q.shape[-1]}, {q.shape[2]} tokens "
+            f"and {layout.num_tiles} tiles. Use "
             "implementation='auto' to fall back to the PyTorch reference."
         )
     return implementation
