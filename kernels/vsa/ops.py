@@ -77,16 +77,16 @@ LAUNCH_CONFIG = {
     ("bwd_dkdv", 128): dict(num_warps=4, num_stages=2),
 }
 # The 32- and 16-row programs of partial tiles at D=128, where another configuration than the 64-row
-# one measured faster on the H200 at 480p, 0.8, per launch (``bench/vsa_roofline.py --launch-variants``,
-# bench/results/vsa_roofline_h200_2026-11-29.json; ms): forward 0.47 (32 rows) and 0.48 (16 rows)
-# against 0.56 and 0.59 at 4 warps / 2 stages; dq 0.48 and 0.52 against 0.51 and 0.65; dk/dv 0.99 and
-# 1.24 against 0.99 and 1.31. Single runs, which move by up to ±4%.
+# one measured faster on the H200 at 480p, 0.8, per launch (ms; ``bench/vsa_roofline.py --launch-variants``,
+# bench/results/vsa_roofline_v9_configs_h200_2026-11-29.json, single runs that move by up to ±4%):
+# forward 0.47 (32 rows) and 0.48 (16 rows) against 0.56 and 0.59 at 4 warps / 2 stages; dq 0.47 and
+# 0.52 against 0.51 and 0.65; dk/dv 16 rows 1.23 against 1.30 (its 32-row launch keeps 4 / 2: 0.98).
+# One stage (no prefetch) was slower everywhere.
 SMALL_TILE_LAUNCH_CONFIG = {
     ("fwd", 128, 32): dict(num_warps=2, num_stages=2),
     ("fwd", 128, 16): dict(num_warps=1, num_stages=2),
     ("bwd_dq", 128, 32): dict(num_warps=4, num_stages=3),
     ("bwd_dq", 128, 16): dict(num_warps=2, num_stages=3),
-    ("bwd_dkdv", 128, 32): dict(num_warps=4, num_stages=2),
     ("bwd_dkdv", 128, 16): dict(num_warps=2, num_stages=2),
 }
 
