@@ -19,7 +19,8 @@ random inputs as in bench/vsa_attention.py) it times, in one process and taking 
 It also reports the bytes each (query tile, key tile) pair moves and the implied L2->SM rate. With
 ``--launch-variants`` it also times each kernel's launch per tile-size group alone: dk/dv's 64-row
 launch also with every query tile as a whole 64-row block (``HAS_PARTIAL_QUERIES=False``), the 32- and
-16-row launches under several launch configurations, each checked against the current launch (how
+16-row launches under several launch configurations (and dk/dv's also with keys as the MMAs' rows,
+``QUERY_MAJOR=False``), each checked against the current launch (how
 ops.SMALL_TILE_LAUNCH_CONFIG was chosen). With ``--profile`` it lists the GPU kernels of the whole
 production forward and forward+backward (torch.profiler, mean microseconds per call): what the time
 outside the fine-branch kernels is spent on.
@@ -199,6 +200,9 @@ def launch_variants(groups, kernels, smoke):
                 variants.append(("whole_query_tiles", {"HAS_PARTIAL_QUERIES": False}))
             elif rows < 64:
                 variants += [(f"w{w}_s{st}", {} if smoke else dict(num_warps=w, num_stages=st)) for w, st in configs]
+                if kernel == "bwd_dkdv":
+                    variants += [(f"key_major_w{w}_s{st}", {"QUERY_MAJOR": False, **({} if smoke else dict(
+                        num_warps=w, num_stages=st))}) for w, st in ((2, 2), (4, 2))]
             expected = None
             for label, launch in variants:
                 buffers = {name: torch.zeros_like(like) for name in names}
@@ -222,9 +226,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of taking turns (median reported)")
     parser.add_argument("--profile", action="store_true",
                         help="also list the GPU kernels of the production forward and forward+backward")
-    parser.add_argument("--launch-variants", action="store_true",
+    parser.add_argument("--launch-variants", nargs="?", const="all", default=None, metavar="KERNELS",
                         help="also time each size group's launch alone under other launch configurations "
-                             "(and dk/dv's without partial query blocks), checking each against the current one")
+                             "(and dk/dv's without partial query blocks), checking each against the current one; "
+                             "optionally only some kernels: fwd,bwd_dq,bwd_dkdv")
     args = parser.parse_args()
     smoke = args.smoke
     device = torch.device("cpu" if smoke else "cuda")
@@ -257,8 +262,10 @@ def main() -> int:
         # The production launch of one group (constexprs and configuration), with `launch` overriding any of it.
         flags = dict(USE_TMA=vsa_ops.USE_TMA[kernel],
                      ENTRY_SIZE_BITS=vsa_ops._ENTRY_SIZE_BITS, D=D)
-        flags.update(HAS_PARTIAL_QUERIES=has_partial_keys) if kernel == "bwd_dkdv" else flags.update(
-            HAS_PARTIAL_KEYS=has_partial_keys)
+        if kernel == "bwd_dkdv":
+            flags.update(HAS_PARTIAL_QUERIES=has_partial_keys, QUERY_MAJOR=rows < 64)
+        else:
+            flags.update(HAS_PARTIAL_KEYS=has_partial_keys)
         return {**flags, **config(kernel, rows), **(launch or {})}
 
     def fwd_fine(only_rows=None, launch=None, out=out):
@@ -352,8 +359,10 @@ def main() -> int:
     if args.profile and not smoke:
         report["profile"] = kernel_profile(q, k, v, gate, grad_out, layout, topk)
     if args.launch_variants:
-        report.update(launch_variants(groups, {"fwd": (fwd_fine, ("out",), out), "bwd_dq": (bwd_dq, ("dq",), dq),
-                                               "bwd_dkdv": (bwd_dkdv, ("dk", "dv"), dk)}, smoke))
+        launches = {"fwd": (fwd_fine, ("out",), out), "bwd_dq": (bwd_dq, ("dq",), dq),
+                    "bwd_dkdv": (bwd_dkdv, ("dk", "dv"), dk)}
+        chosen = args.launch_variants.split(",") if args.launch_variants != "all" else list(launches)
+        report.update(launch_variants(groups, {name: launches[name] for name in chosen}, smoke))
     times = {name: [] for name in variants}
     for _ in range(1 if smoke else args.rounds):  # taking turns: each round times every variant once
         for name, fn in variants.items():

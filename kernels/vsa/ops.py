@@ -80,14 +80,15 @@ LAUNCH_CONFIG = {
 # one measured faster on the H200 at 480p, 0.8, per launch (ms; ``bench/vsa_roofline.py --launch-variants``,
 # bench/results/vsa_roofline_v9_configs_h200_2026-11-29.json, single runs that move by up to ±4%):
 # forward 0.47 (32 rows) and 0.48 (16 rows) against 0.56 and 0.59 at 4 warps / 2 stages; dq 0.47 and
-# 0.52 against 0.51 and 0.65; dk/dv 16 rows 1.23 against 1.30 (its 32-row launch keeps 4 / 2: 0.98).
-# One stage (no prefetch) was slower everywhere.
+# 0.52 against 0.51 and 0.65. One stage (no prefetch) was slower everywhere. dk/dv's query-major
+# small-tile programs (bench/results/vsa_roofline_v10_dkdv_h200_2026-11-29.json) keep the 64-row
+# configuration, 4 warps (one warpgroup for their 128-row MMAs) and 2 stages: at 1 stage, Triton 3.6
+# for sm_90 computed wrong dk/dv (relative difference ~2e2), so never launch them unpipelined.
 SMALL_TILE_LAUNCH_CONFIG = {
     ("fwd", 128, 32): dict(num_warps=2, num_stages=2),
     ("fwd", 128, 16): dict(num_warps=1, num_stages=2),
     ("bwd_dq", 128, 32): dict(num_warps=4, num_stages=3),
     ("bwd_dq", 128, 16): dict(num_warps=2, num_stages=3),
-    ("bwd_dkdv", 128, 16): dict(num_warps=2, num_stages=2),
 }
 
 
@@ -354,7 +355,8 @@ def _triton_backward(
             *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
             heads, n, L, qk_scale, sm_scale,
             HAS_COARSE=has_gate, BLOCK_N=rows, D=D, ENTRY_SIZE_BITS=_ENTRY_SIZE_BITS,
-            HAS_PARTIAL_QUERIES=has_partial_tiles, USE_TMA=use_tma,
+            # The 16/32-row key tiles with queries as the MMAs' rows (triton_vsa._dkdv_entry).
+            HAS_PARTIAL_QUERIES=has_partial_tiles, QUERY_MAJOR=rows < 64, USE_TMA=use_tma,
             **_launch_config("bwd_dkdv", D, q.device, rows),
         )
     return dq, dk, dv, (d_gate if has_gate else None)

@@ -351,11 +351,15 @@ def _bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, TILE
 
 
 def _dkdv_entry(k, v, q_source, do_source, sql, sdol, LSE, DELTA, bh, L, entry, dk, dv, qk_scale,
-                ROWS: tl.constexpr, D: tl.constexpr, ENTRY_SIZE_BITS: tl.constexpr, USE_TMA: tl.constexpr):
+                ROWS: tl.constexpr, QUERY_MAJOR: tl.constexpr, D: tl.constexpr, ENTRY_SIZE_BITS: tl.constexpr,
+                USE_TMA: tl.constexpr):
     # dk += dSᵀ q and dv += Pᵀ dO (dk unscaled: the kernel scales once) for the query tile of one
     # transposed-list entry, as a ROWS-row block. Rows past the query tile (a bulk copy reads into the
     # next tile) are removed by zeroing their P columns, so their dS columns are zero too; rewriting
     # the loaded q and dO tiles instead cost more than the copies saved (bench/NOTES_vsa.md).
+    # QUERY_MAJOR (the 16/32-row key tiles): the same products with queries as the MMAs' rows and the
+    # accumulators transposed, dkᵀ += qᵀ dS and dvᵀ += dOᵀ P ([D, keys]), so the two accumulating
+    # MMAs are D = 128 rows tall instead of 16 or 32.
     q_start, q_len = _tile_entry(entry, ENTRY_SIZE_BITS)
     rows = tl.arange(0, ROWS)
     q_valid = rows < q_len
@@ -363,17 +367,24 @@ def _dkdv_entry(k, v, q_source, do_source, sql, sdol, LSE, DELTA, bh, L, entry, 
     do = _load_tile(do_source, sdol, q_start, q_valid, USE_TMA, D, ROWS)
     lse = tl.load(LSE + bh * L + q_start + rows, mask=q_valid, other=0.0)
     delta = tl.load(DELTA + bh * L + q_start + rows, mask=q_valid, other=0.0)
-    sT = tl.dot(k, tl.trans(q))  # [keys, queries]
-    pT = tl.where(q_valid[None, :], tl.math.exp2(sT * qk_scale - lse[None, :]), 0.0)
-    dv = tl.dot(pT.to(do.dtype), do, dv)
-    dpT = tl.dot(v, tl.trans(do))
-    dsT = pT * (dpT - delta[None, :])
-    return tl.dot(dsT.to(q.dtype), q, dk), dv
+    if QUERY_MAJOR:
+        s = tl.dot(q, tl.trans(k))  # [queries, keys]
+        p = tl.where(q_valid[:, None], tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
+        dv = tl.dot(tl.trans(do), p.to(do.dtype), dv)
+        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+        dk = tl.dot(tl.trans(q), ds.to(q.dtype), dk)
+    else:
+        sT = tl.dot(k, tl.trans(q))  # [keys, queries]
+        pT = tl.where(q_valid[None, :], tl.math.exp2(sT * qk_scale - lse[None, :]), 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv)
+        dsT = pT * (tl.dot(v, tl.trans(do)) - delta[None, :])
+        dk = tl.dot(dsT.to(q.dtype), q, dk)
+    return dk, dv
 
 
 def _dkdv_queries(k, v, q_source, do_source, sql, sdol, LSE, DELTA, bh, L, QUERY_ENTRIES, first, end, dk, dv,
-                  qk_scale, ROWS: tl.constexpr, UNPIPELINED: tl.constexpr, D: tl.constexpr,
-                  ENTRY_SIZE_BITS: tl.constexpr, USE_TMA: tl.constexpr):
+                  qk_scale, ROWS: tl.constexpr, UNPIPELINED: tl.constexpr, QUERY_MAJOR: tl.constexpr,
+                  D: tl.constexpr, ENTRY_SIZE_BITS: tl.constexpr, USE_TMA: tl.constexpr):
     # The query tiles of transposed-list entries first..end-1, one ROWS-row block per step. UNPIPELINED
     # loops issue each step's copies in the step (num_stages=1): a 64-row key tile's loops over partial
     # query tiles must, because a second pipelined loop of MMAs into the same accumulators makes ptxas
@@ -381,11 +392,11 @@ def _dkdv_queries(k, v, q_source, do_source, sql, sdol, LSE, DELTA, bh, L, QUERY
     if UNPIPELINED:
         for e in tl.range(first, end, num_stages=1):
             dk, dv = _dkdv_entry(k, v, q_source, do_source, sql, sdol, LSE, DELTA, bh, L, tl.load(QUERY_ENTRIES + e),
-                                 dk, dv, qk_scale, ROWS, D, ENTRY_SIZE_BITS, USE_TMA)
+                                 dk, dv, qk_scale, ROWS, QUERY_MAJOR, D, ENTRY_SIZE_BITS, USE_TMA)
     else:
         for e in range(first, end):
             dk, dv = _dkdv_entry(k, v, q_source, do_source, sql, sdol, LSE, DELTA, bh, L, tl.load(QUERY_ENTRIES + e),
-                                 dk, dv, qk_scale, ROWS, D, ENTRY_SIZE_BITS, USE_TMA)
+                                 dk, dv, qk_scale, ROWS, QUERY_MAJOR, D, ENTRY_SIZE_BITS, USE_TMA)
     return dk, dv
 
 
@@ -395,7 +406,7 @@ def _bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, QUERY_ENTRIES, QUERY_OFF, QUERY_C
               sdkb, sdkh, sdkl, sdvb, sdvh, sdvl,
               H, NUM_TILES, L, qk_scale, sm_scale,
               HAS_COARSE: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, ENTRY_SIZE_BITS: tl.constexpr,
-              HAS_PARTIAL_QUERIES: tl.constexpr, USE_TMA: tl.constexpr = False):
+              HAS_PARTIAL_QUERIES: tl.constexpr, QUERY_MAJOR: tl.constexpr, USE_TMA: tl.constexpr = False):
     # dk, dv of one key tile (BLOCK_N rows: 64, or 32/16 for the small-tile launches over
     # TILE_LIST): walk the query tiles that selected it (the transposed list), one per step. Each
     # entry is packed as (first token << ENTRY_SIZE_BITS) | token count (ops._pack_tile_entries), so a
@@ -411,8 +422,12 @@ def _bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, QUERY_ENTRIES, QUERY_OFF, QUERY_C
                    BLOCK_N)
     v = _load_tile(_tile_source(V, b, h, svb, svh, svl, L, D, BLOCK_N, USE_TMA), svl, k_start, k_valid, USE_TMA, D,
                    BLOCK_N)
-    dk = tl.full([BLOCK_N, D], 0.0, tl.float32)
-    dv = tl.full([BLOCK_N, D], 0.0, tl.float32)
+    if QUERY_MAJOR:  # transposed accumulators, see _dkdv_entry
+        dk = tl.full([D, BLOCK_N], 0.0, tl.float32)
+        dv = tl.full([D, BLOCK_N], 0.0, tl.float32)
+    else:
+        dk = tl.full([BLOCK_N, D], 0.0, tl.float32)
+        dv = tl.full([BLOCK_N, D], 0.0, tl.float32)
     first = tl.load(QUERY_OFF + row)
     last = tl.load(QUERY_OFF + row + 1)
     if HAS_PARTIAL_QUERIES:
@@ -424,16 +439,22 @@ def _bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, QUERY_ENTRIES, QUERY_OFF, QUERY_C
     q_source = _tile_source(Q, b, h, sqb, sqh, sql, L, D, 64, USE_TMA)
     do_source = _tile_source(DO, b, h, sdob, sdoh, sdol, L, D, 64, USE_TMA)
     dk, dv = _dkdv_queries(k, v, q_source, do_source, sql, sdol, LSE, DELTA, bh, L, QUERY_ENTRIES, first, full_end,
-                           dk, dv, qk_scale, 64, False, D, ENTRY_SIZE_BITS, USE_TMA)
+                           dk, dv, qk_scale, 64, False, QUERY_MAJOR, D, ENTRY_SIZE_BITS,
+                           USE_TMA)
     if HAS_PARTIAL_QUERIES:
         q32 = _tile_source(Q, b, h, sqb, sqh, sql, L, D, 32, USE_TMA)
         do32 = _tile_source(DO, b, h, sdob, sdoh, sdol, L, D, 32, USE_TMA)
         dk, dv = _dkdv_queries(k, v, q32, do32, sql, sdol, LSE, DELTA, bh, L, QUERY_ENTRIES, full_end, half_end,
-                               dk, dv, qk_scale, 32, BLOCK_N == 64, D, ENTRY_SIZE_BITS, USE_TMA)
+                               dk, dv, qk_scale, 32, BLOCK_N == 64, QUERY_MAJOR, D,
+                               ENTRY_SIZE_BITS, USE_TMA)
         q16 = _tile_source(Q, b, h, sqb, sqh, sql, L, D, 16, USE_TMA)
         do16 = _tile_source(DO, b, h, sdob, sdoh, sdol, L, D, 16, USE_TMA)
         dk, dv = _dkdv_queries(k, v, q16, do16, sql, sdol, LSE, DELTA, bh, L, QUERY_ENTRIES, half_end, last,
-                               dk, dv, qk_scale, 16, BLOCK_N == 64, D, ENTRY_SIZE_BITS, USE_TMA)
+                               dk, dv, qk_scale, 16, BLOCK_N == 64, QUERY_MAJOR, D,
+                               ENTRY_SIZE_BITS, USE_TMA)
+    if QUERY_MAJOR:
+        dk = tl.trans(dk)
+        dv = tl.trans(dv)
     dk *= sm_scale
     if HAS_COARSE:
         dk += tl.load(DK_COARSE + row * D + cols)[None, :]
