@@ -171,6 +171,21 @@ def test_triton_refuses_grids_with_too_many_tiles_for_the_selection_counters(mon
         video_sparse_attention_tiled(q, q, q, layout, 1, implementation="triton")
 
 
+@pytest.mark.parametrize("large_shared_memory", [True, False])
+def test_dkdv_launches_are_always_pipelined(large_shared_memory, monkeypatch):
+    # Query-major dk/dv programs (the 16/32-row key tiles) computed wrong dk/dv at num_stages=1 with
+    # Triton 3.6 on an H200 (bench/NOTES_vsa.md, v10): no configuration may launch them unpipelined,
+    # nor with fewer than the 4 warps (one warpgroup) their 128-row MMAs are written for.
+    from fastwan.kernels.vsa import triton_vsa
+
+    monkeypatch.setattr(triton_vsa, "interpreting", lambda: False)
+    monkeypatch.setattr(vsa_ops, "_large_shared_memory", lambda device: large_shared_memory)
+    for D in vsa_ops._TRITON_HEAD_DIMS:
+        for rows in (64, 32, 16):
+            config = vsa_ops._launch_config("bwd_dkdv", D, torch.device("cpu"), rows)
+            assert config["num_stages"] >= 2 and config["num_warps"] >= 4, (D, rows, config)
+
+
 def test_triton_custom_op_passes_opcheck():
     layout = TileLayout.for_grid((2, 4, 8))
     q, k, v, gate = (torch.randn(1, 1, 64, 16, requires_grad=True) for _ in range(4))
