@@ -256,16 +256,10 @@ def main() -> int:
     def config(kernel, rows=64):
         return {} if smoke else vsa_ops._launch_config(kernel, D, device, rows)
 
-    has_partial_keys = vsa_ops._has_partial_tiles(groups)
-
     def settings(kernel, rows, launch):
         # The production launch of one group (constexprs and configuration), with `launch` overriding any of it.
-        flags = dict(USE_TMA=vsa_ops.USE_TMA[kernel],
-                     ENTRY_SIZE_BITS=vsa_ops._ENTRY_SIZE_BITS, D=D)
-        if kernel == "bwd_dkdv":
-            flags.update(HAS_PARTIAL_QUERIES=has_partial_keys, QUERY_MAJOR=rows < 64)
-        else:
-            flags.update(HAS_PARTIAL_KEYS=has_partial_keys)
+        flags = dict(USE_TMA=vsa_ops.USE_TMA[kernel], ENTRY_SIZE_BITS=vsa_ops._ENTRY_SIZE_BITS, D=D,
+                     **vsa_ops._list_flags(kernel, rows, groups))
         return {**flags, **config(kernel, rows), **(launch or {})}
 
     def fwd_fine(only_rows=None, launch=None, out=out):

@@ -92,7 +92,8 @@ SMALL_TILE_LAUNCH_CONFIG = {
 }
 
 
-# The selection kernel: score rows per program and warps.
+# The selection kernel: score rows per program and warps. One row per program measured 0.165 ms at
+# 480p on the H200 against 0.255 ms for four (which need 185 registers a thread: one program per SM).
 SELECT_LAUNCH = dict(rows=1, num_warps=8)
 
 
@@ -225,16 +226,23 @@ def _triton_forward(q, k, v, gate, tile_offsets, tiles_by_block, block_groups, t
             *_strides(q), *_strides(k), *_strides(v), *_strides(g), *_strides(out),
             heads, n, topk, L, math.log2(math.e) / math.sqrt(D),
             HAS_GATE=gate is not None, BLOCK_M=rows, D=D, ENTRY_SIZE_BITS=_ENTRY_SIZE_BITS,
-            HAS_PARTIAL_KEYS=_has_partial_tiles(groups), USE_TMA=use_tma,
-            **_launch_config("fwd", D, q.device, rows),
+            USE_TMA=use_tma, **_list_flags("fwd", rows, groups), **_launch_config("fwd", D, q.device, rows),
         )
     return out, lse, key_tiles, key_entries, key_counts, means, probs
 
 
-def _has_partial_tiles(groups) -> bool:
-    """Whether the grid has tiles of <= 32 tokens (exactly the 32- and 16-row groups). Without them
-    the kernels compile without their partial-tile loops and never read the per-row counts."""
-    return any(rows < 64 for rows, _, _ in groups)
+def _list_flags(kernel: str, rows: int, groups) -> dict:
+    """The constexprs of how one size group's launch walks its lists (also used by bench/vsa_roofline.py).
+
+    HAS_PARTIAL_KEYS / HAS_PARTIAL_QUERIES: whether the grid has tiles of <= 32 tokens (exactly the 32-
+    and 16-row groups); without them the kernels compile without their partial-tile loops and never
+    read the per-row counts. QUERY_MAJOR (dk/dv): the 16/32-row key tiles run with queries as the MMAs'
+    rows (triton_vsa._dkdv_entry).
+    """
+    partial = any(group_rows < 64 for group_rows, _, _ in groups)
+    if kernel == "bwd_dkdv":
+        return dict(HAS_PARTIAL_QUERIES=partial, QUERY_MAJOR=rows < 64)
+    return dict(HAS_PARTIAL_KEYS=partial)
 
 
 def _transposed_query_lists(key_tiles: Tensor, tile_offsets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -337,14 +345,13 @@ def _triton_backward(
     dv = _out_like_projection(v)
     groups = _groups(block_groups)
     use_tma = _use_tma("bwd_dq", k, v)
-    has_partial_tiles = _has_partial_tiles(groups)
     for rows, first, count in groups:
         tv.kernels()["bwd_dq"][(count, B * heads)](
             q, k, v, grad_out, dq, lse, delta, key_entries, key_counts, tile_offsets, tiles_by_block[first:], dq_c,
             *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
             heads, n, topk, L, qk_scale, sm_scale,
             HAS_COARSE=has_gate, BLOCK_M=rows, D=D, ENTRY_SIZE_BITS=_ENTRY_SIZE_BITS,
-            HAS_PARTIAL_KEYS=has_partial_tiles, USE_TMA=use_tma, **_launch_config("bwd_dq", D, q.device, rows),
+            USE_TMA=use_tma, **_list_flags("bwd_dq", rows, groups), **_launch_config("bwd_dq", D, q.device, rows),
         )
     query_entries, query_offsets, query_counts = _transposed_query_lists(key_tiles, tile_offsets)
     use_tma = _use_tma("bwd_dkdv", q, grad_out)
@@ -355,8 +362,7 @@ def _triton_backward(
             *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
             heads, n, L, qk_scale, sm_scale,
             HAS_COARSE=has_gate, BLOCK_N=rows, D=D, ENTRY_SIZE_BITS=_ENTRY_SIZE_BITS,
-            # The 16/32-row key tiles with queries as the MMAs' rows (triton_vsa._dkdv_entry).
-            HAS_PARTIAL_QUERIES=has_partial_tiles, QUERY_MAJOR=rows < 64, USE_TMA=use_tma,
+            USE_TMA=use_tma, **_list_flags("bwd_dkdv", rows, groups),
             **_launch_config("bwd_dkdv", D, q.device, rows),
         )
     return dq, dk, dv, (d_gate if has_gate else None)

@@ -162,6 +162,27 @@ def _select(SCORES, KEY_TILES, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, TILE_ROWS, NUM
     tl.store(KEY_COUNTS + rows[:, None] * 2 + 1, n_half, mask=row_ok)
 
 
+def _key_list(KEY_ENTRIES, KEY_COUNTS, row, TOPK, HAS_PARTIAL_KEYS: tl.constexpr):
+    # A query tile's key list (written by _select) and the end of its whole tiles: the count loaded
+    # when the grid has partial tiles, else the whole list.
+    entries = KEY_ENTRIES + row * TOPK
+    if HAS_PARTIAL_KEYS:
+        full_end = tl.load(KEY_COUNTS + 2 * row)
+    else:
+        full_end = TOPK
+    return entries, full_end
+
+
+def _load_whole(k_source, v_source, skl, svl, entries, j, key_rows,
+                D: tl.constexpr, ENTRY_SIZE_BITS: tl.constexpr, USE_TMA: tl.constexpr):
+    # The key tile of list entry j as 64-row blocks of K and V, with its valid rows.
+    k_start, k_len = _tile_entry(tl.load(entries + j), ENTRY_SIZE_BITS)
+    k_valid = key_rows < k_len
+    k = _load_tile(k_source, skl, k_start, k_valid, USE_TMA, D, 64)
+    v = _load_tile(v_source, svl, k_start, k_valid, USE_TMA, D, 64)
+    return k, v, k_valid
+
+
 def _load_pair(k_source, v_source, skl, svl, entries, j, end,
                ROWS: tl.constexpr, D: tl.constexpr, ENTRY_SIZE_BITS: tl.constexpr, USE_TMA: tl.constexpr):
     # The partial key tiles of list entries j and j+1 as ROWS-row blocks of K and V, with their valid
@@ -221,16 +242,9 @@ def _fwd(Q, K, V, G, COARSE, O, LSE, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, TILE_LIS
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, tl.float32)
     acc = tl.full([BLOCK_M, D], 0.0, tl.float32)
-    entries = KEY_ENTRIES + row * TOPK
-    if HAS_PARTIAL_KEYS:
-        full_end = tl.load(KEY_COUNTS + 2 * row)
-    else:
-        full_end = TOPK
+    entries, full_end = _key_list(KEY_ENTRIES, KEY_COUNTS, row, TOPK, HAS_PARTIAL_KEYS)
     for j in range(0, full_end):
-        k_start, k_len = _tile_entry(tl.load(entries + j), ENTRY_SIZE_BITS)
-        k_valid = key_rows < k_len
-        k = _load_tile(k_source, skl, k_start, k_valid, USE_TMA, D, 64)
-        v = _load_tile(v_source, svl, k_start, k_valid, USE_TMA, D, 64)
+        k, v, k_valid = _load_whole(k_source, v_source, skl, svl, entries, j, key_rows, D, ENTRY_SIZE_BITS, USE_TMA)
         # Raw scores; the scale folds into the max and into exp2's multiply-add, and P@V accumulates
         # into the rescaled accumulator in place (-4% against scaling s first and adding the product).
         s = tl.where(k_valid[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
@@ -321,16 +335,9 @@ def _bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, TILE
     v_source = _tile_source(V, b, h, svb, svh, svl, L, D, 64, USE_TMA)
     key_rows = tl.arange(0, 64)
     dq = tl.full([BLOCK_M, D], 0.0, tl.float32)
-    entries = KEY_ENTRIES + row * TOPK
-    if HAS_PARTIAL_KEYS:
-        full_end = tl.load(KEY_COUNTS + 2 * row)
-    else:
-        full_end = TOPK
+    entries, full_end = _key_list(KEY_ENTRIES, KEY_COUNTS, row, TOPK, HAS_PARTIAL_KEYS)
     for j in range(0, full_end):
-        k_start, k_len = _tile_entry(tl.load(entries + j), ENTRY_SIZE_BITS)
-        k_valid = key_rows < k_len
-        k = _load_tile(k_source, skl, k_start, k_valid, USE_TMA, D, 64)
-        v = _load_tile(v_source, svl, k_start, k_valid, USE_TMA, D, 64)
+        k, v, k_valid = _load_whole(k_source, v_source, skl, svl, entries, j, key_rows, D, ENTRY_SIZE_BITS, USE_TMA)
         dq = _dq_block(q, do, lse, delta, k, v, k_valid, dq, qk_scale)
     if HAS_PARTIAL_KEYS:
         half_end = full_end + tl.load(KEY_COUNTS + 2 * row + 1)
@@ -472,8 +479,8 @@ _RAW = {
     "bwd_dkdv": _bwd_dkdv,
 }
 _HELPERS = {"_program": _program, "_rows": _rows, "_tile_entry": _tile_entry, "_tile_source": _tile_source,
-            "_load_tile": _load_tile, "_load_pair": _load_pair, "_attend_pair": _attend_pair,
-            "_dq_block": _dq_block, "_dq_pair": _dq_pair, "_dkdv_entry": _dkdv_entry,
+            "_load_tile": _load_tile, "_key_list": _key_list, "_load_whole": _load_whole, "_load_pair": _load_pair,
+            "_attend_pair": _attend_pair, "_dq_block": _dq_block, "_dq_pair": _dq_pair, "_dkdv_entry": _dkdv_entry,
             "_dkdv_queries": _dkdv_queries}
 _JITTED: dict[bool, dict] = {}
 _JITTED_HELPERS: dict[bool, dict] = {}
