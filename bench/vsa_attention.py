@@ -276,6 +276,79 @@ def sweep_launch_configs(device, dtype, smoke):
     return results
 
 
+def compare_settings(device, dtype, smoke, rounds=5):
+    """480p, sparsity 0.8: forward and forward+backward under alternative module settings of
+    ``vsa_ops`` (how launches overlap, dk/dv's orientation for 16-row key tiles), timed in turns
+    (median of ``rounds``), each checked to give the same outputs and gradients as the current one."""
+    grid, heads, D = ((3, 6, 9), 2, 64) if smoke else ((21, 30, 52), 12, 128)
+    layout = TileLayout.for_grid(grid, device)
+    topk = topk_for_sparsity(layout.num_tiles, 0.8)
+    q, k, v, gate = projection_views(1, heads, layout.num_tokens, D, dtype, device, 4, requires_grad=True)
+    grad_out = torch.randn_like(q)
+    inputs = (q, k, v, gate)
+    ours = lambda: video_sparse_attention_tiled(q, k, v, layout, topk, gate=gate)  # noqa: E731
+    key_major_16 = {("bwd_dkdv", D, 16): dict(num_warps=2, num_stages=2)}
+    variants = {
+        "current": {},
+        "overlap_off": {"OVERLAP_LAUNCHES": "off"},
+        "overlap_side": {"OVERLAP_LAUNCHES": "side"},
+        "overlap_side_high_priority": {"OVERLAP_LAUNCHES": "side_high_priority"},
+        "dkdv16_key_major": {"DKDV_QUERY_MAJOR_ROWS": (32,),
+                             "SMALL_TILE_LAUNCH_CONFIG": {**vsa_ops.SMALL_TILE_LAUNCH_CONFIG, **key_major_16}},
+    }
+    # The top-k selection's launch (score rows per program, warps): timed alone, as the coarse stage.
+    select_variants = {f"select_rows{rows}_w{warps}": {"SELECT_LAUNCH": dict(rows=rows, num_warps=warps)}
+                       for rows, warps in ((1, 1), (1, 2), (1, 4), (1, 8), (2, 2), (2, 4))}
+
+    def apply(settings):
+        previous = {name: getattr(vsa_ops, name) for name in settings}
+        for name, value in settings.items():
+            setattr(vsa_ops, name, value)
+        return previous
+
+    def outputs():
+        for t in inputs:
+            t.grad = None
+        out = ours()
+        out.backward(grad_out)
+        return [out.detach().clone()] + [t.grad.clone() for t in inputs]
+
+    result, times, expected = {}, {name: {"fwd": [], "fwd_bwd": []} for name in variants}, None
+    for name, settings in variants.items():
+        previous = apply(settings)
+        try:
+            got = outputs()
+            expected = expected or got
+            result[f"{name}_max_rel_diff"] = max(rel_err(a, b) for a, b in zip(got, expected))
+        finally:
+            apply(previous)
+    for _ in range(1 if smoke else rounds):
+        for name, settings in variants.items():
+            previous = apply(settings)
+            try:
+                with torch.no_grad():
+                    times[name]["fwd"].append(bench_ms(ours, smoke))
+                times[name]["fwd_bwd"].append(bench_ms(backward_of(ours, grad_out, inputs), smoke))
+            finally:
+                apply(previous)
+    for name, runs in times.items():
+        for part, values in runs.items():
+            result[f"{name}_{part}_ms"] = sorted(values)[len(values) // 2]
+    with torch.no_grad():
+        selected = None
+        for name, settings in select_variants.items():
+            previous = apply(settings)
+            try:
+                got = vsa_ops._coarse_forward(q, k, v, layout.tile_offsets, topk)[2:]
+                selected = selected or got
+                result[f"{name}_same_lists"] = all(torch.equal(a, b) for a, b in zip(got, selected))
+                result[f"{name}_coarse_ms"] = bench_ms(
+                    lambda: vsa_ops._coarse_forward(q, k, v, layout.tile_offsets, topk), smoke)
+            finally:
+                apply(previous)
+    return result
+
+
 def load_fastvideo_kernel():
     os.environ.setdefault("FASTVIDEO_VSA_TRITON", "1")  # its compiled sm_90 kernels do not load on CUDA 13
     try:
@@ -292,6 +365,8 @@ def main() -> int:
     parser.add_argument("--sweep", action="store_true", help="sweep num_warps/num_stages before timing")
     parser.add_argument("--skip-check", action="store_true", help="skip the correctness checks")
     parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument("--compare-settings", action="store_true",
+                        help="also time alternative launch-overlap and dk/dv orientation settings at 480p, 0.8")
     args = parser.parse_args()
 
     smoke = args.smoke
@@ -324,6 +399,8 @@ def main() -> int:
             topk = topk_for_sparsity(TileLayout.for_grid(grid).num_tiles, 0.8)
             head_dim = 64 if smoke else 128
             section(f"check_{label}", lambda: check_correctness(grid, topk, heads, device, dtype, fvk, head_dim))
+    if args.compare_settings:
+        section("compare_settings", lambda: compare_settings(device, dtype, smoke))
     if args.sweep and not smoke:
         section("sweep", lambda: sweep_launch_configs(device, dtype, smoke))
     report["launch_config"] = {f"{k}/{d}": v for (k, d), v in vsa_ops.LAUNCH_CONFIG.items()}

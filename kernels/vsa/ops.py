@@ -15,6 +15,7 @@ autograd registered through ``register_autograd``; backward passes are custom op
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -92,9 +93,24 @@ SMALL_TILE_LAUNCH_CONFIG = {
 }
 
 
-# The selection kernel: score rows per program and warps. One row per program measured 0.165 ms at
-# 480p on the H200 against 0.255 ms for four (which need 185 registers a thread: one program per SM).
-SELECT_LAUNCH = dict(rows=1, num_warps=8)
+# dk/dv's key-tile sizes whose programs run query-major (triton_vsa._dkdv_entry): their MMAs are
+# then 128 rows tall (wgmma) instead of 16 or 32.
+DKDV_QUERY_MAJOR_ROWS = (16, 32)
+
+# The selection kernel: score rows per program, and warps per 1024 lanes of a row (at least one).
+# One row per program measured 0.165 ms at 480p on the H200 against 0.255 ms for four (which need 185
+# registers a thread: one program per SM); one warp for 480p's 624 tiles (its reductions and scans
+# stay within the warp) took the coarse stage from 0.33 to 0.30 ms against 8 warps
+# (bench/vsa_attention.py --compare-settings, v12).
+SELECT_LAUNCH = dict(rows=1, num_warps=1)
+
+# Launches that do not depend on each other run on two CUDA streams: the forward's partial query
+# tiles beside its whole ones, the backward's dq beside dk/dv (and beside building dk/dv's lists), so
+# that one launch's last wave does not idle SMs the other could use. H200, 480p, 0.8, two runs
+# (bench/vsa_attention.py --compare-settings, v11/v12): fwd 3.95/3.93 ms on one stream, 3.91/3.86
+# beside, 3.82/3.80 with the side stream at high priority; fwd+bwd 15.70/15.79, 15.43/15.48,
+# 15.58/15.45. "off" runs everything on the caller's stream.
+OVERLAP_LAUNCHES = "side_high_priority"  # "side_high_priority" | "side" | "off"
 
 
 def _use_tma(kernel: str, *tensors: Tensor) -> bool:
@@ -138,6 +154,46 @@ def _launch_config(kernel: str, D: int, device: torch.device, rows: int = 64) ->
     if config["num_stages"] > 2 and D * config["num_stages"] > 256 and not _large_shared_memory(device):
         config["num_stages"] = 2
     return config
+
+
+@functools.lru_cache(maxsize=None)
+def _side_stream(device: torch.device, high_priority: bool) -> "torch.cuda.Stream":
+    return torch.cuda.Stream(device, priority=-1 if high_priority else 0)
+
+
+class _TwoStreams:
+    """Fork/join of launches that do not depend on each other::
+
+        with _TwoStreams(x.device) as streams:
+            with streams.beside():
+                ...  # launched on a second stream, after everything already on the caller's stream
+            ...      # launched on the caller's stream, concurrently
+        # here the caller's stream has waited for the second one
+
+    Every tensor either side touched is then safe to free or read on the caller's stream (the
+    caching allocator orders frees on the stream that allocated them). A plain sequence on CPU, in
+    the Triton interpreter and with ``OVERLAP_LAUNCHES = "off"``.
+    """
+
+    def __init__(self, device: torch.device):
+        self.active = (device.type == "cuda" and OVERLAP_LAUNCHES != "off"
+                       and not _triton_module().interpreting())
+        self.device = device
+
+    def __enter__(self):
+        if self.active:
+            self.caller = torch.cuda.current_stream(self.device)
+            self.side = _side_stream(self.device, OVERLAP_LAUNCHES == "side_high_priority")
+            self.side.wait_stream(self.caller)
+        return self
+
+    def beside(self):
+        return torch.cuda.stream(self.side) if self.active else contextlib.nullcontext()
+
+    def __exit__(self, *exc):
+        if self.active:
+            self.caller.wait_stream(self.side)
+        return False
 
 
 def _coarse_forward(q, k, v, tile_offsets, topk):
@@ -187,9 +243,13 @@ def _select_key_tiles(scores: Tensor, tile_offsets: Tensor, topk: int) -> tuple[
     tv.kernels()["select"][(triton_cdiv(num_rows, rows_per_program),)](
         scores.contiguous(), key_tiles, key_entries, key_counts, tile_offsets, tile_rows, num_rows, n, topk,
         ENTRY_SIZE_BITS=_ENTRY_SIZE_BITS, ROWS=rows_per_program, BLOCK_T=max(16, _next_power_of_2(n)),
-        **({} if tv.interpreting() else dict(num_warps=SELECT_LAUNCH["num_warps"])),
+        **({} if tv.interpreting() else dict(num_warps=_select_warps(n))),
     )
     return key_tiles, key_entries, key_counts
+
+
+def _select_warps(n: int) -> int:
+    return min(8, SELECT_LAUNCH["num_warps"] * max(1, _next_power_of_2(n) // 1024))
 
 
 def _next_power_of_2(n: int) -> int:
@@ -220,7 +280,8 @@ def _triton_forward(q, k, v, gate, tile_offsets, tiles_by_block, block_groups, t
     g = gate if gate is not None else q  # dummy pointer when HAS_GATE is False
     use_tma = _use_tma("fwd", k, v)
     groups = _groups(block_groups)
-    for rows, first, count in groups:  # one launch per query-tile size group
+
+    def launch(rows, first, count):  # one launch per query-tile size group
         tv.kernels()["fwd"][(count, B * heads)](
             q, k, v, g, coarse, out, lse, key_entries, key_counts, tile_offsets, tiles_by_block[first:],
             *_strides(q), *_strides(k), *_strides(v), *_strides(g), *_strides(out),
@@ -228,6 +289,13 @@ def _triton_forward(q, k, v, gate, tile_offsets, tiles_by_block, block_groups, t
             HAS_GATE=gate is not None, BLOCK_M=rows, D=D, ENTRY_SIZE_BITS=_ENTRY_SIZE_BITS,
             USE_TMA=use_tma, **_list_flags("fwd", rows, groups), **_launch_config("fwd", D, q.device, rows),
         )
+
+    # The partial query tiles (groups after the first) write disjoint rows of out and lse.
+    with _TwoStreams(q.device) as streams:
+        with streams.beside():
+            for group in groups[1:]:
+                launch(*group)
+        launch(*groups[0])
     return out, lse, key_tiles, key_entries, key_counts, means, probs
 
 
@@ -241,7 +309,7 @@ def _list_flags(kernel: str, rows: int, groups) -> dict:
     """
     partial = any(group_rows < 64 for group_rows, _, _ in groups)
     if kernel == "bwd_dkdv":
-        return dict(HAS_PARTIAL_QUERIES=partial, QUERY_MAJOR=rows < 64)
+        return dict(HAS_PARTIAL_QUERIES=partial, QUERY_MAJOR=rows in DKDV_QUERY_MAJOR_ROWS)
     return dict(HAS_PARTIAL_KEYS=partial)
 
 
@@ -345,26 +413,30 @@ def _triton_backward(
     dv = _out_like_projection(v)
     groups = _groups(block_groups)
     use_tma = _use_tma("bwd_dq", k, v)
-    for rows, first, count in groups:
-        tv.kernels()["bwd_dq"][(count, B * heads)](
-            q, k, v, grad_out, dq, lse, delta, key_entries, key_counts, tile_offsets, tiles_by_block[first:], dq_c,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
-            heads, n, topk, L, qk_scale, sm_scale,
-            HAS_COARSE=has_gate, BLOCK_M=rows, D=D, ENTRY_SIZE_BITS=_ENTRY_SIZE_BITS,
-            USE_TMA=use_tma, **_list_flags("bwd_dq", rows, groups), **_launch_config("bwd_dq", D, q.device, rows),
-        )
-    query_entries, query_offsets, query_counts = _transposed_query_lists(key_tiles, tile_offsets)
-    use_tma = _use_tma("bwd_dkdv", q, grad_out)
-    for rows, first, count in groups:  # one launch per key-tile size group
-        tv.kernels()["bwd_dkdv"][(count, B * heads)](
-            q, k, v, grad_out, dk, dv, lse, delta, query_entries, query_offsets, query_counts, tile_offsets,
-            tiles_by_block[first:], dk_c, dv_c,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
-            heads, n, L, qk_scale, sm_scale,
-            HAS_COARSE=has_gate, BLOCK_N=rows, D=D, ENTRY_SIZE_BITS=_ENTRY_SIZE_BITS,
-            USE_TMA=use_tma, **_list_flags("bwd_dkdv", rows, groups),
-            **_launch_config("bwd_dkdv", D, q.device, rows),
-        )
+    # dq reads what dk/dv reads and writes only dq: it runs beside the dk/dv lists and launches.
+    with _TwoStreams(q.device) as streams:
+        with streams.beside():
+            for rows, first, count in groups:
+                tv.kernels()["bwd_dq"][(count, B * heads)](
+                    q, k, v, grad_out, dq, lse, delta, key_entries, key_counts, tile_offsets, tiles_by_block[first:],
+                    dq_c, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
+                    heads, n, topk, L, qk_scale, sm_scale,
+                    HAS_COARSE=has_gate, BLOCK_M=rows, D=D, ENTRY_SIZE_BITS=_ENTRY_SIZE_BITS,
+                    USE_TMA=use_tma, **_list_flags("bwd_dq", rows, groups),
+                    **_launch_config("bwd_dq", D, q.device, rows),
+                )
+        query_entries, query_offsets, query_counts = _transposed_query_lists(key_tiles, tile_offsets)
+        use_tma = _use_tma("bwd_dkdv", q, grad_out)
+        for rows, first, count in groups:  # one launch per key-tile size group
+            tv.kernels()["bwd_dkdv"][(count, B * heads)](
+                q, k, v, grad_out, dk, dv, lse, delta, query_entries, query_offsets, query_counts, tile_offsets,
+                tiles_by_block[first:], dk_c, dv_c,
+                *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
+                heads, n, L, qk_scale, sm_scale,
+                HAS_COARSE=has_gate, BLOCK_N=rows, D=D, ENTRY_SIZE_BITS=_ENTRY_SIZE_BITS,
+                USE_TMA=use_tma, **_list_flags("bwd_dkdv", rows, groups),
+                **_launch_config("bwd_dkdv", D, q.device, rows),
+            )
     return dq, dk, dv, (d_gate if has_gate else None)
 
 
