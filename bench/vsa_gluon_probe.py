@@ -357,8 +357,8 @@ def fine_launches(q, k, v, gate, layout, topk):
     tv = vsa_ops._triton_module()
     B, heads, L, D = q.shape
     n = layout.num_tiles
-    means, probs, key_tiles, key_entries, key_counts = vsa_ops._coarse_forward(q, k, v, layout.tile_offsets, topk)
-    coarse = torch.matmul(probs, means[2])
+    means, probs, key_tiles, key_entries, key_counts, coarse = vsa_ops._coarse_forward(
+        q, k, v, layout.tile_offsets, topk)
     entries = vsa_ops._pack_tile_entries(key_tiles, layout.tile_offsets)
     scale = math.log2(math.e) / math.sqrt(D)
     result = {"coarse_ms": bench_ms(lambda: vsa_ops._coarse_forward(q, k, v, layout.tile_offsets, topk), False)}

@@ -197,18 +197,25 @@ class _TwoStreams:
 
 
 def _coarse_forward(q, k, v, tile_offsets, topk):
-    """Tile means and top-k selection (Triton), tile-level scores and softmax (PyTorch, fp32, tiny).
+    """Tile means and top-k selection (Triton), tile-level scores, softmax and coarse output (PyTorch,
+    fp32, tiny).
 
-    Returns means fp32 [3, B, h, n, D], probs fp32 [B, h, n, n], and ``_select_key_tiles``' three lists.
+    Returns means fp32 [3, B, h, n, D], probs fp32 [B, h, n, n], ``_select_key_tiles``' three lists,
+    and the coarse branch's tile outputs fp32 [B, h, n, D].
     """
     D = q.shape[-1]
     means = _tile_means(q, k, v, tile_offsets)
     # fp32 even under bf16 autocast: the selection kernel ranks exact fp32 score keys.
     with torch.autocast(device_type=q.device.type, enabled=False):
         scores = torch.matmul(means[0], means[1].transpose(-1, -2)).mul_(1.0 / math.sqrt(D))
-    key_tiles, key_entries, key_counts = _select_key_tiles(scores, tile_offsets, topk)
-    probs = torch.softmax(scores, dim=-1)
-    return means, probs, key_tiles, key_entries, key_counts
+        # The softmax and the coarse output do not wait for the selection (one warp per score row,
+        # latency-bound): they run beside it.
+        with _TwoStreams(q.device) as streams:
+            with streams.beside():
+                probs = torch.softmax(scores, dim=-1)
+                coarse = torch.matmul(probs, means[2])
+            key_tiles, key_entries, key_counts = _select_key_tiles(scores, tile_offsets, topk)
+    return means, probs, key_tiles, key_entries, key_counts, coarse
 
 
 def _tile_means(q: Tensor, k: Tensor, v: Tensor, tile_offsets: Tensor) -> Tensor:
@@ -273,8 +280,7 @@ def _triton_forward(q, k, v, gate, tile_offsets, tiles_by_block, block_groups, t
     tv = _triton_module()
     B, heads, L, D = q.shape
     n = tile_offsets.numel() - 1
-    means, probs, key_tiles, key_entries, key_counts = _coarse_forward(q, k, v, tile_offsets, topk)
-    coarse = torch.matmul(probs, means[2])  # [B, h, n, D] fp32
+    means, probs, key_tiles, key_entries, key_counts, coarse = _coarse_forward(q, k, v, tile_offsets, topk)
     out = _out_like_projection(q)
     lse = torch.empty(B, heads, L, dtype=torch.float32, device=q.device)
     g = gate if gate is not None else q  # dummy pointer when HAS_GATE is False
