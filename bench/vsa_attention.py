@@ -296,6 +296,12 @@ def compare_settings(device, dtype, smoke, rounds=5):
         "dkdv16_key_major": {"DKDV_QUERY_MAJOR_ROWS": (32,),
                              "SMALL_TILE_LAUNCH_CONFIG": {**vsa_ops.SMALL_TILE_LAUNCH_CONFIG, **key_major_16}},
     }
+    # Without the register caps that let a third CTA share an SM (ops.SMALL_TILE_LAUNCH_CONFIG).
+    for (kernel, head_dim, rows), config in vsa_ops.SMALL_TILE_LAUNCH_CONFIG.items():
+        if head_dim == D and "maxnreg" in config:
+            uncapped = {key: value for key, value in config.items() if key != "maxnreg"}
+            variants[f"{kernel}{rows}_no_register_cap"] = {"SMALL_TILE_LAUNCH_CONFIG": {
+                **vsa_ops.SMALL_TILE_LAUNCH_CONFIG, (kernel, D, rows): uncapped}}
     # The top-k selection's launch (score rows per program, warps): timed alone, as the coarse stage.
     select_variants = {f"select_rows{rows}_w{warps}": {"SELECT_LAUNCH": dict(rows=rows, num_warps=warps)}
                        for rows, warps in ((1, 1), (1, 2), (1, 4), (1, 8), (2, 2), (2, 4))}

@@ -85,11 +85,15 @@ LAUNCH_CONFIG = {
 # small-tile programs (bench/results/vsa_roofline_v10_dkdv_h200_2026-11-29.json) keep the 64-row
 # configuration, 4 warps (one warpgroup for their 128-row MMAs) and 2 stages: at 1 stage, Triton 3.6
 # for sm_90 computed wrong dk/dv (relative difference ~2e2), so never launch them unpipelined.
+# dk/dv's 16-row key programs (query-major) take 199 registers and 76 KB of shared memory: 2 CTAs per
+# SM. Capped at 168 registers (no spills, offline sm_90 compile) 3 fit in an H200 SM's 228 KB, and
+# fwd+bwd measured 15.19 against 15.36-15.38 ms in the same run (v13; a cap of 128 spills: 15.49).
 SMALL_TILE_LAUNCH_CONFIG = {
     ("fwd", 128, 32): dict(num_warps=2, num_stages=2),
     ("fwd", 128, 16): dict(num_warps=1, num_stages=2),
     ("bwd_dq", 128, 32): dict(num_warps=4, num_stages=3),
     ("bwd_dq", 128, 16): dict(num_warps=2, num_stages=3),
+    ("bwd_dkdv", 128, 16): dict(num_warps=4, num_stages=2, maxnreg=168),
 }
 
 
@@ -151,8 +155,11 @@ def _launch_config(kernel: str, D: int, device: torch.device, rows: int = 64) ->
         return {}
     config = dict(SMALL_TILE_LAUNCH_CONFIG.get((kernel, D, rows))
                   or LAUNCH_CONFIG.get((kernel, D), dict(num_warps=4, num_stages=2)))
-    if config["num_stages"] > 2 and D * config["num_stages"] > 256 and not _large_shared_memory(device):
-        config["num_stages"] = 2
+    if not _large_shared_memory(device):
+        if config["num_stages"] > 2 and D * config["num_stages"] > 256:
+            config["num_stages"] = 2
+        # Register caps buy a third CTA per SM only where the shared memory holds three.
+        config.pop("maxnreg", None)
     return config
 
 

@@ -126,8 +126,10 @@ def _select(SCORES, KEY_TILES, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, TILE_ROWS, NUM
     # flipped, the sign bit of the rest; 64-bit keys: coarse stage 0.342 against 0.332 ms); padding lanes get 0,
     # below every candidate (each has a bit set).
     key = (bits ^ ((bits >> 31) | -2147483648)).to(tl.uint32, bitcast=True)
-    key = tl.where(valid, key, tl.zeros_like(key))
-    threshold = tl.zeros([ROWS, 1], tl.uint32)
+    # (tl.full, a builtin: the jitted tl.zeros helpers fail under the interpreter when triton was
+    # imported without it.)
+    key = tl.where(valid, key, tl.full([ROWS, BLOCK_T], 0, tl.uint32))
+    threshold = tl.full([ROWS, 1], 0, tl.uint32)
     for i in tl.static_range(32):
         candidate = threshold | tl.full([ROWS, 1], 1 << (31 - i), tl.uint32)
         count = tl.reduce((key >= candidate).to(tl.int32), 1, _ADD, keep_dims=True)
