@@ -104,8 +104,8 @@ DKDV_QUERY_MAJOR_ROWS = (16, 32)
 # The selection kernel: score rows per program, and warps per 1024 lanes of a row (at least one).
 # One row per program measured 0.165 ms at 480p on the H200 against 0.255 ms for four (which need 185
 # registers a thread: one program per SM); one warp for 480p's 624 tiles (its reductions and scans
-# stay within the warp) took the coarse stage from 0.33 to 0.30 ms against 8 warps
-# (bench/vsa_attention.py --compare-settings, v12).
+# stay within the warp), with 32-bit keys, measured 0.116-0.15 ms against 0.159-0.167 at 8 warps
+# with int64 keys (bench/vsa_attention.py, coarse_select_ms, v10-v13 runs).
 SELECT_LAUNCH = dict(rows=1, num_warps=1)
 
 # Launches that do not depend on each other run on two CUDA streams: the forward's partial query
@@ -113,7 +113,8 @@ SELECT_LAUNCH = dict(rows=1, num_warps=1)
 # that one launch's last wave does not idle SMs the other could use. H200, 480p, 0.8, two runs
 # (bench/vsa_attention.py --compare-settings, v11/v12): fwd 3.95/3.93 ms on one stream, 3.91/3.86
 # beside, 3.82/3.80 with the side stream at high priority; fwd+bwd 15.70/15.79, 15.43/15.48,
-# 15.58/15.45. "off" runs everything on the caller's stream.
+# 15.58/15.45 (later runs agree: one stream 15.67-15.93, high priority 15.29-15.59). "off" runs
+# everything on the caller's stream.
 OVERLAP_LAUNCHES = "side_high_priority"  # "side_high_priority" | "side" | "off"
 
 
@@ -178,8 +179,11 @@ class _TwoStreams:
         # here the caller's stream has waited for the second one
 
     Every tensor either side touched is then safe to free or read on the caller's stream (the
-    caching allocator orders frees on the stream that allocated them). A plain sequence on CPU, in
-    the Triton interpreter and with ``OVERLAP_LAUNCHES = "off"``.
+    caching allocator orders frees on the stream that allocated them). Tensors allocated inside
+    ``beside()`` come from the second stream's pool; that stream is private to this module and every
+    use of it starts by waiting for the caller's stream, so a reuse of their memory is ordered after
+    any use the caller enqueued before freeing them (no ``record_stream`` needed). A plain sequence
+    on CPU, in the Triton interpreter and with ``OVERLAP_LAUNCHES = "off"``.
     """
 
     def __init__(self, device: torch.device):
