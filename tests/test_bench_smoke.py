@@ -16,22 +16,28 @@ pytest.importorskip("triton")
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-def _run(script: str) -> dict:
+def _run(script: str, *flags: str) -> dict:
     env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, str(BENCH / script), "--smoke"], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, str(BENCH / script), "--smoke", *flags], capture_output=True, text=True,
                           env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout)
 
 
 def test_vsa_attention_bench_smoke_checks_against_the_reference():
-    report = _run("vsa_attention.py")
+    report = _run("vsa_attention.py", "--compare-settings")
     check = report["check_smoke"]
     assert "error" not in check, check
     assert check["fwd_rel_err"] < 2e-3 and check["selection_agreement"] == 1.0, check
     for name in ("dq", "dk", "dv", "dgate"):
         assert check[f"{name}_rel_err"] < 5e-3, check
     assert report["time_smoke"]["sparsity_0.8"]["ours_fwd_ms"] > 0
+    # Every alternative setting gives the same outputs, gradients and lists, and gets timed.
+    compared = report["compare_settings"]
+    assert "error" not in compared, compared
+    assert [key for key in compared if key.endswith("_max_rel_diff") and compared[key] != 0.0] == []
+    assert all(compared[key] for key in compared if key.endswith("_same_lists"))
+    assert all(compared[key] > 0 for key in compared if key.endswith("_ms"))
 
 
 def test_vsa_roofline_bench_smoke_times_every_part():
