@@ -55,8 +55,9 @@ precision 0.89-0.90 (bar 0.95), tv 0.02-0.05 and swd 0.06-0.11 against the naive
 0.14 (seed 1 misses "under half"). Each mode is a tight point and ~10% of samples sit on bridges
 between neighbouring modes; every student step is equally unsharp. (Seed 0, distance to the nearest
 mode, student / target: < 0.1: 55% / 38%, 0.1-0.3: 35% / 61%, 0.3-0.5: 4.6% / 1%, 0.5-0.8: 5.5% /
-0%; radii 1.83-2.15 for 90% of the student's samples: the misses lie along the circle.) Precision keeps rising slowly
-with generator updates (within a run ~0.86 at step 7,000, ~0.88 at 10,500) and with generator lr;
+0%; radii 1.83-2.15 for 90% of the student's samples: the misses lie along the circle.) Precision
+keeps rising slowly with generator updates (within a run ~0.86 at step 7,000, ~0.88 at 10,500) and
+with generator lr;
 with 3 or 4 modes it is only a little higher (~0.88 after 4,000 steps), so the limit is how fast
 the 3-step MLP student sharpens its mode boundaries more than their number. The previous defaults
 (x0-space teacher fit, batch 1024, generator lr 1e-3 decaying over the second half, fake lr 3e-3,
