@@ -75,12 +75,15 @@ def test_triton_token_order_api_matches_reference():
     assert rel_err(out, expected) < 1e-5
 
 
+@pytest.mark.parametrize("rows_per_program", [1, 4])
 @pytest.mark.parametrize("n, topk", [(7, 3), (16, 16), (20, 1), (33, 12)])
-def test_triton_selection_is_exact_topk_with_size_sorted_lists(n, topk):
+def test_triton_selection_is_exact_topk_with_size_sorted_lists(n, topk, rows_per_program, monkeypatch):
     # The selection kernel writes each row's top-k tile indices directly, ascending (ties go to the
     # lowest index), and the same tiles as packed entries grouped whole tiles / 17..32 tokens / up to 16
-    # (ascending within a group) with the first two counts. Rows straddle program boundaries (4 rows
-    # per program) and pad lanes (BLOCK_T); tile sizes are random, so every group and order occurs.
+    # (ascending within a group) with the first two counts. With several rows per program, rows
+    # straddle program boundaries; all rows pad lanes (BLOCK_T); tile sizes are random, so every group
+    # and order occurs.
+    monkeypatch.setattr(vsa_ops, "SELECT_LAUNCH", dict(vsa_ops.SELECT_LAUNCH, rows=rows_per_program))
     rows = 10
     sizes = torch.randint(1, 65, (n,))
     offsets = torch.zeros(n + 1, dtype=torch.int32)
@@ -153,22 +156,23 @@ def test_packed_tile_entries_hold_each_tiles_first_token_and_size():
         assert entry >> 7 == tokens.min().item() and entry & 127 == tokens.numel()
 
 
-def test_triton_refuses_sequences_too_long_for_packed_entries(monkeypatch):
-    monkeypatch.setattr(vsa_ops, "MAX_TRITON_TOKENS", 32)
-    layout = TileLayout.for_grid((2, 4, 4))  # 32 tokens: one too many
-    q = torch.randn(1, 1, 32, 64)
-    with pytest.raises(InputError, match=r"fewer than 32 tokens.*32 tokens.*implementation='auto'"):
+@pytest.mark.parametrize(
+    "limit, value, grid, tokens, message",
+    [
+        # 32 tokens: one too many for the packed list entries
+        ("MAX_TRITON_TOKENS", 32, (2, 4, 4), 32, r"fewer than 32 tokens.*32 tokens.*implementation='auto'"),
+        # 2 tiles: one too many for the selection's 16-bit counters
+        ("MAX_TRITON_TILES", 2, (2, 4, 8), 64, r"fewer than 2 tiles.*64 tokens and 2 tiles.*implementation='auto'"),
+    ],
+)
+def test_triton_refuses_what_its_packed_fields_cannot_hold(limit, value, grid, tokens, message, monkeypatch):
+    monkeypatch.setattr(vsa_ops, limit, value)
+    layout = TileLayout.for_grid(grid)
+    q = torch.randn(1, 1, tokens, 64)
+    with pytest.raises(InputError, match=message):
         video_sparse_attention_tiled(q, q, q, layout, 1, implementation="triton")
     out = video_sparse_attention_tiled(q, q, q, layout, 1, implementation="auto")
     assert torch.isfinite(out).all()
-
-
-def test_triton_refuses_grids_with_too_many_tiles_for_the_selection_counters(monkeypatch):
-    monkeypatch.setattr(vsa_ops, "MAX_TRITON_TILES", 2)
-    layout = TileLayout.for_grid((2, 4, 8))  # 2 tiles: one too many
-    q = torch.randn(1, 1, 64, 64)
-    with pytest.raises(InputError, match=r"fewer than 2 tiles.*64 tokens and 2 tiles.*implementation='auto'"):
-        video_sparse_attention_tiled(q, q, q, layout, 1, implementation="triton")
 
 
 @pytest.mark.parametrize("large_shared_memory", [True, False])

@@ -123,11 +123,10 @@ def _select(SCORES, KEY_TILES, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, TILE_ROWS, NUM
     # Exact k-th largest by a 32-step radix search on order-preserving integer keys.
     bits = x.to(tl.int32, bitcast=True)
     # Keys: the scores' bits as unsigned 32-bit integers in the same order (all bits of negatives
-    # flipped, the sign bit of the rest; 64-bit keys: coarse stage 0.342 against 0.332 ms); padding lanes get 0,
-    # below every candidate (each has a bit set).
+    # flipped, the sign bit of the rest), so each of the 32 steps compares 32-bit integers, not int64.
+    # Padding lanes get 0, below every candidate (each has a bit set). (tl.full is a builtin: the
+    # jitted tl.zeros helpers fail under the interpreter when triton was imported without it.)
     key = (bits ^ ((bits >> 31) | -2147483648)).to(tl.uint32, bitcast=True)
-    # (tl.full, a builtin: the jitted tl.zeros helpers fail under the interpreter when triton was
-    # imported without it.)
     key = tl.where(valid, key, tl.full([ROWS, BLOCK_T], 0, tl.uint32))
     threshold = tl.full([ROWS, 1], 0, tl.uint32)
     for i in tl.static_range(32):
