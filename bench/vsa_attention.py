@@ -278,8 +278,7 @@ def sweep_launch_configs(device, dtype, smoke):
 
 def compare_settings(device, dtype, smoke, rounds=5):
     """480p, sparsity 0.8: forward and forward+backward under alternative module settings of
-    ``vsa_ops`` (how launches overlap, the forward's spans of heads, where dk/dv's lists are built,
-    dk/dv's orientation for 16-row key tiles), timed in turns
+    ``vsa_ops`` (how launches overlap, dk/dv's orientation for 16-row key tiles), timed in turns
     (median of ``rounds``), each checked to give the same outputs and gradients as the current one."""
     grid, heads, D = ((3, 6, 9), 2, 64) if smoke else ((21, 30, 52), 12, 128)
     layout = TileLayout.for_grid(grid, device)
@@ -296,11 +295,7 @@ def compare_settings(device, dtype, smoke, rounds=5):
         "overlap_side_high_priority": {"OVERLAP_LAUNCHES": "side_high_priority"},
         "dkdv16_key_major": {"DKDV_QUERY_MAJOR_ROWS": (32,),
                              "SMALL_TILE_LAUNCH_CONFIG": {**vsa_ops.SMALL_TILE_LAUNCH_CONFIG, **key_major_16}},
-        "transposed_lists_beside_dq": {"EARLY_TRANSPOSED_LISTS": False},
-        "transposed_lists_beside_coarse_backward": {"EARLY_TRANSPOSED_LISTS": True},
     }
-    for spans in (1, 2, 3, 4, 6):
-        variants[f"forward_head_spans_{spans}"] = {"FORWARD_HEAD_SPANS": spans}
     # Without the register caps that let a third CTA share an SM (ops.SMALL_TILE_LAUNCH_CONFIG).
     for (kernel, head_dim, rows), config in vsa_ops.SMALL_TILE_LAUNCH_CONFIG.items():
         if head_dim == D and "maxnreg" in config:

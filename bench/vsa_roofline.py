@@ -186,6 +186,39 @@ def kernel_profile(q, k, v, gate, grad_out, layout, topk, calls=10):
     return result
 
 
+def kernel_timeline(q, k, v, gate, grad_out, layout, topk):
+    """One production forward+backward as the GPU ran it: each kernel's start and duration (us from the
+    first kernel's start) and stream, and the time in which no kernel ran on any stream (where the
+    critical path waits for the host or for small launches)."""
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from fastwan.kernels.vsa import video_sparse_attention_tiled
+
+    inputs = [t.detach().requires_grad_() for t in (q, k, v, gate)]
+    call = backward_of(lambda: video_sparse_attention_tiled(*inputs[:3], layout, topk, gate=inputs[3]),
+                       grad_out, inputs)
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as trace:
+        prof.export_chrome_trace(trace.name)
+        events = json.load(open(trace.name))["traceEvents"]
+    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    start = kernels[0]["ts"]
+    rows, idle, busy_until = [], 0.0, start
+    for e in kernels:
+        idle += max(0.0, e["ts"] - busy_until)
+        busy_until = max(busy_until, e["ts"] + e["dur"])
+        rows.append([e["name"][:48], e.get("args", {}).get("stream"), round(e["ts"] - start, 1), round(e["dur"], 1)])
+    return {"kernels": rows, "span_us": round(busy_until - start, 1), "idle_us": round(idle, 1)}
+
+
 def launch_variants(groups, kernels, smoke):
     """Each (kernel, size group) launch alone: the current settings, then dk/dv's 64-row launch with
     whole-tile query blocks and the 16/32-row launches under other launch configurations. Each variant
@@ -225,7 +258,8 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of taking turns (median reported)")
     parser.add_argument("--profile", action="store_true",
-                        help="also list the GPU kernels of the production forward and forward+backward")
+                        help="also list the GPU kernels of the production forward and forward+backward, and "
+                             "one forward+backward's kernel timeline")
     parser.add_argument("--launch-variants", nargs="?", const="all", default=None, metavar="KERNELS",
                         help="also time each size group's launch alone under other launch configurations "
                              "(and dk/dv's without partial query blocks), checking each against the current one; "
@@ -352,6 +386,7 @@ def main() -> int:
                 report[f"{name}_{label}_rel_err"] = ((a.float() - b.float()).norm() / b.float().norm()).item()
     if args.profile and not smoke:
         report["profile"] = kernel_profile(q, k, v, gate, grad_out, layout, topk)
+        report["timeline"] = kernel_timeline(q, k, v, gate, grad_out, layout, topk)
     if args.launch_variants:
         launches = {"fwd": (fwd_fine, ("out",), out), "bwd_dq": (bwd_dq, ("dq",), dq),
                     "bwd_dkdv": (bwd_dkdv, ("dk", "dv"), dk)}

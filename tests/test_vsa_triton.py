@@ -66,26 +66,6 @@ def test_triton_fp16_matches_reference(D, monkeypatch):
     check_triton_against_reference((5, 6, 7) if D == 64 else (3, 5, 6), D, torch.float16, 3, True, B=1, tol=3e-3)
 
 
-@pytest.mark.parametrize("head_spans, early_lists", [(2, True), (3, False), (5, True)])
-def test_triton_forward_in_spans_of_heads_matches_reference(head_spans, early_lists, monkeypatch):
-    # The forward in spans of heads (each span's coarse stage beside the previous span's fine
-    # launches; more spans than heads means one per head) and both places of dk/dv's lists: outputs,
-    # gradients and the saved selection must not depend on either.
-    monkeypatch.setattr(vsa_ops, "FORWARD_HEAD_SPANS", head_spans)
-    monkeypatch.setattr(vsa_ops, "EARLY_TRANSPOSED_LISTS", early_lists)
-    torch.manual_seed(head_spans)
-    check_triton_against_reference((5, 6, 7), 64, torch.float32, 3, True, B=2, heads=3, tol=1e-5)
-
-
-def test_head_spans_cover_every_head_once():
-    for heads in (1, 2, 3, 12, 40):
-        for count in (1, 2, 3, 4, 7, 64):
-            spans = vsa_ops._head_spans(heads, count)
-            assert len(spans) == min(count, heads)
-            assert [h for first, end in spans for h in range(first, end)] == list(range(heads))
-            assert all(end > first for first, end in spans)
-
-
 def test_triton_token_order_api_matches_reference():
     torch.manual_seed(5)
     grid = (3, 6, 5)

@@ -117,12 +117,6 @@ SELECT_LAUNCH = dict(rows=1, num_warps=1)
 # everything on the caller's stream.
 OVERLAP_LAUNCHES = "side_high_priority"  # "side_high_priority" | "side" | "off"
 
-# The forward runs in this many spans of heads, each span's coarse stage (tile means, scores, top-k:
-# small launches that leave most of the GPU idle) beside the previous span's fine launches.
-FORWARD_HEAD_SPANS = 1
-# The backward builds dk/dv's lists beside the coarse branch's backward (True) or beside dq (False).
-EARLY_TRANSPOSED_LISTS = True
-
 
 def _use_tma(kernel: str, *tensors: Tensor) -> bool:
     """Tensor descriptors need 16-byte aligned bases and row strides (true for [B, L, h, D] projections)."""
@@ -206,15 +200,6 @@ class _TwoStreams:
 
     def beside(self):
         return torch.cuda.stream(self.side) if self.active else contextlib.nullcontext()
-
-    def record_beside(self):
-        """An event after the work enqueued beside so far (None when inactive)."""
-        return self.side.record_event() if self.active else None
-
-    def wait(self, event) -> None:
-        """The caller's stream waits for ``record_beside``'s event, not for later work beside."""
-        if self.active:
-            self.caller.wait_event(event)
 
     def __exit__(self, *exc):
         if self.active:
@@ -306,60 +291,29 @@ def _triton_forward(q, k, v, gate, tile_offsets, tiles_by_block, block_groups, t
     tv = _triton_module()
     B, heads, L, D = q.shape
     n = tile_offsets.numel() - 1
+    means, probs, key_tiles, key_entries, key_counts, coarse = _coarse_forward(q, k, v, tile_offsets, topk)
     out = _out_like_projection(q)
+    lse = torch.empty(B, heads, L, dtype=torch.float32, device=q.device)
     g = gate if gate is not None else q  # dummy pointer when HAS_GATE is False
     use_tma = _use_tma("fwd", k, v)
     groups = _groups(block_groups)
-    spans = _head_spans(heads, FORWARD_HEAD_SPANS)
 
-    def head_slice(x, span):
-        return x[:, span[0]:span[1]]
-
-    def coarse_stage(span):
-        return _coarse_forward(head_slice(q, span), head_slice(k, span), head_slice(v, span), tile_offsets, topk)
-
-    def launch(span, coarse_part, lse_part, rows, first, count):  # one launch per query-tile size group
-        key_entries, key_counts, coarse = coarse_part[3], coarse_part[4], coarse_part[5]
-        tv.kernels()["fwd"][(count, B * (span[1] - span[0]))](
-            head_slice(q, span), head_slice(k, span), head_slice(v, span), head_slice(g, span), coarse,
-            head_slice(out, span), lse_part, key_entries, key_counts, tile_offsets, tiles_by_block[first:],
+    def launch(rows, first, count):  # one launch per query-tile size group
+        tv.kernels()["fwd"][(count, B * heads)](
+            q, k, v, g, coarse, out, lse, key_entries, key_counts, tile_offsets, tiles_by_block[first:],
             *_strides(q), *_strides(k), *_strides(v), *_strides(g), *_strides(out),
-            span[1] - span[0], n, topk, L, math.log2(math.e) / math.sqrt(D),
+            heads, n, topk, L, math.log2(math.e) / math.sqrt(D),
             HAS_GATE=gate is not None, BLOCK_M=rows, D=D, ENTRY_SIZE_BITS=_ENTRY_SIZE_BITS,
             USE_TMA=use_tma, **_list_flags("fwd", rows, groups), **_launch_config("fwd", D, q.device, rows),
         )
 
-    # Per span of heads: its coarse stage, then its fine launches. The next span's coarse stage (small,
-    # latency-bound launches) runs beside this span's fine launches; the partial query tiles (groups
-    # after the first, disjoint rows of out and lse) run beside the whole ones.
-    coarse_parts = [coarse_stage(spans[0])]
-    lse_parts = [torch.empty(B, end - first, L, dtype=torch.float32, device=q.device) for first, end in spans]
+    # The partial query tiles (groups after the first) write disjoint rows of out and lse.
     with _TwoStreams(q.device) as streams:
-        for index, span in enumerate(spans):
-            with streams.beside():
-                if index + 1 < len(spans):
-                    coarse_parts.append(coarse_stage(spans[index + 1]))
-                    next_coarse_done = streams.record_beside()
-                for group in groups[1:]:
-                    launch(span, coarse_parts[index], lse_parts[index], *group)
-            launch(span, coarse_parts[index], lse_parts[index], *groups[0])
-            if index + 1 < len(spans):
-                streams.wait(next_coarse_done)
-    lse = _cat_heads(lse_parts, 1)
-    means, probs, key_tiles, key_entries, key_counts = (
-        _cat_heads([part[i] for part in coarse_parts], dim) for i, dim in ((0, 2), (1, 1), (2, 1), (3, 1), (4, 1)))
+        with streams.beside():
+            for group in groups[1:]:
+                launch(*group)
+        launch(*groups[0])
     return out, lse, key_tiles, key_entries, key_counts, means, probs
-
-
-def _head_spans(heads: int, count: int) -> list[tuple[int, int]]:
-    """``count`` (at most ``heads``) contiguous, near-equal spans of head indices [(first, end)]."""
-    count = max(1, min(count, heads))
-    bounds = [round(i * heads / count) for i in range(count + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
-
-
-def _cat_heads(parts: list[Tensor], dim: int) -> Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
 def _list_flags(kernel: str, rows: int, groups) -> dict:
@@ -383,8 +337,8 @@ def _transposed_query_lists(key_tiles: Tensor, tile_offsets: Tensor) -> tuple[Te
     grouped by key tile and within one key tile ordered by the row block that holds the query tile
     (``layout.block_rows``: 64, then 32, then 16; ascending tile index within a block size);
     offsets int32 [B*h*n + 1] of each key tile's entries; counts int32 [B*h*n, 2] of its 64- and
-    32-row query tiles). One stable sort on (key tile, block size) places the entries; a histogram of
-    the same sort keys gives offsets and counts (a counting sort in library calls).
+    32-row query tiles). One stable sort on (key tile, block size) places the entries; a search of
+    each (key tile, block size) in the sorted keys gives offsets and counts, without a host sync.
     """
     B, heads, n, topk = key_tiles.shape
     device = key_tiles.device
@@ -394,12 +348,13 @@ def _transposed_query_lists(key_tiles: Tensor, tile_offsets: Tensor) -> tuple[Te
     rows = block_rows(tile_offsets[1:] - tile_offsets[:-1]).to(device)
     size_rank = (rows == 32).long() + 2 * (rows == 16).long()  # 64 -> 0, 32 -> 1, 16 -> 2
     sort_keys = key_ids * 3 + size_rank[query_tiles]
-    order = torch.argsort(sort_keys, stable=True)
+    sorted_keys, order = torch.sort(sort_keys, stable=True)
     entries = _pack_tile_entries(query_tiles[order], tile_offsets)
-    per_size = torch.bincount(sort_keys, minlength=3 * B * heads * n).view(B * heads * n, 3)
-    offsets = torch.zeros(B * heads * n + 1, dtype=torch.int32, device=device)
-    offsets[1:] = torch.cumsum(per_size.sum(1), 0)
-    return entries, offsets, per_size[:, :2].to(torch.int32).contiguous()
+    # Where each (key tile, size) run starts in the sorted keys. (Not bincount: on CUDA it waits for
+    # the GPU to size its output, which would stall the host in every backward.)
+    starts = torch.searchsorted(sorted_keys, torch.arange(3 * B * heads * n + 1, device=device))
+    per_size = (starts[1:] - starts[:-1]).view(B * heads * n, 3)
+    return entries, starts[::3].to(torch.int32), per_size[:, :2].to(torch.int32).contiguous()
 
 
 # The attention kernels read each list entry (the forward's and dq's key lists, dk/dv's transposed
@@ -451,29 +406,24 @@ def _triton_backward(
     grad_out = _unit_stride_last(grad_out)
     grid = (n, B * heads)
     has_gate = gate is not None
-    with _TwoStreams(q.device) as streams:
-        # dk/dv's lists need only the selection: built beside the coarse branch's backward.
-        if EARLY_TRANSPOSED_LISTS:
-            with streams.beside():
-                query_lists = _transposed_query_lists(key_tiles, tile_offsets)
-        delta = torch.empty(B, heads, L, dtype=torch.float32, device=q.device)
-        if has_gate:
-            coarse = torch.matmul(probs, means[2])
-            d_gate = _out_like_projection(q, gate.dtype)
-            d_coarse = torch.empty(B, heads, n, D, dtype=torch.float32, device=q.device)
-            g = gate
-        else:
-            coarse = d_coarse = means[0]  # dummies, never read
-            d_gate = g = q
-        tv.kernels()["bwd_preprocess"][grid](
-            out, grad_out, g, coarse, delta, d_gate, d_coarse, tile_offsets,
-            *_strides(out), *_strides(grad_out), *_strides(g), *_strides(d_gate),
-            heads, n, L, HAS_GATE=has_gate, BLOCK=64, D=D,
-        )
-        if has_gate:
-            dq_c, dk_c, dv_c = _coarse_backward(d_coarse, means, probs, tile_offsets)
-        else:
-            dq_c = dk_c = dv_c = means[0]  # dummies, never read
+    delta = torch.empty(B, heads, L, dtype=torch.float32, device=q.device)
+    if has_gate:
+        coarse = torch.matmul(probs, means[2])
+        d_gate = _out_like_projection(q, gate.dtype)
+        d_coarse = torch.empty(B, heads, n, D, dtype=torch.float32, device=q.device)
+        g = gate
+    else:
+        coarse = d_coarse = means[0]  # dummies, never read
+        d_gate = g = q
+    tv.kernels()["bwd_preprocess"][grid](
+        out, grad_out, g, coarse, delta, d_gate, d_coarse, tile_offsets,
+        *_strides(out), *_strides(grad_out), *_strides(g), *_strides(d_gate),
+        heads, n, L, HAS_GATE=has_gate, BLOCK=64, D=D,
+    )
+    if has_gate:
+        dq_c, dk_c, dv_c = _coarse_backward(d_coarse, means, probs, tile_offsets)
+    else:
+        dq_c = dk_c = dv_c = means[0]  # dummies, never read
     qk_scale = math.log2(math.e) / math.sqrt(D)
     sm_scale = 1.0 / math.sqrt(D)
     dq = _out_like_projection(q)
@@ -481,7 +431,7 @@ def _triton_backward(
     dv = _out_like_projection(v)
     groups = _groups(block_groups)
     use_tma = _use_tma("bwd_dq", k, v)
-    # dq reads what dk/dv reads and writes only dq: it runs beside the dk/dv launches.
+    # dq reads what dk/dv reads and writes only dq: it runs beside the dk/dv lists and launches.
     with _TwoStreams(q.device) as streams:
         with streams.beside():
             for rows, first, count in groups:
@@ -493,9 +443,7 @@ def _triton_backward(
                     USE_TMA=use_tma, **_list_flags("bwd_dq", rows, groups),
                     **_launch_config("bwd_dq", D, q.device, rows),
                 )
-        if not EARLY_TRANSPOSED_LISTS:
-            query_lists = _transposed_query_lists(key_tiles, tile_offsets)
-        query_entries, query_offsets, query_counts = query_lists
+        query_entries, query_offsets, query_counts = _transposed_query_lists(key_tiles, tile_offsets)
         use_tma = _use_tma("bwd_dkdv", q, grad_out)
         for rows, first, count in groups:  # one launch per key-tile size group
             tv.kernels()["bwd_dkdv"][(count, B * heads)](
