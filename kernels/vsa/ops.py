@@ -256,10 +256,9 @@ def _select_key_tiles(scores: Tensor, tile_offsets: Tensor, topk: int) -> tuple[
     key_tiles = scores.new_empty(*scores.shape[:-1], topk, dtype=torch.int32)
     key_entries = torch.empty_like(key_tiles)
     key_counts = scores.new_empty(*scores.shape[:-1], 2, dtype=torch.int32)
-    tile_rows = block_rows(tile_offsets[1:] - tile_offsets[:-1]).to(torch.int32)
     rows_per_program = SELECT_LAUNCH["rows"]
     tv.kernels()["select"][(triton_cdiv(num_rows, rows_per_program),)](
-        scores.contiguous(), key_tiles, key_entries, key_counts, tile_offsets, tile_rows, num_rows, n, topk,
+        scores.contiguous(), key_tiles, key_entries, key_counts, tile_offsets, num_rows, n, topk,
         ENTRY_SIZE_BITS=_ENTRY_SIZE_BITS, ROWS=rows_per_program, BLOCK_T=max(16, _next_power_of_2(n)),
         **({} if tv.interpreting() else dict(num_warps=_select_warps(n))),
     )

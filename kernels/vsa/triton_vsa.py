@@ -109,12 +109,12 @@ def _tile_means(Q, K, V, OUT, TILE_OFF, sqb, sqh, sql, skb, skh, skl, svb, svh, 
     tl.store(OUT + row * D + cols, tl.reduce(x, 0, _ADD) / size.to(tl.float32))
 
 
-def _select(SCORES, KEY_TILES, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, TILE_ROWS, NUM_ROWS, NUM_TILES, TOPK,
+def _select(SCORES, KEY_TILES, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, NUM_ROWS, NUM_TILES, TOPK,
             ENTRY_SIZE_BITS: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr):
     # ROWS (batch, head, query tile) rows of coarse scores -> each row's TOPK best key tiles, written
     # directly as an ascending index list (no boolean mask, no sort), and as the list the forward and
     # dq walk: packed entries (ops._pack_tile_entries) grouped by the row block that holds the tile
-    # (TILE_ROWS, layout.block_rows: 64, 32, then 16; ascending within one), with per-row counts of
+    # (layout.block_rows: 64, 32, then 16; ascending within one), with per-row counts of
     # the 64- and 32-row ones.
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     lanes = tl.arange(0, BLOCK_T)
@@ -145,13 +145,14 @@ def _select(SCORES, KEY_TILES, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, TILE_ROWS, NUM
     chosen = above | (ties & (ties_before < tie_quota))  # the lowest-index ties fill the quota
     position = above_before + tl.minimum(ties_before, tie_quota)  # chosen lanes before this one
     tl.store(KEY_TILES + rows[:, None] * TOPK + position, lanes[None, :] + rows[:, None] * 0, mask=chosen & valid)
-    # The same tiles grouped by block size (TILE_ROWS: 64, 32, 16), ascending within one.
+    # The same tiles grouped by the row block that holds them (layout.block_rows: more than 32 tokens
+    # in 64 rows, 17..32 in 32, up to 16 in 16), ascending within one.
     lane_ok = lanes < NUM_TILES
     start = tl.load(TILE_OFF + lanes, mask=lane_ok, other=0)
-    entry = (start << ENTRY_SIZE_BITS) | (tl.load(TILE_OFF + lanes + 1, mask=lane_ok, other=0) - start)
-    block = tl.load(TILE_ROWS + lanes, mask=lane_ok, other=0)[None, :]
-    whole = chosen & (block == 64)
-    half = chosen & (block == 32)
+    size = tl.load(TILE_OFF + lanes + 1, mask=lane_ok, other=0) - start
+    entry = (start << ENTRY_SIZE_BITS) | size
+    whole = chosen & (size > 32)[None, :]
+    half = chosen & ((size > 16) & (size <= 32))[None, :]
     classes = whole.to(tl.int32) + (half.to(tl.int32) << 16)
     classes_before = tl.associative_scan(classes, 1, _ADD) - classes
     whole_before, half_before = classes_before & 0xFFFF, classes_before >> 16
