@@ -293,6 +293,8 @@ def compare_settings(device, dtype, smoke, rounds=5):
         "overlap_off": {"OVERLAP_LAUNCHES": "off"},
         "overlap_side": {"OVERLAP_LAUNCHES": "side"},
         "overlap_side_high_priority": {"OVERLAP_LAUNCHES": "side_high_priority"},
+        "partial_dkdv_beside": {"PARTIAL_DKDV_BESIDE": True},
+        "partial_dkdv_after_whole": {"PARTIAL_DKDV_BESIDE": False},
         "dkdv16_key_major": {"DKDV_QUERY_MAJOR_ROWS": (32,),
                              "SMALL_TILE_LAUNCH_CONFIG": {**vsa_ops.SMALL_TILE_LAUNCH_CONFIG, **key_major_16}},
     }

@@ -30,6 +30,18 @@ def test_triton_on_gpu_matches_reference(D, dtype, with_gate):
     check_triton_against_reference(grid, D, dtype, topk, with_gate, B=2, heads=3, tol=tol, device="cuda")
 
 
+@pytest.mark.parametrize("partial_dkdv_beside", [True, False])
+def test_triton_on_gpu_with_partial_dkdv_beside_or_after_matches_reference(partial_dkdv_beside, monkeypatch):
+    # With the second stream live: dk/dv's partial key tiles beside the whole tiles' launch (after
+    # dq, once the lists are built) or after it on the same stream.
+    from fastwan.kernels.vsa import ops as vsa_ops
+
+    monkeypatch.setattr(vsa_ops, "PARTIAL_DKDV_BESIDE", partial_dkdv_beside)
+    grid = (9, 14, 22)
+    topk = topk_for_sparsity(TileLayout.for_grid(grid).num_tiles, 0.8)
+    check_triton_against_reference(grid, 128, torch.bfloat16, topk, True, B=2, heads=3, tol=1e-2, device="cuda")
+
+
 def test_triton_on_gpu_never_waits_for_the_gpu():
     # A host sync in the op (a .item(), a bincount sizing its output) would stall the host once per
     # attention layer and pass, so its launches could no longer run ahead of the GPU. (The sync

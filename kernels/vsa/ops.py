@@ -116,6 +116,8 @@ SELECT_LAUNCH = dict(rows=1, num_warps=1)
 # 15.58/15.45 (later runs agree: one stream 15.67-15.93, high priority 15.29-15.59). "off" runs
 # everything on the caller's stream.
 OVERLAP_LAUNCHES = "side_high_priority"  # "side_high_priority" | "side" | "off"
+# dk/dv's partial key tiles on the second stream after dq, beside the whole key tiles' launch.
+PARTIAL_DKDV_BESIDE = True
 
 
 def _use_tma(kernel: str, *tensors: Tensor) -> bool:
@@ -200,6 +202,11 @@ class _TwoStreams:
 
     def beside(self):
         return torch.cuda.stream(self.side) if self.active else contextlib.nullcontext()
+
+    def fork(self) -> None:
+        """From here on, work beside also waits for what the caller's stream has enqueued so far."""
+        if self.active:
+            self.side.wait_stream(self.caller)
 
     def __exit__(self, *exc):
         if self.active:
@@ -444,7 +451,8 @@ def _triton_backward(
                 )
         query_entries, query_offsets, query_counts = _transposed_query_lists(key_tiles, tile_offsets)
         use_tma = _use_tma("bwd_dkdv", q, grad_out)
-        for rows, first, count in groups:  # one launch per key-tile size group
+
+        def launch_dkdv(rows, first, count):  # one launch per key-tile size group
             tv.kernels()["bwd_dkdv"][(count, B * heads)](
                 q, k, v, grad_out, dk, dv, lse, delta, query_entries, query_offsets, query_counts, tile_offsets,
                 tiles_by_block[first:], dk_c, dv_c,
@@ -454,6 +462,18 @@ def _triton_backward(
                 USE_TMA=use_tma, **_list_flags("bwd_dkdv", rows, groups),
                 **_launch_config("bwd_dkdv", D, q.device, rows),
             )
+
+        if PARTIAL_DKDV_BESIDE and len(groups) > 1:
+            # The partial key tiles (disjoint rows of dk and dv) after dq on the second stream, once
+            # the lists are built, beside the whole tiles' launch.
+            streams.fork()
+            with streams.beside():
+                for group in groups[1:]:
+                    launch_dkdv(*group)
+            launch_dkdv(*groups[0])
+        else:
+            for group in groups:
+                launch_dkdv(*group)
     return dq, dk, dv, (d_gate if has_gate else None)
 
 
