@@ -305,8 +305,10 @@ def compare_settings(device, dtype, smoke, rounds=5):
             variants[f"{kernel}{rows}_no_register_cap"] = {"SMALL_TILE_LAUNCH_CONFIG": {
                 **vsa_ops.SMALL_TILE_LAUNCH_CONFIG, (kernel, D, rows): uncapped}}
     # The top-k selection's launch (score rows per program, warps): timed alone, as the coarse stage.
-    select_variants = {f"select_rows{rows}_w{warps}": {"SELECT_LAUNCH": dict(rows=rows, num_warps=warps)}
-                       for rows, warps in ((1, 1), (1, 2), (1, 4), (1, 8), (2, 2), (2, 4))}
+    select_variants = {f"select_rows{rows}_w{warps}{'' if split else '_one_block'}": {
+        "SELECT_LAUNCH": dict(rows=rows, num_warps=warps, split_lanes=split)}
+        for rows, warps, split in ((1, 1, True), (1, 1, False), (1, 2, True), (1, 4, True), (2, 2, True))}
+    means_variants = {f"tile_means_w{warps}": {"TILE_MEANS_LAUNCH": dict(num_warps=warps)} for warps in (2, 4, 8, 16)}
 
     def apply(settings):
         previous = {name: getattr(vsa_ops, name) for name in settings}
@@ -344,14 +346,25 @@ def compare_settings(device, dtype, smoke, rounds=5):
             result[f"{name}_{part}_ms"] = sorted(values)[len(values) // 2]
     with torch.no_grad():
         selected = None
+        # The top-k kernel alone on the forward's scores (the coarse stage timed whole is bound by
+        # the host's launches, not by the GPU).
+        means = vsa_ops._tile_means(q, k, v, layout.tile_offsets)
+        scores = torch.matmul(means[0], means[1].transpose(-1, -2))
         for name, settings in select_variants.items():
             previous = apply(settings)
             try:
-                got = vsa_ops._coarse_forward(q, k, v, layout.tile_offsets, topk)[2:5]
+                got = vsa_ops._select_key_tiles(scores, layout.tile_offsets, topk)
                 selected = selected or got
                 result[f"{name}_same_lists"] = all(torch.equal(a, b) for a, b in zip(got, selected))
-                result[f"{name}_coarse_ms"] = bench_ms(
-                    lambda: vsa_ops._coarse_forward(q, k, v, layout.tile_offsets, topk), smoke)
+                result[f"{name}_ms"] = bench_ms(lambda: vsa_ops._select_key_tiles(scores, layout.tile_offsets, topk),
+                                                smoke)
+            finally:
+                apply(previous)
+        for name, settings in means_variants.items():
+            previous = apply(settings)
+            try:
+                result[f"{name}_same"] = torch.equal(vsa_ops._tile_means(q, k, v, layout.tile_offsets), means)
+                result[f"{name}_ms"] = bench_ms(lambda: vsa_ops._tile_means(q, k, v, layout.tile_offsets), smoke)
             finally:
                 apply(previous)
     return result

@@ -83,13 +83,13 @@ def test_triton_token_order_api_matches_reference():
 
 
 @pytest.mark.parametrize("rows_per_program", [1, 4])
-@pytest.mark.parametrize("n, topk", [(7, 3), (16, 16), (20, 1), (33, 12)])
+@pytest.mark.parametrize("n, topk", [(7, 3), (16, 16), (20, 1), (33, 12), (40, 36), (624, 125)])
 def test_triton_selection_is_exact_topk_with_size_sorted_lists(n, topk, rows_per_program, monkeypatch):
     # The selection kernel writes each row's top-k tile indices directly, ascending (ties go to the
     # lowest index), and the same tiles as packed entries grouped whole tiles / 17..32 tokens / up to 16
     # (ascending within a group) with the first two counts. With several rows per program, rows
-    # straddle program boundaries; all rows pad lanes (BLOCK_T); tile sizes are random, so every group
-    # and order occurs.
+    # straddle program boundaries; a row's lanes come in two blocks (40 tiles: 32 + 16, 624: 512 + 128),
+    # padded at the end; tile sizes are random, so every group and order occurs.
     monkeypatch.setattr(vsa_ops, "SELECT_LAUNCH", dict(vsa_ops.SELECT_LAUNCH, rows=rows_per_program))
     rows = 10
     sizes = torch.randint(1, 65, (n,))
@@ -98,6 +98,8 @@ def test_triton_selection_is_exact_topk_with_size_sorted_lists(n, topk, rows_per
     scores = torch.randn(rows, n)
     scores[0, : min(n, 4)] = 3.0  # a tie at the top
     scores[1] = -scores[1].abs()  # all negative
+    scores[2] = 0.5  # all tied: the lowest indices win, across both lane blocks when topk needs them
+    scores[3, n // 2:] = scores[3].max() + 1.0  # ties at the top that straddle the blocks (40: lanes 20..39)
     key_tiles, entries, counts = vsa_ops._select_key_tiles(scores, offsets, topk)
     bits = vsa_ops._ENTRY_SIZE_BITS
     for r in range(rows):

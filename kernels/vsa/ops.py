@@ -106,7 +106,11 @@ DKDV_QUERY_MAJOR_ROWS = (16, 32)
 # registers a thread: one program per SM); one warp for 480p's 624 tiles (its reductions and scans
 # stay within the warp), with 32-bit keys, measured 0.116-0.15 ms against 0.159-0.167 at 8 warps
 # with int64 keys (bench/vsa_attention.py, coarse_select_ms, v10-v13 runs).
-SELECT_LAUNCH = dict(rows=1, num_warps=1)
+# The tile means: one program per (tile, batch*head, q/k/v), reading up to 64 rows.
+TILE_MEANS_LAUNCH = dict(num_warps=4)
+
+# split_lanes: a row's lanes in two power-of-two blocks (624 tiles: 512 + 128 lanes, not 1024).
+SELECT_LAUNCH = dict(rows=1, num_warps=1, split_lanes=True)
 
 # Launches that do not depend on each other run on two CUDA streams: the forward's partial query
 # tiles beside its whole ones, the backward's dq beside dk/dv (and beside building dk/dv's lists), so
@@ -243,7 +247,7 @@ def _tile_means(q: Tensor, k: Tensor, v: Tensor, tile_offsets: Tensor) -> Tensor
     means = torch.empty(3, B, heads, n, D, dtype=torch.float32, device=q.device)
     _triton_module().kernels()["tile_means"][(n, B * heads, 3)](
         q, k, v, means, tile_offsets, *_strides(q), *_strides(k), *_strides(v), heads, n, B * heads * n,
-        BLOCK=64, D=D,
+        BLOCK=64, D=D, **({} if _triton_module().interpreting() else TILE_MEANS_LAUNCH),
     )
     return means
 
@@ -266,10 +270,20 @@ def _select_key_tiles(scores: Tensor, tile_offsets: Tensor, topk: int) -> tuple[
     rows_per_program = SELECT_LAUNCH["rows"]
     tv.kernels()["select"][(triton_cdiv(num_rows, rows_per_program),)](
         scores.contiguous(), key_tiles, key_entries, key_counts, tile_offsets, num_rows, n, topk,
-        ENTRY_SIZE_BITS=_ENTRY_SIZE_BITS, ROWS=rows_per_program, BLOCK_T=max(16, _next_power_of_2(n)),
+        ENTRY_SIZE_BITS=_ENTRY_SIZE_BITS, ROWS=rows_per_program, **_select_lanes(n),
         **({} if tv.interpreting() else dict(num_warps=_select_warps(n))),
     )
     return key_tiles, key_entries, key_counts
+
+
+def _select_lanes(n: int) -> dict:
+    """The selection kernel's two lane blocks for a row of n tiles: the largest power of two up to n
+    (at least 16), then the smallest that holds the rest (16 when nothing is left). Without
+    ``SELECT_LAUNCH["split_lanes"]``: one block of the next power of two (and an empty tail)."""
+    head = max(16, 1 << (int(n).bit_length() - 1))
+    if not SELECT_LAUNCH.get("split_lanes", True):
+        head = max(16, _next_power_of_2(n))
+    return dict(BLOCK_T=head, BLOCK_TAIL=max(16, _next_power_of_2(max(1, n - head))))
 
 
 def _select_warps(n: int) -> int:

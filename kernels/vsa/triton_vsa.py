@@ -109,58 +109,103 @@ def _tile_means(Q, K, V, OUT, TILE_OFF, sqb, sqh, sql, skb, skh, skl, svb, svh, 
     tl.store(OUT + row * D + cols, tl.reduce(x, 0, _ADD) / size.to(tl.float32))
 
 
-def _select(SCORES, KEY_TILES, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, NUM_ROWS, NUM_TILES, TOPK,
-            ENTRY_SIZE_BITS: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr):
-    # ROWS (batch, head, query tile) rows of coarse scores -> each row's TOPK best key tiles, written
-    # directly as an ascending index list (no boolean mask, no sort), and as the list the forward and
-    # dq walk: packed entries (ops._pack_tile_entries) grouped by the row block that holds the tile
-    # (layout.block_rows: 64, 32, then 16; ascending within one), with per-row counts of
-    # the 64- and 32-row ones.
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    lanes = tl.arange(0, BLOCK_T)
+def _select_keys(SCORES, rows, lanes, NUM_ROWS, NUM_TILES):
+    # One part of a row's lanes: each score as an unsigned 32-bit key in the same order (all bits of
+    # negatives flipped, the sign bit of the rest), so the radix search compares 32-bit integers, not
+    # int64; lanes past the row get 0, below every candidate (each has a bit set).
     valid = (lanes[None, :] < NUM_TILES) & (rows[:, None] < NUM_ROWS)
     x = tl.load(SCORES + rows[:, None] * NUM_TILES + lanes[None, :], mask=valid, other=0.0)
-    # Exact k-th largest by a 32-step radix search on order-preserving integer keys.
     bits = x.to(tl.int32, bitcast=True)
-    # Keys: the scores' bits as unsigned 32-bit integers in the same order (all bits of negatives
-    # flipped, the sign bit of the rest), so each of the 32 steps compares 32-bit integers, not int64.
-    # Padding lanes get 0, below every candidate (each has a bit set). (tl.full is a builtin: the
-    # jitted tl.zeros helpers fail under the interpreter when triton was imported without it.)
     key = (bits ^ ((bits >> 31) | -2147483648)).to(tl.uint32, bitcast=True)
-    key = tl.where(valid, key, tl.full([ROWS, BLOCK_T], 0, tl.uint32))
-    threshold = tl.full([ROWS, 1], 0, tl.uint32)
-    for i in tl.static_range(32):
-        candidate = threshold | tl.full([ROWS, 1], 1 << (31 - i), tl.uint32)
-        count = tl.reduce((key >= candidate).to(tl.int32), 1, _ADD, keep_dims=True)
-        threshold = tl.where(count >= TOPK, candidate, threshold)
-    # Which lanes are chosen, and each chosen lane's place in both lists, from two int32 prefix sums
-    # of counters packed in 16-bit fields (a scan is the costly step of this kernel: five separate
-    # ones, or one over int64 fields, took 0.24-0.26 ms at 480p against 0.14 ms for two).
+    # (tl.full is a builtin: the jitted tl.zeros helpers fail under the interpreter when triton was
+    # imported without it.)
+    return tl.where(valid, key, tl.full(key.shape, 0, tl.uint32)), valid
+
+
+def _count_at_least(key, candidate):
+    return tl.reduce((key >= candidate).to(tl.int32), 1, _ADD, keep_dims=True)
+
+
+def _exclusive_scan(x, offset):
+    # Per row, the sum of x over the earlier lanes of this part, plus the earlier parts' offset.
+    return tl.associative_scan(x, 1, _ADD) - x + offset
+
+
+def _select_chosen(key, valid, threshold, flags_offset, tie_quota):
+    # One part's chosen lanes (above the k-th largest key, or among the row's first tie_quota ties
+    # with it) and each one's place in the ascending list. Counters packed in 16-bit fields, ties low
+    # and above high, so one scan gives both.
     above = (key > threshold) & valid
     ties = (key == threshold) & valid
     flags = ties.to(tl.int32) + (above.to(tl.int32) << 16)
-    flags_before = tl.associative_scan(flags, 1, _ADD) - flags  # exclusive prefix sums
-    ties_before, above_before = flags_before & 0xFFFF, flags_before >> 16
-    tie_quota = TOPK - tl.reduce(above.to(tl.int32), 1, _ADD, keep_dims=True)
-    chosen = above | (ties & (ties_before < tie_quota))  # the lowest-index ties fill the quota
-    position = above_before + tl.minimum(ties_before, tie_quota)  # chosen lanes before this one
-    tl.store(KEY_TILES + rows[:, None] * TOPK + position, lanes[None, :] + rows[:, None] * 0, mask=chosen & valid)
-    # The same tiles grouped by the row block that holds them (layout.block_rows: more than 32 tokens
-    # in 64 rows, 17..32 in 32, up to 16 in 16), ascending within one.
+    before = _exclusive_scan(flags, flags_offset)
+    ties_before, above_before = before & 0xFFFF, before >> 16
+    chosen = above | (ties & (ties_before < tie_quota))
+    return chosen, above_before + tl.minimum(ties_before, tie_quota)
+
+
+def _select_classes(TILE_OFF, lanes, chosen, NUM_TILES, ENTRY_SIZE_BITS: tl.constexpr):
+    # The row block that holds each chosen tile (layout.block_rows: more than 32 tokens in 64 rows,
+    # 17..32 in 32, up to 16 in 16) as packed counters (64-row low, 32-row high), and its list entry.
     lane_ok = lanes < NUM_TILES
     start = tl.load(TILE_OFF + lanes, mask=lane_ok, other=0)
     size = tl.load(TILE_OFF + lanes + 1, mask=lane_ok, other=0) - start
-    entry = (start << ENTRY_SIZE_BITS) | size
     whole = chosen & (size > 32)[None, :]
     half = chosen & ((size > 16) & (size <= 32))[None, :]
-    classes = whole.to(tl.int32) + (half.to(tl.int32) << 16)
-    classes_before = tl.associative_scan(classes, 1, _ADD) - classes
-    whole_before, half_before = classes_before & 0xFFFF, classes_before >> 16
-    totals = tl.reduce(classes, 1, _ADD, keep_dims=True)
-    n_whole, n_half = totals & 0xFFFF, totals >> 16
+    return whole, half, whole.to(tl.int32) + (half.to(tl.int32) << 16), (start << ENTRY_SIZE_BITS) | size
+
+
+def _select_store(KEY_TILES, KEY_ENTRIES, rows, lanes, chosen, position, whole, half, classes, entry,
+                  classes_offset, n_whole, n_half, TOPK):
+    # One part's chosen lanes into both lists: ascending, and grouped 64-, 32-, 16-row tiles.
+    tl.store(KEY_TILES + rows[:, None] * TOPK + position, lanes[None, :] + rows[:, None] * 0, mask=chosen)
+    before = _exclusive_scan(classes, classes_offset)
+    whole_before, half_before = before & 0xFFFF, before >> 16
     slot = tl.where(whole, whole_before,
                     tl.where(half, n_whole + half_before, position - whole_before - half_before + n_whole + n_half))
-    tl.store(KEY_ENTRIES + rows[:, None] * TOPK + slot, entry[None, :] + rows[:, None] * 0, mask=chosen & valid)
+    tl.store(KEY_ENTRIES + rows[:, None] * TOPK + slot, entry[None, :] + rows[:, None] * 0, mask=chosen)
+
+
+def _select(SCORES, KEY_TILES, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, NUM_ROWS, NUM_TILES, TOPK,
+            ENTRY_SIZE_BITS: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_TAIL: tl.constexpr):
+    # ROWS (batch, head, query tile) rows of coarse scores -> each row's TOPK best key tiles, written
+    # directly as an ascending index list (no boolean mask, no sort), and as the list the forward and
+    # dq walk: packed entries (ops._pack_tile_entries) grouped by the row block that holds the tile
+    # (layout.block_rows: 64, 32, then 16; ascending within one), with per-row counts of the 64- and
+    # 32-row ones. A row's lanes come in two parts of BLOCK_T and BLOCK_TAIL (powers of two), so that
+    # 624 tiles take 512 + 128 lanes rather than 1024: each step of the search costs per lane.
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    lanes = tl.arange(0, BLOCK_T)
+    tail_lanes = BLOCK_T + tl.arange(0, BLOCK_TAIL)
+    key, valid = _select_keys(SCORES, rows, lanes, NUM_ROWS, NUM_TILES)
+    tail_key, tail_valid = _select_keys(SCORES, rows, tail_lanes, NUM_ROWS, NUM_TILES)
+    # The exact k-th largest key, by a 32-step radix search.
+    threshold = tl.full([ROWS, 1], 0, tl.uint32)
+    for i in tl.static_range(32):
+        candidate = threshold | tl.full([ROWS, 1], 1 << (31 - i), tl.uint32)
+        count = _count_at_least(key, candidate) + _count_at_least(tail_key, candidate)
+        threshold = tl.where(count >= TOPK, candidate, threshold)
+    # Ties fill what the keys above the threshold leave of TOPK, lowest index first. The places come
+    # from int32 prefix sums of counters packed in 16-bit fields (the scans are this kernel's costly
+    # step after the search: five separate ones, or one over int64 fields, took 0.24-0.26 ms at 480p
+    # against 0.14 ms for two).
+    above_head = (key > threshold) & valid
+    tie_quota = TOPK - (tl.reduce(above_head.to(tl.int32), 1, _ADD, keep_dims=True)
+                        + tl.reduce(((tail_key > threshold) & tail_valid).to(tl.int32), 1, _ADD, keep_dims=True))
+    ties_head = tl.reduce(((key == threshold) & valid).to(tl.int32), 1, _ADD, keep_dims=True)
+    chosen, position = _select_chosen(key, valid, threshold, 0, tie_quota)
+    tail_offset = ties_head + (tl.reduce(above_head.to(tl.int32), 1, _ADD, keep_dims=True) << 16)
+    tail_chosen, tail_position = _select_chosen(tail_key, tail_valid, threshold, tail_offset, tie_quota)
+    whole, half, classes, entry = _select_classes(TILE_OFF, lanes, chosen, NUM_TILES, ENTRY_SIZE_BITS)
+    tail_whole, tail_half, tail_classes, tail_entry = _select_classes(TILE_OFF, tail_lanes, tail_chosen, NUM_TILES,
+                                                                      ENTRY_SIZE_BITS)
+    head_classes = tl.reduce(classes, 1, _ADD, keep_dims=True)
+    totals = head_classes + tl.reduce(tail_classes, 1, _ADD, keep_dims=True)
+    n_whole, n_half = totals & 0xFFFF, totals >> 16
+    _select_store(KEY_TILES, KEY_ENTRIES, rows, lanes, chosen, position, whole, half, classes, entry,
+                  0, n_whole, n_half, TOPK)
+    _select_store(KEY_TILES, KEY_ENTRIES, rows, tail_lanes, tail_chosen, tail_position, tail_whole, tail_half,
+                  tail_classes, tail_entry, head_classes, n_whole, n_half, TOPK)
     row_ok = rows[:, None] < NUM_ROWS
     tl.store(KEY_COUNTS + rows[:, None] * 2, n_whole, mask=row_ok)
     tl.store(KEY_COUNTS + rows[:, None] * 2 + 1, n_half, mask=row_ok)
@@ -483,6 +528,8 @@ _RAW = {
     "bwd_dkdv": _bwd_dkdv,
 }
 _HELPERS = {"_program": _program, "_rows": _rows, "_tile_entry": _tile_entry, "_tile_source": _tile_source,
+            "_select_keys": _select_keys, "_count_at_least": _count_at_least, "_exclusive_scan": _exclusive_scan,
+            "_select_chosen": _select_chosen, "_select_classes": _select_classes, "_select_store": _select_store,
             "_load_tile": _load_tile, "_key_list": _key_list, "_load_whole": _load_whole, "_load_pair": _load_pair,
             "_attend_pair": _attend_pair, "_dq_block": _dq_block, "_dq_pair": _dq_pair, "_dkdv_entry": _dkdv_entry,
             "_dkdv_queries": _dkdv_queries}
