@@ -148,3 +148,25 @@ def test_cli_rejects_bad_options(capsys):
 
     assert main(["toy-dmd", "--modes", "0"]) == 2
     assert "--modes" in capsys.readouterr().err
+
+
+def test_toy_networks_act_per_point_on_samples_of_points():
+    # A generator sample of M points at one noise level ([B, M, 2] with timestep [B], points_per_sample)
+    # gives each point what the network gives that point alone at its sample's noise level.
+    net = toy.ToyScore(data_std=1.4, seed=0)
+    x = torch.randn(3, 5, 2)
+    timestep = torch.tensor([900.0, 400.0, 20.0])
+    grouped = net(x, timestep)
+    assert grouped.shape == x.shape
+    torch.testing.assert_close(grouped.reshape(-1, 2), net(x.reshape(-1, 2), timestep.repeat_interleave(5)))
+
+
+def test_toy_runs_with_samples_of_points():
+    result, samples = toy.run_toy(_small_options(steps=10, points_per_sample=16, seed=1))
+    assert result["modes_total"] == 8 and math.isfinite(result["swd_student"])
+    assert torch.isfinite(samples["distilled 3-step student"]).all()
+
+
+def test_toy_options_refuse_a_batch_that_does_not_split_into_samples():
+    with pytest.raises(ValueError, match=r"generator_batch \(100\) must be a multiple of points_per_sample \(64\)"):
+        toy.ToyOptions(generator_batch=100, points_per_sample=64)
