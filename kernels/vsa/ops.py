@@ -106,11 +106,13 @@ DKDV_QUERY_MAJOR_ROWS = (16, 32)
 # registers a thread: one program per SM); one warp for 480p's 624 tiles (its reductions and scans
 # stay within the warp), with 32-bit keys, measured 0.116-0.15 ms against 0.159-0.167 at 8 warps
 # with int64 keys (bench/vsa_attention.py, coarse_select_ms, v10-v13 runs).
-# The tile means: one program per (tile, batch*head, q/k/v), reading up to 64 rows.
-TILE_MEANS_LAUNCH = dict(num_warps=4)
-
-# split_lanes: a row's lanes in two power-of-two blocks (624 tiles: 512 + 128 lanes, not 1024).
+# split_lanes: a row's lanes in two power-of-two blocks, 624 tiles as 512 + 128 lanes rather than
+# 1024: 0.069 against 0.131 ms at 480p (v16 run, settings comparison).
 SELECT_LAUNCH = dict(rows=1, num_warps=1, split_lanes=True)
+
+# The tile means: one program per (tile, batch*head, q/k/v), reading up to 64 rows. 2 / 4 / 8 / 16
+# warps measured 0.104 / 0.107 / 0.115 / 0.132 ms at 480p (v16 run): no reason to move from 4.
+TILE_MEANS_LAUNCH = dict(num_warps=4)
 
 # Launches that do not depend on each other run on two CUDA streams: the forward's partial query
 # tiles beside its whole ones, the backward's dq beside dk/dv (and beside building dk/dv's lists), so
@@ -120,7 +122,9 @@ SELECT_LAUNCH = dict(rows=1, num_warps=1, split_lanes=True)
 # 15.58/15.45 (later runs agree: one stream 15.67-15.93, high priority 15.29-15.59). "off" runs
 # everything on the caller's stream.
 OVERLAP_LAUNCHES = "side_high_priority"  # "side_high_priority" | "side" | "off"
-# dk/dv's partial key tiles on the second stream after dq, beside the whole key tiles' launch.
+# dk/dv's partial key tiles on the second stream after dq, beside the whole key tiles' launch:
+# fwd+bwd 14.61 against 14.74 ms, and 14.63 against 14.79, with them after the whole tiles on the
+# caller's stream (v15 and v16 runs, 480p 0.8).
 PARTIAL_DKDV_BESIDE = True
 
 

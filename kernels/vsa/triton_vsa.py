@@ -189,13 +189,13 @@ def _select(SCORES, KEY_TILES, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, NUM_ROWS, NUM_
     # from int32 prefix sums of counters packed in 16-bit fields (the scans are this kernel's costly
     # step after the search: five separate ones, or one over int64 fields, took 0.24-0.26 ms at 480p
     # against 0.14 ms for two).
-    above_head = (key > threshold) & valid
-    tie_quota = TOPK - (tl.reduce(above_head.to(tl.int32), 1, _ADD, keep_dims=True)
-                        + tl.reduce(((tail_key > threshold) & tail_valid).to(tl.int32), 1, _ADD, keep_dims=True))
-    ties_head = tl.reduce(((key == threshold) & valid).to(tl.int32), 1, _ADD, keep_dims=True)
+    above_in_head = tl.reduce(((key > threshold) & valid).to(tl.int32), 1, _ADD, keep_dims=True)
+    above_in_tail = tl.reduce(((tail_key > threshold) & tail_valid).to(tl.int32), 1, _ADD, keep_dims=True)
+    ties_in_head = tl.reduce(((key == threshold) & valid).to(tl.int32), 1, _ADD, keep_dims=True)
+    tie_quota = TOPK - above_in_head - above_in_tail
     chosen, position = _select_chosen(key, valid, threshold, 0, tie_quota)
-    tail_offset = ties_head + (tl.reduce(above_head.to(tl.int32), 1, _ADD, keep_dims=True) << 16)
-    tail_chosen, tail_position = _select_chosen(tail_key, tail_valid, threshold, tail_offset, tie_quota)
+    tail_chosen, tail_position = _select_chosen(tail_key, tail_valid, threshold,
+                                                ties_in_head + (above_in_head << 16), tie_quota)
     whole, half, classes, entry = _select_classes(TILE_OFF, lanes, chosen, NUM_TILES, ENTRY_SIZE_BITS)
     tail_whole, tail_half, tail_classes, tail_entry = _select_classes(TILE_OFF, tail_lanes, tail_chosen, NUM_TILES,
                                                                       ENTRY_SIZE_BITS)
