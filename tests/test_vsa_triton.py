@@ -150,7 +150,8 @@ def test_kernels_keep_their_constexpr_parameters_when_jitted_per_mode():
     for name, fn in {**triton_vsa._RAW, **triton_vsa._HELPERS}.items():
         # Annotations are strings in that module (from __future__ import annotations).
         wanted = [p for p, note in fn.__annotations__.items() if note is tl.constexpr or note == "tl.constexpr"]
-        assert wanted or name in ("_program", "_rows", "_dq_block"), name
+        assert wanted or name in ("_program", "_rows", "_dq_block", "_select_keys", "_count_at_least",
+                                  "_exclusive_scan", "_select_chosen", "_select_store"), name
         compiled = JITFunction(triton_vsa._rebound(fn, dict(vars(triton_vsa))))
         assert [p.name for p in compiled.params if p.is_constexpr] == wanted, name
 

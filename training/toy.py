@@ -76,7 +76,7 @@ at lr 2e-3: 0.932; fake lr 2.5e-3: 0.925 (tv 0.052); the DMD draw clamped to sig
 second half: 0.926; the student grid (1000, 667, 333): 0.952 but tv 0.097, (1000, 700, 400): 0.932;
 the same student sigmas on a shift-2 grid (timesteps 1000, 609, 353), so that the DMD draw favours
 high noise, for the mode balance: tv 0.047 / 0.083 / 0.050 (seeds 0 / 1 / 2) at precision 0.93, and
-shift 3 (1000, 509, 267): 6 modes (seed 2).
+shift 3 (1000, 509, 267): 6 modes (seed 2); generator lr 1.5e-3: 0.916 with tv 0.044 (seed 2).
 
 Status: the bar is not met. At the defaults (seeds 0, 1, 2) the student covers all 8 modes with
 precision 0.89-0.90 (bar 0.95), tv 0.02-0.05 and swd 0.06-0.11 against the naive 3-step teacher's
