@@ -28,8 +28,10 @@ That sharpens the student, but the mode balance pays, so it is not the default. 
 defaults otherwise: precision 0.929 / 0.930 / 0.930 / 0.929 (single points: 0.89-0.90), tv 0.036 /
 0.056 / 0.095 / 0.043 (single points: 0.02-0.05), swd 0.075 / 0.066 / 0.17 / 0.093 against the naive
 teacher's 0.14, so seeds 0, 2 and 3 miss "under half". 16 points: 0.924 (seed 0), 0.929 with tv
-0.040 (seed 1), 7 modes with tv 0.16 (seed 2); 256 points: 0.912 (seed 0); 64 points with a student
-noise level per point: 0.920 (seed 0). The figures below from "Defaults" to "Also tried" were
+0.040 (seed 1), 7 modes with tv 0.16 (seed 2); 32 points: 0.930 / 0.926 / 0.922 with tv 0.062 /
+0.043 / 0.045 (seeds 0 / 1 / 2); 256 points: 0.912 (seed 0); 64 points with a student noise level
+per point: 0.920 (seed 0); 64 points with a DMD noise level per point (so the normalizer mixes
+noise levels): 0.851 (seed 2). The figures below from "Defaults" to "Also tried" were
 measured with single points; "With samples of 64 points" lists what was tried on top of them.
 
 Defaults, and why (2-core CPU, one torch thread, about 2.5 minutes a run; figures are single runs,
