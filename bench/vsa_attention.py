@@ -20,6 +20,7 @@ that computes on padding does).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -278,7 +279,7 @@ def sweep_launch_configs(device, dtype, smoke):
 
 def compare_settings(device, dtype, smoke, rounds=5):
     """480p, sparsity 0.8: forward and forward+backward under alternative module settings of
-    ``vsa_ops`` (how launches overlap, dk/dv's orientation for 16-row key tiles), timed in turns
+    ``vsa_ops`` (how launches overlap, dk/dv's launch order and orientation), timed in turns
     (median of ``rounds``), each checked to give the same outputs and gradients as the current one."""
     grid, heads, D = ((3, 6, 9), 2, 64) if smoke else ((21, 30, 52), 12, 128)
     layout = TileLayout.for_grid(grid, device)
@@ -304,17 +305,23 @@ def compare_settings(device, dtype, smoke, rounds=5):
             uncapped = {key: value for key, value in config.items() if key != "maxnreg"}
             variants[f"{kernel}{rows}_no_register_cap"] = {"SMALL_TILE_LAUNCH_CONFIG": {
                 **vsa_ops.SMALL_TILE_LAUNCH_CONFIG, (kernel, D, rows): uncapped}}
-    # The top-k selection's launch (score rows per program, warps): timed alone, as the coarse stage.
+    # The top-k kernel's launch (score rows per program, warps, lane blocks) and the tile means' warps:
+    # each kernel timed alone, below.
     select_variants = {f"select_rows{rows}_w{warps}{'' if split else '_one_block'}": {
         "SELECT_LAUNCH": dict(rows=rows, num_warps=warps, split_lanes=split)}
         for rows, warps, split in ((1, 1, True), (1, 1, False), (1, 2, True), (1, 4, True), (2, 2, True))}
     means_variants = {f"tile_means_w{warps}": {"TILE_MEANS_LAUNCH": dict(num_warps=warps)} for warps in (2, 4, 8, 16)}
 
-    def apply(settings):
+    @contextlib.contextmanager
+    def applied(settings):
         previous = {name: getattr(vsa_ops, name) for name in settings}
-        for name, value in settings.items():
-            setattr(vsa_ops, name, value)
-        return previous
+        try:
+            for name, value in settings.items():
+                setattr(vsa_ops, name, value)
+            yield
+        finally:
+            for name, value in previous.items():
+                setattr(vsa_ops, name, value)
 
     def outputs():
         for t in inputs:
@@ -325,22 +332,16 @@ def compare_settings(device, dtype, smoke, rounds=5):
 
     result, times, expected = {}, {name: {"fwd": [], "fwd_bwd": []} for name in variants}, None
     for name, settings in variants.items():
-        previous = apply(settings)
-        try:
+        with applied(settings):
             got = outputs()
-            expected = expected or got
-            result[f"{name}_max_rel_diff"] = max(rel_err(a, b) for a, b in zip(got, expected))
-        finally:
-            apply(previous)
+        expected = expected or got
+        result[f"{name}_max_rel_diff"] = max(rel_err(a, b) for a, b in zip(got, expected))
     for _ in range(1 if smoke else rounds):
         for name, settings in variants.items():
-            previous = apply(settings)
-            try:
+            with applied(settings):
                 with torch.no_grad():
                     times[name]["fwd"].append(bench_ms(ours, smoke))
                 times[name]["fwd_bwd"].append(bench_ms(backward_of(ours, grad_out, inputs), smoke))
-            finally:
-                apply(previous)
     for name, runs in times.items():
         for part, values in runs.items():
             result[f"{name}_{part}_ms"] = sorted(values)[len(values) // 2]
@@ -351,22 +352,16 @@ def compare_settings(device, dtype, smoke, rounds=5):
         means = vsa_ops._tile_means(q, k, v, layout.tile_offsets)
         scores = torch.matmul(means[0], means[1].transpose(-1, -2))
         for name, settings in select_variants.items():
-            previous = apply(settings)
-            try:
+            with applied(settings):
                 got = vsa_ops._select_key_tiles(scores, layout.tile_offsets, topk)
                 selected = selected or got
                 result[f"{name}_same_lists"] = all(torch.equal(a, b) for a, b in zip(got, selected))
                 result[f"{name}_ms"] = bench_ms(lambda: vsa_ops._select_key_tiles(scores, layout.tile_offsets, topk),
                                                 smoke)
-            finally:
-                apply(previous)
         for name, settings in means_variants.items():
-            previous = apply(settings)
-            try:
+            with applied(settings):
                 result[f"{name}_same"] = torch.equal(vsa_ops._tile_means(q, k, v, layout.tile_offsets), means)
                 result[f"{name}_ms"] = bench_ms(lambda: vsa_ops._tile_means(q, k, v, layout.tile_offsets), smoke)
-            finally:
-                apply(previous)
     return result
 
 
@@ -387,7 +382,8 @@ def main() -> int:
     parser.add_argument("--skip-check", action="store_true", help="skip the correctness checks")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     parser.add_argument("--compare-settings", action="store_true",
-                        help="also time alternative launch-overlap and dk/dv orientation settings at 480p, 0.8")
+                        help="also time alternative launch settings at 480p, 0.8 (overlap, dk/dv launch order and "
+                             "orientation, register caps, top-k and tile-means launches)")
     args = parser.parse_args()
 
     smoke = args.smoke

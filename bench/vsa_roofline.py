@@ -208,7 +208,8 @@ def kernel_timeline(q, k, v, gate, grad_out, layout, topk):
         torch.cuda.synchronize()
     with tempfile.NamedTemporaryFile(suffix=".json") as trace:
         prof.export_chrome_trace(trace.name)
-        events = json.load(open(trace.name))["traceEvents"]
+        with open(trace.name) as exported:
+            events = json.load(exported)["traceEvents"]
     kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
     start = kernels[0]["ts"]
     rows, idle, busy_until = [], 0.0, start

@@ -284,9 +284,7 @@ def _select_lanes(n: int) -> dict:
     """The selection kernel's two lane blocks for a row of n tiles: the largest power of two up to n
     (at least 16), then the smallest that holds the rest (16 when nothing is left). Without
     ``SELECT_LAUNCH["split_lanes"]``: one block of the next power of two (and an empty tail)."""
-    head = max(16, 1 << (int(n).bit_length() - 1))
-    if not SELECT_LAUNCH.get("split_lanes", True):
-        head = max(16, _next_power_of_2(n))
+    head = max(16, 1 << (int(n).bit_length() - 1) if SELECT_LAUNCH["split_lanes"] else _next_power_of_2(n))
     return dict(BLOCK_T=head, BLOCK_TAIL=max(16, _next_power_of_2(max(1, n - head))))
 
 
@@ -331,13 +329,18 @@ def _triton_forward(q, k, v, gate, tile_offsets, tiles_by_block, block_groups, t
             USE_TMA=use_tma, **_list_flags("fwd", rows, groups), **_launch_config("fwd", D, q.device, rows),
         )
 
-    # The partial query tiles (groups after the first) write disjoint rows of out and lse.
     with _TwoStreams(q.device) as streams:
-        with streams.beside():
-            for group in groups[1:]:
-                launch(*group)
-        launch(*groups[0])
+        _partial_tiles_beside(streams, groups, launch)
     return out, lse, key_tiles, key_entries, key_counts, means, probs
+
+
+def _partial_tiles_beside(streams: _TwoStreams, groups, launch) -> None:
+    """One launch per size group: the partial tiles' (groups after the first, which write rows
+    disjoint from the whole tiles') on the second stream, the whole tiles' on the caller's."""
+    with streams.beside():
+        for group in groups[1:]:
+            launch(*group)
+    launch(*groups[0])
 
 
 def _list_flags(kernel: str, rows: int, groups) -> dict:
@@ -481,14 +484,9 @@ def _triton_backward(
                 **_launch_config("bwd_dkdv", D, q.device, rows),
             )
 
-        if PARTIAL_DKDV_BESIDE and len(groups) > 1:
-            # The partial key tiles (disjoint rows of dk and dv) after dq on the second stream, once
-            # the lists are built, beside the whole tiles' launch.
-            streams.fork()
-            with streams.beside():
-                for group in groups[1:]:
-                    launch_dkdv(*group)
-            launch_dkdv(*groups[0])
+        if PARTIAL_DKDV_BESIDE:
+            streams.fork()  # the partial key tiles go after dq, once the lists are built
+            _partial_tiles_beside(streams, groups, launch_dkdv)
         else:
             for group in groups:
                 launch_dkdv(*group)
