@@ -279,7 +279,7 @@ def sweep_launch_configs(device, dtype, smoke):
 
 def compare_settings(device, dtype, smoke, rounds=5):
     """480p, sparsity 0.8: forward and forward+backward under alternative module settings of
-    ``vsa_ops`` (how launches overlap, dk/dv's launch order and orientation), timed in turns
+    ``vsa_ops`` (how launches overlap, the backward's launch order, dk/dv's orientation), timed in turns
     (median of ``rounds``), each checked to give the same outputs and gradients as the current one."""
     grid, heads, D = ((3, 6, 9), 2, 64) if smoke else ((21, 30, 52), 12, 128)
     layout = TileLayout.for_grid(grid, device)
@@ -294,8 +294,8 @@ def compare_settings(device, dtype, smoke, rounds=5):
         "overlap_off": {"OVERLAP_LAUNCHES": "off"},
         "overlap_side": {"OVERLAP_LAUNCHES": "side"},
         "overlap_side_high_priority": {"OVERLAP_LAUNCHES": "side_high_priority"},
-        "partial_dkdv_beside": {"PARTIAL_DKDV_BESIDE": True},
-        "partial_dkdv_after_whole": {"PARTIAL_DKDV_BESIDE": False},
+        "backward_partials_first": {"BACKWARD_SCHEDULE": "partials_first"},
+        "backward_dq_first": {"BACKWARD_SCHEDULE": "dq_first"},
         "dkdv16_key_major": {"DKDV_QUERY_MAJOR_ROWS": (32,),
                              "SMALL_TILE_LAUNCH_CONFIG": {**vsa_ops.SMALL_TILE_LAUNCH_CONFIG, **key_major_16}},
     }

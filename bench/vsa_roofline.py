@@ -221,8 +221,8 @@ def kernel_timeline(q, k, v, gate, grad_out, layout, topk):
 
 
 def launch_variants(groups, kernels, smoke):
-    """Each (kernel, size group) launch alone: the current settings, then dk/dv's 64-row launch with
-    whole-tile query blocks and the 16/32-row launches under other launch configurations. Each variant
+    """Each (kernel, size group) launch alone: the current settings, then every launch under other
+    launch configurations, and dk/dv's 64-row launch with whole-tile query blocks. Each variant
     writes fresh zeroed buffers that must match the current launch's (max relative difference
     reported); times in ms."""
     result = {}
@@ -230,9 +230,12 @@ def launch_variants(groups, kernels, smoke):
     for kernel, (fn, names, like) in kernels.items():
         for rows, _, _ in groups:
             variants = [("current", {})]
-            if rows == 64 and kernel == "bwd_dkdv":
-                variants.append(("whole_query_tiles", {"HAS_PARTIAL_QUERIES": False}))
-            elif rows < 64:
+            if rows == 64:
+                variants += [(f"w{w}_s{st}", {} if smoke else dict(num_warps=w, num_stages=st))
+                             for w, st in ((4, 2), (4, 3), (8, 2), (8, 3))]
+                if kernel == "bwd_dkdv":
+                    variants.append(("whole_query_tiles", {"HAS_PARTIAL_QUERIES": False}))
+            else:
                 variants += [(f"w{w}_s{st}", {} if smoke else dict(num_warps=w, num_stages=st)) for w, st in configs]
                 if kernel == "bwd_dkdv":
                     variants += [(f"key_major_w{w}_s{st}", {"QUERY_MAJOR": False, **({} if smoke else dict(
@@ -283,9 +286,8 @@ def main() -> int:
     if not smoke:
         triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
     with torch.no_grad():
-        out, lse, key_tiles, key_entries, key_counts, means, probs = vsa_ops._triton_forward(
+        out, lse, key_tiles, key_entries, key_counts, means, probs, coarse = vsa_ops._triton_forward(
             q, k, v, gate, offsets, by_block, vsa_ops._flat_groups(layout), topk)
-    coarse = torch.matmul(probs, means[2])
     qk_scale = math.log2(math.e) / math.sqrt(D)
 
     def config(kernel, rows=64):

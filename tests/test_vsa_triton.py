@@ -66,11 +66,13 @@ def test_triton_fp16_matches_reference(D, monkeypatch):
     check_triton_against_reference((5, 6, 7) if D == 64 else (3, 5, 6), D, torch.float16, 3, True, B=1, tol=3e-3)
 
 
-def test_triton_backward_with_partial_dkdv_after_whole_matches_reference(monkeypatch):
-    # The other order of dk/dv's launches (one stream; the default puts partial key tiles beside).
-    monkeypatch.setattr(vsa_ops, "PARTIAL_DKDV_BESIDE", False)
+@pytest.mark.parametrize("with_gate", [True, False])
+def test_triton_backward_in_the_other_launch_order_matches_reference(with_gate, monkeypatch):
+    # The backward's other launch order (ops.BACKWARD_SCHEDULE; the default runs in the tests above).
+    # Under the interpreter the streams are one sequence, so this checks what the order computes.
+    monkeypatch.setattr(vsa_ops, "BACKWARD_SCHEDULE", "dq_first")
     torch.manual_seed(8)
-    check_triton_against_reference((5, 6, 7), 64, torch.float32, 3, True, B=1, heads=2, tol=1e-5)
+    check_triton_against_reference((5, 6, 7), 64, torch.float32, 3, with_gate, B=1, heads=2, tol=1e-5)
 
 
 def test_triton_token_order_api_matches_reference():

@@ -111,7 +111,9 @@ DKDV_QUERY_MAJOR_ROWS = (16, 32)
 SELECT_LAUNCH = dict(rows=1, num_warps=1, split_lanes=True)
 
 # The tile means: one program per (tile, batch*head, q/k/v), reading up to 64 rows. 2 / 4 / 8 / 16
-# warps measured 0.104 / 0.107 / 0.115 / 0.132 ms at 480p (v16 run): no reason to move from 4.
+# warps measured 0.104 / 0.107 / 0.115 / 0.132 ms at 480p (v16 run): no reason to move from 4. With
+# (batch, head) on grid axis 0 instead, so that programs launched together read whole token rows of
+# the [B, L, h, D] buffers: 0.110 against 0.107 ms (v17 run), not kept.
 TILE_MEANS_LAUNCH = dict(num_warps=4)
 
 # Launches that do not depend on each other run on two CUDA streams: the forward's partial query
@@ -122,10 +124,14 @@ TILE_MEANS_LAUNCH = dict(num_warps=4)
 # 15.58/15.45 (later runs agree: one stream 15.67-15.93, high priority 15.29-15.59). "off" runs
 # everything on the caller's stream.
 OVERLAP_LAUNCHES = "side_high_priority"  # "side_high_priority" | "side" | "off"
-# dk/dv's partial key tiles on the second stream after dq, beside the whole key tiles' launch:
-# fwd+bwd 14.61 against 14.74 ms, and 14.63 against 14.79, with them after the whole tiles on the
-# caller's stream (v15 and v16 runs, 480p 0.8).
-PARTIAL_DKDV_BESIDE = True
+# The backward's order of launches. dk/dv's partial key tiles always run on the second stream beside
+# its whole key tiles' launch (v15: 14.61 against 14.74 ms, and 14.63 against 14.79, with them after
+# it on the caller's stream). "dq_first" (v11-v16): the coarse gradients, then dq's three launches on
+# the second stream, beside dk/dv's lists, then dk/dv. "partials_first" (v17): dq's whole query tiles
+# start right after the preprocessing pass, while the second stream runs the coarse gradients, dq's
+# partial query tiles and dk/dv's lists beside them; fwd+bwd 14.44 / 14.41 against 14.60 / 14.62 ms
+# (two runs, 480p 0.8; bench/NOTES_vsa.md).
+BACKWARD_SCHEDULE = "partials_first"  # "partials_first" | "dq_first"
 
 
 def _use_tma(kernel: str, *tensors: Tensor) -> bool:
@@ -216,9 +222,13 @@ class _TwoStreams:
         if self.active:
             self.side.wait_stream(self.caller)
 
-    def __exit__(self, *exc):
+    def join(self) -> None:
+        """From here on, the caller's stream also waits for what has been enqueued beside so far."""
         if self.active:
             self.caller.wait_stream(self.side)
+
+    def __exit__(self, *exc):
+        self.join()
         return False
 
 
@@ -331,7 +341,7 @@ def _triton_forward(q, k, v, gate, tile_offsets, tiles_by_block, block_groups, t
 
     with _TwoStreams(q.device) as streams:
         _partial_tiles_beside(streams, groups, launch)
-    return out, lse, key_tiles, key_entries, key_counts, means, probs
+    return out, lse, key_tiles, key_entries, key_counts, means, probs, coarse
 
 
 def _partial_tiles_beside(streams: _TwoStreams, groups, launch) -> None:
@@ -423,73 +433,99 @@ def _coarse_backward_fp32(d_coarse, means, probs, tile_offsets):
 
 
 def _triton_backward(
-    grad_out, q, k, v, gate, out, lse, key_tiles, key_entries, key_counts, means, probs, tile_offsets, tiles_by_block,
-    block_groups,
+    grad_out, q, k, v, gate, out, lse, key_tiles, key_entries, key_counts, means, probs, coarse, tile_offsets,
+    tiles_by_block, block_groups,
 ):
     tv = _triton_module()
     B, heads, L, D = q.shape
     n = tile_offsets.numel() - 1
     topk = key_tiles.shape[-1]
     grad_out = _unit_stride_last(grad_out)
-    grid = (n, B * heads)
     has_gate = gate is not None
     delta = torch.empty(B, heads, L, dtype=torch.float32, device=q.device)
     if has_gate:
-        coarse = torch.matmul(probs, means[2])
         d_gate = _out_like_projection(q, gate.dtype)
         d_coarse = torch.empty(B, heads, n, D, dtype=torch.float32, device=q.device)
         g = gate
     else:
         coarse = d_coarse = means[0]  # dummies, never read
         d_gate = g = q
-    tv.kernels()["bwd_preprocess"][grid](
+    tv.kernels()["bwd_preprocess"][(n, B * heads)](
         out, grad_out, g, coarse, delta, d_gate, d_coarse, tile_offsets,
         *_strides(out), *_strides(grad_out), *_strides(g), *_strides(d_gate),
         heads, n, L, HAS_GATE=has_gate, BLOCK=64, D=D,
     )
-    if has_gate:
-        dq_c, dk_c, dv_c = _coarse_backward(d_coarse, means, probs, tile_offsets)
-    else:
-        dq_c = dk_c = dv_c = means[0]  # dummies, never read
     qk_scale = math.log2(math.e) / math.sqrt(D)
     sm_scale = 1.0 / math.sqrt(D)
     dq = _out_like_projection(q)
     dk = _out_like_projection(k)
     dv = _out_like_projection(v)
     groups = _groups(block_groups)
-    use_tma = _use_tma("bwd_dq", k, v)
-    # dq reads what dk/dv reads and writes only dq: it runs beside the dk/dv lists and launches.
-    with _TwoStreams(q.device) as streams:
-        with streams.beside():
-            for rows, first, count in groups:
-                tv.kernels()["bwd_dq"][(count, B * heads)](
-                    q, k, v, grad_out, dq, lse, delta, key_entries, key_counts, tile_offsets, tiles_by_block[first:],
-                    dq_c, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
-                    heads, n, topk, L, qk_scale, sm_scale,
-                    HAS_COARSE=has_gate, BLOCK_M=rows, D=D, ENTRY_SIZE_BITS=_ENTRY_SIZE_BITS,
-                    USE_TMA=use_tma, **_list_flags("bwd_dq", rows, groups),
-                    **_launch_config("bwd_dq", D, q.device, rows),
-                )
-        query_entries, query_offsets, query_counts = _transposed_query_lists(key_tiles, tile_offsets)
-        use_tma = _use_tma("bwd_dkdv", q, grad_out)
+    coarse_grads = {}  # dq_c, dk_c, dv_c once computed
 
-        def launch_dkdv(rows, first, count):  # one launch per key-tile size group
-            tv.kernels()["bwd_dkdv"][(count, B * heads)](
-                q, k, v, grad_out, dk, dv, lse, delta, query_entries, query_offsets, query_counts, tile_offsets,
-                tiles_by_block[first:], dk_c, dv_c,
-                *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
-                heads, n, L, qk_scale, sm_scale,
-                HAS_COARSE=has_gate, BLOCK_N=rows, D=D, ENTRY_SIZE_BITS=_ENTRY_SIZE_BITS,
-                USE_TMA=use_tma, **_list_flags("bwd_dkdv", rows, groups),
-                **_launch_config("bwd_dkdv", D, q.device, rows),
-            )
-
-        if PARTIAL_DKDV_BESIDE:
-            streams.fork()  # the partial key tiles go after dq, once the lists are built
-            _partial_tiles_beside(streams, groups, launch_dkdv)
+    def coarse_backward():
+        if has_gate:
+            coarse_grads.update(zip(("dq", "dk", "dv"), _coarse_backward(d_coarse, means, probs, tile_offsets)))
         else:
-            for group in groups:
-                launch_dkdv(*group)
+            coarse_grads.update(dict.fromkeys(("dq", "dk", "dv"), means[0]))  # dummies, never read
+
+    def launch_dq(rows, first, count, target=dq, with_coarse=has_gate):  # one launch per query-tile size group
+        tv.kernels()["bwd_dq"][(count, B * heads)](
+            q, k, v, grad_out, target, lse, delta, key_entries, key_counts, tile_offsets, tiles_by_block[first:],
+            coarse_grads["dq"] if with_coarse else means[0], *_strides(q), *_strides(k), *_strides(v),
+            *_strides(grad_out), *_strides(target), heads, n, topk, L, qk_scale, sm_scale,
+            HAS_COARSE=with_coarse, BLOCK_M=rows, D=D, ENTRY_SIZE_BITS=_ENTRY_SIZE_BITS,
+            USE_TMA=_use_tma("bwd_dq", k, v), **_list_flags("bwd_dq", rows, groups),
+            **_launch_config("bwd_dq", D, q.device, rows),
+        )
+
+    query_lists = []
+
+    def build_query_lists():
+        query_lists.extend(_transposed_query_lists(key_tiles, tile_offsets))
+
+    def launch_dkdv(rows, first, count):  # one launch per key-tile size group
+        tv.kernels()["bwd_dkdv"][(count, B * heads)](
+            q, k, v, grad_out, dk, dv, lse, delta, *query_lists, tile_offsets,
+            tiles_by_block[first:], coarse_grads["dk"], coarse_grads["dv"],
+            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
+            heads, n, L, qk_scale, sm_scale,
+            HAS_COARSE=has_gate, BLOCK_N=rows, D=D, ENTRY_SIZE_BITS=_ENTRY_SIZE_BITS,
+            USE_TMA=_use_tma("bwd_dkdv", q, grad_out), **_list_flags("bwd_dkdv", rows, groups),
+            **_launch_config("bwd_dkdv", D, q.device, rows),
+        )
+
+    with _TwoStreams(q.device) as streams:
+        if BACKWARD_SCHEDULE == "dq_first":
+            coarse_backward()
+            streams.fork()  # dq's launches read the coarse gradient
+            # dq reads what dk/dv reads and writes only dq: it runs beside the dk/dv lists and launches.
+            with streams.beside():
+                for group in groups:
+                    launch_dq(*group)
+            build_query_lists()
+        else:  # "partials_first"
+            # dq's whole query tiles start at once on the caller's stream (issued first, so that a host
+            # that is not ahead of the GPU does not hold them back). They cannot wait for the coarse
+            # gradient, so with a gate they write their fp32 rows (before the coarse term) to a scratch
+            # buffer that one pass then adds it to. Beside them: the coarse gradients, dq's partial
+            # query tiles and dk/dv's lists, small or copy-bound launches that fill the SMs around them.
+            rows, first, count = groups[0]
+            fine_dq = torch.empty(B, heads, L, D, dtype=torch.float32, device=q.device) if has_gate else dq
+            launch_dq(rows, first, count, target=fine_dq, with_coarse=False)
+            with streams.beside():
+                coarse_backward()
+                for group in groups[1:]:
+                    launch_dq(*group)
+                build_query_lists()
+            streams.join()
+            if has_gate:
+                tv.kernels()["add_tile_rows"][(count, B * heads)](
+                    fine_dq, coarse_grads["dq"], dq, tile_offsets, tiles_by_block[first:],
+                    *_strides(fine_dq), *_strides(dq), heads, n, BLOCK=rows, D=D,
+                )
+        streams.fork()  # dk/dv's partial key tiles wait for the lists and the coarse gradients
+        _partial_tiles_beside(streams, groups, launch_dkdv)
     return dq, dk, dv, (d_gate if has_gate else None)
 
 
@@ -501,10 +537,10 @@ def _triton_backward(
 def _vsa_triton_fwd(
     q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, tile_offsets: Tensor, tiles_by_block: Tensor,
     block_groups: list[int], topk: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (out [B,h,L,D], lse2 fp32 [B,h,L], key_tiles int32 [B,h,n,topk], key_entries int32
     [B,h,n,topk] and key_counts int32 [B,h,n,2] (``_select_key_tiles``), means fp32 [3,B,h,n,D],
-    coarse probs fp32 [B,h,n,n])."""
+    coarse probs fp32 [B,h,n,n], coarse tile outputs fp32 [B,h,n,D]). The backward reads all but out."""
     return _triton_forward(q, k, v, gate, tile_offsets, tiles_by_block, block_groups, topk)
 
 
@@ -522,24 +558,25 @@ def _(q, k, v, gate, tile_offsets, tiles_by_block, block_groups, topk):
         q.new_empty(B, heads, n, 2, **i32),
         q.new_empty(3, B, heads, n, D, **f32),
         q.new_empty(B, heads, n, n, **f32),
+        q.new_empty(B, heads, n, D, **f32),
     )
 
 
 @torch.library.custom_op("fastwan::vsa_triton_bwd", mutates_args=())
 def _vsa_triton_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, out: Tensor, lse: Tensor,
-    key_tiles: Tensor, key_entries: Tensor, key_counts: Tensor, means: Tensor, probs: Tensor, tile_offsets: Tensor,
-    tiles_by_block: Tensor, block_groups: list[int],
+    key_tiles: Tensor, key_entries: Tensor, key_counts: Tensor, means: Tensor, probs: Tensor, coarse: Tensor,
+    tile_offsets: Tensor, tiles_by_block: Tensor, block_groups: list[int],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dq, dk, dv, d_gate = _triton_backward(
-        grad_out, q, k, v, gate, out, lse, key_tiles, key_entries, key_counts, means, probs, tile_offsets,
+        grad_out, q, k, v, gate, out, lse, key_tiles, key_entries, key_counts, means, probs, coarse, tile_offsets,
         tiles_by_block, block_groups,
     )
     return dq, dk, dv, (d_gate if d_gate is not None else q.new_empty(0))
 
 
 @_vsa_triton_bwd.register_fake
-def _(grad_out, q, k, v, gate, out, lse, key_tiles, key_entries, key_counts, means, probs, tile_offsets,
+def _(grad_out, q, k, v, gate, out, lse, key_tiles, key_entries, key_counts, means, probs, coarse, tile_offsets,
       tiles_by_block, block_groups):
     d_gate = _out_like_projection(q, gate.dtype) if gate is not None else q.new_empty(0)
     return _out_like_projection(q), _out_like_projection(k), _out_like_projection(v), d_gate
@@ -549,7 +586,7 @@ def _triton_setup_context(ctx, inputs, output):
     q, k, v, gate, tile_offsets, tiles_by_block, block_groups, topk = inputs
     ctx.has_gate = gate is not None
     ctx.block_groups = block_groups
-    # All the forward's outputs: out, lse, the three selection lists, means, probs.
+    # All the forward's outputs: out, lse, the three selection lists, means, probs, coarse.
     ctx.save_for_backward(q, k, v, gate, *output, tile_offsets, tiles_by_block)
 
 

@@ -346,6 +346,19 @@ def _bwd_preprocess(O, DO, G, COARSE, DELTA, DG, DCOARSE, TILE_OFF,
     tl.store(DELTA + bh * L + start + rows, tl.reduce(do * o, 1, _ADD), mask=rows < size)
 
 
+def _add_tile_rows(SRC, ADD, DST, TILE_OFF, TILE_LIST, ssb, ssh, ssl, sdb, sdh, sdl, H, NUM_TILES,
+                   BLOCK: tl.constexpr, D: tl.constexpr):
+    # DST's rows of one tile (from TILE_LIST) = SRC's fp32 rows + the tile's ADD row, rounded once: dq's
+    # whole query tiles, whose launch could not wait for the coarse gradient (ops._triton_backward).
+    bh, b, h, row, start, size = _program(tl.load(TILE_LIST + tl.program_id(0)), TILE_OFF, H, NUM_TILES)
+    rows = tl.arange(0, BLOCK)
+    cols = tl.arange(0, D)
+    mask = (rows < size)[:, None]
+    x = tl.load(_rows(SRC, b, h, ssb, ssh, ssl, start, rows, cols), mask=mask, other=0.0)
+    x += tl.load(ADD + row * D + cols)[None, :]
+    tl.store(_rows(DST, b, h, sdb, sdh, sdl, start, rows, cols), x.to(DST.dtype.element_ty), mask=mask)
+
+
 def _dq_block(q, do, lse, delta, k, v, k_valid, dq, qk_scale):
     # dq += dS k for one block of keys; rows past the key tile get p = 0, so they add nothing.
     s = tl.dot(q, tl.trans(k))
@@ -524,6 +537,7 @@ _RAW = {
     "select": _select,
     "fwd": _fwd,
     "bwd_preprocess": _bwd_preprocess,
+    "add_tile_rows": _add_tile_rows,
     "bwd_dq": _bwd_dq,
     "bwd_dkdv": _bwd_dkdv,
 }
