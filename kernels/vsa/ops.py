@@ -461,49 +461,31 @@ def _triton_backward(
     dk = _out_like_projection(k)
     dv = _out_like_projection(v)
     groups = _groups(block_groups)
-    coarse_grads = {}  # dq_c, dk_c, dv_c once computed
 
-    def coarse_backward():
-        if has_gate:
-            coarse_grads.update(zip(("dq", "dk", "dv"), _coarse_backward(d_coarse, means, probs, tile_offsets)))
-        else:
-            coarse_grads.update(dict.fromkeys(("dq", "dk", "dv"), means[0]))  # dummies, never read
+    def coarse_backward():  # -> the coarse gradients of q, k, v per tile (dummies, never read, without a gate)
+        return _coarse_backward(d_coarse, means, probs, tile_offsets) if has_gate else (means[0],) * 3
 
-    def launch_dq(rows, first, count, target=dq, with_coarse=has_gate):  # one launch per query-tile size group
+    def launch_dq(rows, first, count, target, dq_coarse):  # one launch per query-tile size group
+        # dq_coarse None: the launch writes dq without the coarse term.
+        with_coarse = has_gate and dq_coarse is not None
         tv.kernels()["bwd_dq"][(count, B * heads)](
             q, k, v, grad_out, target, lse, delta, key_entries, key_counts, tile_offsets, tiles_by_block[first:],
-            coarse_grads["dq"] if with_coarse else means[0], *_strides(q), *_strides(k), *_strides(v),
+            dq_coarse if with_coarse else means[0], *_strides(q), *_strides(k), *_strides(v),
             *_strides(grad_out), *_strides(target), heads, n, topk, L, qk_scale, sm_scale,
             HAS_COARSE=with_coarse, BLOCK_M=rows, D=D, ENTRY_SIZE_BITS=_ENTRY_SIZE_BITS,
             USE_TMA=_use_tma("bwd_dq", k, v), **_list_flags("bwd_dq", rows, groups),
             **_launch_config("bwd_dq", D, q.device, rows),
         )
 
-    query_lists = []
-
-    def build_query_lists():
-        query_lists.extend(_transposed_query_lists(key_tiles, tile_offsets))
-
-    def launch_dkdv(rows, first, count):  # one launch per key-tile size group
-        tv.kernels()["bwd_dkdv"][(count, B * heads)](
-            q, k, v, grad_out, dk, dv, lse, delta, *query_lists, tile_offsets,
-            tiles_by_block[first:], coarse_grads["dk"], coarse_grads["dv"],
-            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
-            heads, n, L, qk_scale, sm_scale,
-            HAS_COARSE=has_gate, BLOCK_N=rows, D=D, ENTRY_SIZE_BITS=_ENTRY_SIZE_BITS,
-            USE_TMA=_use_tma("bwd_dkdv", q, grad_out), **_list_flags("bwd_dkdv", rows, groups),
-            **_launch_config("bwd_dkdv", D, q.device, rows),
-        )
-
     with _TwoStreams(q.device) as streams:
         if BACKWARD_SCHEDULE == "dq_first":
-            coarse_backward()
+            dq_c, dk_c, dv_c = coarse_backward()
             streams.fork()  # dq's launches read the coarse gradient
             # dq reads what dk/dv reads and writes only dq: it runs beside the dk/dv lists and launches.
             with streams.beside():
                 for group in groups:
-                    launch_dq(*group)
-            build_query_lists()
+                    launch_dq(*group, dq, dq_c)
+            query_lists = _transposed_query_lists(key_tiles, tile_offsets)
         else:  # "partials_first"
             # dq's whole query tiles start at once on the caller's stream (issued first, so that a host
             # that is not ahead of the GPU does not hold them back). They cannot wait for the coarse
@@ -512,18 +494,29 @@ def _triton_backward(
             # query tiles and dk/dv's lists, small or copy-bound launches that fill the SMs around them.
             rows, first, count = groups[0]
             fine_dq = torch.empty(B, heads, L, D, dtype=torch.float32, device=q.device) if has_gate else dq
-            launch_dq(rows, first, count, target=fine_dq, with_coarse=False)
+            launch_dq(rows, first, count, fine_dq, None)
             with streams.beside():
-                coarse_backward()
+                dq_c, dk_c, dv_c = coarse_backward()
                 for group in groups[1:]:
-                    launch_dq(*group)
-                build_query_lists()
+                    launch_dq(*group, dq, dq_c)
+                query_lists = _transposed_query_lists(key_tiles, tile_offsets)
             streams.join()
             if has_gate:
                 tv.kernels()["add_tile_rows"][(count, B * heads)](
-                    fine_dq, coarse_grads["dq"], dq, tile_offsets, tiles_by_block[first:],
-                    *_strides(fine_dq), *_strides(dq), heads, n, BLOCK=rows, D=D,
+                    fine_dq, dq_c, dq, tile_offsets, tiles_by_block[first:], *_strides(fine_dq), *_strides(dq),
+                    heads, n, BLOCK=rows, D=D,
                 )
+
+        def launch_dkdv(rows, first, count):  # one launch per key-tile size group
+            tv.kernels()["bwd_dkdv"][(count, B * heads)](
+                q, k, v, grad_out, dk, dv, lse, delta, *query_lists, tile_offsets, tiles_by_block[first:], dk_c, dv_c,
+                *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
+                heads, n, L, qk_scale, sm_scale,
+                HAS_COARSE=has_gate, BLOCK_N=rows, D=D, ENTRY_SIZE_BITS=_ENTRY_SIZE_BITS,
+                USE_TMA=_use_tma("bwd_dkdv", q, grad_out), **_list_flags("bwd_dkdv", rows, groups),
+                **_launch_config("bwd_dkdv", D, q.device, rows),
+            )
+
         streams.fork()  # dk/dv's partial key tiles wait for the lists and the coarse gradients
         _partial_tiles_beside(streams, groups, launch_dkdv)
     return dq, dk, dv, (d_gate if has_gate else None)
