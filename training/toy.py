@@ -80,6 +80,16 @@ the same student sigmas on a shift-2 grid (timesteps 1000, 609, 353), so that th
 high noise, for the mode balance: tv 0.047 / 0.083 / 0.050 (seeds 0 / 1 / 2) at precision 0.93, and
 shift 3 (1000, 509, 267): 6 modes (seed 2); generator lr 1.5e-3: 0.916 with tv 0.044 (seed 2).
 
+Two diagnostics (seed 0, defaults otherwise) rule out the obvious suspects. Backward simulation, the
+generator's and the fake score's student samples taken from the student's own 3-step chain from pure
+noise (what the sampler feeds it) instead of data noised to a student sigma: precision 0.892 (tv
+0.038) with single points, 0.934 (tv 0.064) with samples of 64, the same as without; so the gap
+between training and sampling inputs is not the limit. A near-exact fake score in the generator's
+loss, E[x0 | x_t] under 4,096 fresh student samples (a softmax over the pool) in place of the
+fake-score network, over 8,000 steps: 0.846 / 0.897 (single / 64 points) against 0.867 / 0.906 with
+the learned fake score over the same 8,000 steps; so the fake score's accuracy is not the limit
+either. What remains is how fast the generator's updates sharpen the 3-step map.
+
 Status: the bar is not met. At the defaults (seeds 0, 1, 2) the student covers all 8 modes with
 precision 0.89-0.90 (bar 0.95), tv 0.02-0.05 and swd 0.06-0.11 against the naive 3-step teacher's
 0.14 (seed 1 misses "under half"). Each mode is a tight point and ~10% of samples sit on bridges

@@ -490,8 +490,8 @@ def _triton_backward(
             # dq's whole query tiles start at once on the caller's stream (issued first, so that a host
             # that is not ahead of the GPU does not hold them back). They cannot wait for the coarse
             # gradient, so with a gate they write their fp32 rows (before the coarse term) to a scratch
-            # buffer that one pass then adds it to. Beside them: the coarse gradients, dq's partial
-            # query tiles and dk/dv's lists, small or copy-bound launches that fill the SMs around them.
+            # buffer that one pass then adds it to, beside dk/dv. Beside them: the coarse gradients, dq's
+            # partial query tiles and dk/dv's lists, small or copy-bound launches that fill the SMs.
             rows, first, count = groups[0]
             fine_dq = torch.empty(B, heads, L, D, dtype=torch.float32, device=q.device) if has_gate else dq
             launch_dq(rows, first, count, fine_dq, None)
@@ -500,12 +500,14 @@ def _triton_backward(
                 for group in groups[1:]:
                     launch_dq(*group, dq, dq_c)
                 query_lists = _transposed_query_lists(key_tiles, tile_offsets)
-            streams.join()
-            if has_gate:
-                tv.kernels()["add_tile_rows"][(count, B * heads)](
-                    fine_dq, dq_c, dq, tile_offsets, tiles_by_block[first:], *_strides(fine_dq), *_strides(dq),
-                    heads, n, BLOCK=rows, D=D,
-                )
+            streams.join()  # dk/dv read the lists and the coarse gradients
+            if has_gate:  # the pass beside dk/dv's launches, after dq's whole tiles
+                streams.fork()
+                with streams.beside():
+                    tv.kernels()["add_tile_rows"][(count, B * heads)](
+                        fine_dq, dq_c, dq, tile_offsets, tiles_by_block[first:], *_strides(fine_dq), *_strides(dq),
+                        heads, n, BLOCK=rows, D=D,
+                    )
 
         def launch_dkdv(rows, first, count):  # one launch per key-tile size group
             tv.kernels()["bwd_dkdv"][(count, B * heads)](
