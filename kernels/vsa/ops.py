@@ -3,8 +3,9 @@
 Two implementations share one semantics (``reference.py`` is the specification):
   * ``triton``: Triton kernels for the tile means, the exact top-k selection (index lists written
     directly) and the block-sparse fine branch, forward and backward, with the gated coarse term
-    fused into their prologues/epilogues; the tiny tile-level score matmul and softmax
-    (~624 x 624 per head) stay in PyTorch.
+    fused into their prologues/epilogues (except dq's whole query tiles, which get it in a pass of
+    their own so that they need not wait for it; see ``_triton_backward``); the tiny tile-level
+    score matmul and softmax (~624 x 624 per head) stay in PyTorch.
   * ``reference``: pure PyTorch, used on CPU, MPS, and wherever Triton is missing.
     (On Windows, Triton comes from the ``triton-windows`` package.)
 
