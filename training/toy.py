@@ -88,7 +88,12 @@ between training and sampling inputs is not the limit. A near-exact fake score i
 loss, E[x0 | x_t] under 4,096 fresh student samples (a softmax over the pool) in place of the
 fake-score network, over 8,000 steps: 0.846 / 0.897 (single / 64 points) against 0.867 / 0.906 with
 the learned fake score over the same 8,000 steps; so the fake score's accuracy is not the limit
-either. What remains is how fast the generator's updates sharpen the 3-step map.
+either. What remains is how fast the generator's updates sharpen the 3-step map. With samples of 64
+points the fake score's lag behind the student does show in the mode balance (seed 2, the worst
+balance at the defaults, 0.930 with tv 0.095): two fake-score updates per step gave 0.940 with tv
+0.022 and swd 0.042, but that is a 10:1 update ratio, not the trainer's 5:1, and 1.7x the time; at
+5:1, a fake-score Adam without momentum (betas 0, 0.99) gave 0.923 (tv 0.032), fake batch 1024 0.932
+(tv 0.063), fake lr 2e-3 with betas (0.5, 0.99) 0.925 (tv 0.038).
 
 Status: the bar is not met. At the defaults (seeds 0, 1, 2) the student covers all 8 modes with
 precision 0.89-0.90 (bar 0.95), tv 0.02-0.05 and swd 0.06-0.11 against the naive 3-step teacher's
