@@ -449,7 +449,7 @@ def _triton_backward(
         d_coarse = torch.empty(B, heads, n, D, dtype=torch.float32, device=q.device)
         g = gate
     else:
-        coarse = d_coarse = means[0]  # dummies, never read
+        d_coarse = means[0]  # dummy, never read
         d_gate = g = q
     tv.kernels()["bwd_preprocess"][(n, B * heads)](
         out, grad_out, g, coarse, delta, d_gate, d_coarse, tile_offsets,
