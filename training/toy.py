@@ -28,7 +28,7 @@ fake score's samples stay single points, its loss has no normalizer).
 Mode balance. The fake score learns the student's outputs from all three student steps at once (the
 recipe draws a student step per sample and tells the fake score nothing about it), so DMD matches only
 their mixture to the target: a mode that step 1 over-fills and step 3 under-fills looks balanced to
-it. Measured (seeds 2 and 3, momentum 0.9 below, one student step per sample): one-step outputs from
+it. Measured (seeds 2 and 3, generator momentum 0.9, one student step per sample): one-step outputs from
 data noised to sigma 1.0 / 0.757 / 0.522 had tv 0.16 / 0.06 / 0.12 and 0.13 / 0.06 / 0.08 with
 complementary mode shares, the sampled chain 0.126 and 0.098. Nothing pulls that difference back, so
 the steps' balances random-walk apart under gradient noise, and the chain's tv is where that walk
@@ -42,8 +42,8 @@ The networks (`ToyScoreMLP`): SiLU MLPs with a `SoftChoiceHead` output (32 candi
 sharpens that switch slowly. Regressed directly onto the exact teacher's ODE map (the ideal target of
 any 3-step student: the probability-flow solution from each student sigma, 200 steps, seed 0, 2,800
 updates at lr 2e-3 decaying linearly, the generator's budget): precision 0.940 with a linear output,
-0.955 with input gain 16, 0.958 / 0.960 with 16 / 32 candidates, 0.958 at lr 5e-3, 0.941 at width
-256. DMD then reaches what the regression reaches: 0.93 with the linear output (samples of 64
+0.955 with input gain 16, 0.958 / 0.960 with 16 / 32 candidates (input gain 4), 0.958 at lr 5e-3,
+0.941 at width 256. DMD then reaches what the regression reaches: 0.93 with the linear output (samples of 64
 points), 0.95-0.96 with the head.
 
 The generator's Adam uses betas (0.5, 0.999), as GANs do: the generator chases a fake score that
