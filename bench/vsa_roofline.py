@@ -229,17 +229,14 @@ def launch_variants(groups, kernels, smoke):
     configs = ((1, 1), (1, 2), (2, 1), (2, 2), (2, 3), (4, 1), (4, 2), (4, 3)) if not smoke else ((1, 2),)
     for kernel, (fn, names, like) in kernels.items():
         for rows, _, _ in groups:
+            sweep = ((4, 2), (4, 3), (8, 2), (8, 3)) if rows == 64 else configs
             variants = [("current", {})]
-            if rows == 64:
-                variants += [(f"w{w}_s{st}", {} if smoke else dict(num_warps=w, num_stages=st))
-                             for w, st in ((4, 2), (4, 3), (8, 2), (8, 3))]
-                if kernel == "bwd_dkdv":
-                    variants.append(("whole_query_tiles", {"HAS_PARTIAL_QUERIES": False}))
-            else:
-                variants += [(f"w{w}_s{st}", {} if smoke else dict(num_warps=w, num_stages=st)) for w, st in configs]
-                if kernel == "bwd_dkdv":
-                    variants += [(f"key_major_w{w}_s{st}", {"QUERY_MAJOR": False, **({} if smoke else dict(
-                        num_warps=w, num_stages=st))}) for w, st in ((2, 2), (4, 2))]
+            variants += [(f"w{w}_s{st}", {} if smoke else dict(num_warps=w, num_stages=st)) for w, st in sweep]
+            if kernel == "bwd_dkdv" and rows == 64:
+                variants.append(("whole_query_tiles", {"HAS_PARTIAL_QUERIES": False}))
+            elif kernel == "bwd_dkdv":
+                variants += [(f"key_major_w{w}_s{st}", {"QUERY_MAJOR": False, **({} if smoke else dict(
+                    num_warps=w, num_stages=st))}) for w, st in ((2, 2), (4, 2))]
             expected = None
             for label, launch in variants:
                 buffers = {name: torch.zeros_like(like) for name in names}

@@ -289,8 +289,6 @@ class ToyOptions:
     fake_betas: tuple = (0.9, 0.999)
     generator_decay_start: float = 0.0  # generator lr decays linearly to 0 from this fraction of the run
     teacher_fit_steps: int = 1000
-    input_gain: float = 8.0  # networks' first-layer input scale (ToyScoreMLP)
-    candidates: int = 32  # networks' SoftChoiceHead size; 0: a plain linear output
     eval_samples: int = 8192
     freeze_fake_score: bool = False  # the control: without a learning fake score DMD must fail
     threads: int = 1  # torch intra-op threads for the run (restored afterwards)
@@ -311,12 +309,10 @@ class ToyScore(nn.Module):
     a single student step but made the 3-step student drop modes, so they are off by default).
     """
 
-    def __init__(self, data_std: float, seed: int = 0, space_frequencies: int = 0, input_gain: float = 8.0,
-                 candidates: int = 32):
+    def __init__(self, data_std: float, seed: int = 0, space_frequencies: int = 0):
         super().__init__()
         self.data_std = float(data_std)
-        self.net = ToyScoreMLP(space_frequencies=space_frequencies, space_scale=4.0, seed=seed,
-                               input_gain=input_gain, candidates=candidates)
+        self.net = ToyScoreMLP(space_frequencies=space_frequencies, space_scale=4.0, seed=seed)
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context=None) -> torch.Tensor:
         """x [B, ..., 2]: B samples of points at one noise level each (``ToyOptions.points_per_sample``),
@@ -347,7 +343,7 @@ def fit_teacher_network(mixture: GaussianMixture2D, options: "ToyOptions", gener
     """Regress a ToyScore onto the exact teacher (x0-space error): the toy's "pretrained teacher
     weights", of which the student and the fake score start as copies, as in the real recipe."""
     data_std = math.sqrt(float((mixture.means ** 2).sum(1).mean()) / 2 + mixture.sigma ** 2)
-    net = ToyScore(data_std, seed=options.seed, input_gain=options.input_gain, candidates=options.candidates)
+    net = ToyScore(data_std, seed=options.seed)
     optimizer = torch.optim.Adam(net.parameters(), lr=2e-3, foreach=True)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, options.teacher_fit_steps)
     for _ in range(options.teacher_fit_steps):
