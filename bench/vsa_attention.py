@@ -296,6 +296,7 @@ def compare_settings(device, dtype, smoke, rounds=5):
         "overlap_side_high_priority": {"OVERLAP_LAUNCHES": "side_high_priority"},
         "backward_partials_first": {"BACKWARD_SCHEDULE": "partials_first"},
         "backward_dq_first": {"BACKWARD_SCHEDULE": "dq_first"},
+        "small_keys_two_per_step": {"SMALL_KEY_TILES_PER_STEP": 2},
         "dkdv16_key_major": {"DKDV_QUERY_MAJOR_ROWS": (32,),
                              "SMALL_TILE_LAUNCH_CONFIG": {**vsa_ops.SMALL_TILE_LAUNCH_CONFIG, **key_major_16}},
     }

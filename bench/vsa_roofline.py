@@ -368,7 +368,9 @@ def main() -> int:
 
     variants = {"fwd_fine": fwd_fine, "loads_only_tma": loads_only(True), "loads_only_masked": loads_only(False),
                 "compute_only": compute_only, "bwd_preprocess": bwd_preprocess, "bwd_dq": bwd_dq,
-                "bwd_dkdv": bwd_dkdv}
+                "bwd_dkdv": bwd_dkdv,
+                # Key tiles of <= 16 tokens two per step, as before ops.SMALL_KEY_TILES_PER_STEP = 4.
+                "fwd_fine_small_keys_two_per_step": lambda: fwd_fine(launch={"SMALL_KEYS_PER_STEP": 2})}
     if smoke:  # Triton's interpreter has no bulk reduce-add
         variants["bwd_fused_atomic_add"] = bwd_fused(False)
     elif vsa_ops._hopper_or_newer(device):  # bulk tensor copies: Hopper and newer

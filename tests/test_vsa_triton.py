@@ -58,6 +58,15 @@ def test_triton_packs_partial_key_tiles(topk, use_tma, monkeypatch):
     check_triton_against_reference((9, 10, 11), 64, torch.float32, topk, True, B=1, heads=2, tol=1e-5)
 
 
+@pytest.mark.parametrize("per_step", [2, 4])
+def test_triton_small_key_tiles_two_or_four_per_step_match_reference(per_step, monkeypatch):
+    # The forward's key tiles of up to 16 tokens two or four per step (ops.SMALL_KEY_TILES_PER_STEP),
+    # with lists whose small tiles leave every remainder of a step (topk 21 over 9x10x11's tiles).
+    monkeypatch.setattr(vsa_ops, "SMALL_KEY_TILES_PER_STEP", per_step)
+    torch.manual_seed(per_step)
+    check_triton_against_reference((9, 10, 11), 64, torch.float32, 21, True, B=1, heads=2, tol=1e-5)
+
+
 @pytest.mark.parametrize("D", [64, 128])
 def test_triton_fp16_matches_reference(D, monkeypatch):
     # Also the tensor-descriptor (TMA) loads, which read whole 64-row blocks past partial tiles.

@@ -98,6 +98,14 @@ SMALL_TILE_LAUNCH_CONFIG = {
 }
 
 
+# Key tiles of up to 16 tokens that the forward takes per step (2 or 4), sharing one softmax update
+# and one rescale of the accumulator. On the bench's inputs these tiles are selected ~2x as often as
+# whole ones (bench/NOTES_vsa.md, v18): a quarter of each query tile's list. H200, 480p, 0.8, the fine
+# forward's three launches (bench/vsa_roofline.py, two runs): 3.53 / 3.55 ms with 4 against 3.68 /
+# 3.63 with 2. dq (one _dq_block per tile, no shared update) measured 4.19 / 4.21 against 4.22 / 4.21
+# ms with 4 and keeps 2; so did dk/dv's 16-row query tiles four per step (4.46 against 4.30 ms, spills).
+SMALL_KEY_TILES_PER_STEP = 4
+
 # dk/dv's key-tile sizes whose programs run query-major (triton_vsa._dkdv_entry): their MMAs are
 # then 128 rows tall (wgmma) instead of 16 or 32.
 DKDV_QUERY_MAJOR_ROWS = (16, 32)
@@ -241,27 +249,32 @@ def _coarse_forward(q, k, v, tile_offsets, topk):
     and the coarse branch's tile outputs fp32 [B, h, n, D].
     """
     D = q.shape[-1]
-    means = _tile_means(q, k, v, tile_offsets)
+    means = _tile_means(q, k, v, tile_offsets, which=(0, 1))
     # fp32 even under bf16 autocast: the selection kernel ranks exact fp32 score keys.
     with torch.autocast(device_type=q.device.type, enabled=False):
         scores = torch.matmul(means[0], means[1].transpose(-1, -2)).mul_(1.0 / math.sqrt(D))
-        # The softmax and the coarse output do not wait for the selection (one warp per score row,
-        # latency-bound): they run beside it.
+        # The means of v, the softmax and the coarse output do not wait for the selection (the
+        # selection is latency-bound, one warp per score row; the means read v at full bandwidth): they
+        # run beside it.
         with _TwoStreams(q.device) as streams:
             with streams.beside():
+                _tile_means(q, k, v, tile_offsets, which=(2,), means=means)
                 probs = torch.softmax(scores, dim=-1)
                 coarse = torch.matmul(probs, means[2])
             key_tiles, key_entries, key_counts = _select_key_tiles(scores, tile_offsets, topk)
     return means, probs, key_tiles, key_entries, key_counts, coarse
 
 
-def _tile_means(q: Tensor, k: Tensor, v: Tensor, tile_offsets: Tensor) -> Tensor:
-    """Per-tile means of q, k and v [B, h, L, D] (one launch) -> fp32 [3, B, h, n, D]."""
+def _tile_means(q: Tensor, k: Tensor, v: Tensor, tile_offsets: Tensor, which=(0, 1, 2),
+                means: Tensor | None = None) -> Tensor:
+    """Per-tile means of q, k and v [B, h, L, D] -> fp32 [3, B, h, n, D], in one launch; ``which`` of
+    them (consecutive, 0 = q, 1 = k, 2 = v) written into ``means`` (allocated when None)."""
     B, heads, L, D = q.shape
     n = tile_offsets.numel() - 1
-    means = torch.empty(3, B, heads, n, D, dtype=torch.float32, device=q.device)
-    _triton_module().kernels()["tile_means"][(n, B * heads, 3)](
-        q, k, v, means, tile_offsets, *_strides(q), *_strides(k), *_strides(v), heads, n, B * heads * n,
+    if means is None:
+        means = torch.empty(3, B, heads, n, D, dtype=torch.float32, device=q.device)
+    _triton_module().kernels()["tile_means"][(n, B * heads, len(which))](
+        q, k, v, means, tile_offsets, *_strides(q), *_strides(k), *_strides(v), heads, n, B * heads * n, which[0],
         BLOCK=64, D=D, **({} if _triton_module().interpreting() else TILE_MEANS_LAUNCH),
     )
     return means
@@ -359,12 +372,14 @@ def _list_flags(kernel: str, rows: int, groups) -> dict:
 
     HAS_PARTIAL_KEYS / HAS_PARTIAL_QUERIES: whether the grid has tiles of <= 32 tokens (exactly the 32-
     and 16-row groups); without them the kernels compile without their partial-tile loops and never
-    read the per-row counts. QUERY_MAJOR (dk/dv): the 16/32-row key tiles run with queries as the MMAs'
-    rows (triton_vsa._dkdv_entry).
+    read the per-row counts. SMALL_KEYS_PER_STEP (forward): ``SMALL_KEY_TILES_PER_STEP``. QUERY_MAJOR
+    (dk/dv): the 16/32-row key tiles run with queries as the MMAs' rows (triton_vsa._dkdv_entry).
     """
     partial = any(group_rows < 64 for group_rows, _, _ in groups)
     if kernel == "bwd_dkdv":
         return dict(HAS_PARTIAL_QUERIES=partial, QUERY_MAJOR=rows in DKDV_QUERY_MAJOR_ROWS)
+    if kernel == "fwd":
+        return dict(HAS_PARTIAL_KEYS=partial, SMALL_KEYS_PER_STEP=SMALL_KEY_TILES_PER_STEP)
     return dict(HAS_PARTIAL_KEYS=partial)
 
 

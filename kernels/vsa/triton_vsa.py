@@ -89,12 +89,12 @@ def _load_tile(source, stride_l, start, valid, USE_TMA: tl.constexpr, D: tl.cons
                        other=0.0)
 
 
-def _tile_means(Q, K, V, OUT, TILE_OFF, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, H, NUM_TILES, NUM_ROWS,
+def _tile_means(Q, K, V, OUT, TILE_OFF, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, H, NUM_TILES, NUM_ROWS, FIRST,
                 BLOCK: tl.constexpr, D: tl.constexpr):
-    # Mean of one tile's valid tokens, fp32, for q, k and v in one launch (grid axis 2 picks which):
-    # [B, h, L, D] each -> OUT [3, B, h, n, D] (NUM_ROWS = B * h * n).
+    # Mean of one tile's valid tokens, fp32, for q, k and v in one launch (grid axis 2 picks which,
+    # from FIRST: 0 = q, 1 = k, 2 = v): [B, h, L, D] each -> OUT [3, B, h, n, D] (NUM_ROWS = B * h * n).
     bh, b, h, row, start, size = _program(tl.program_id(0), TILE_OFF, H, NUM_TILES)
-    which = tl.program_id(2)
+    which = tl.program_id(2) + FIRST
     if which == 0:
         X, stride_b, stride_h, stride_l = Q, sqb, sqh, sql
     elif which == 1:
@@ -248,6 +248,48 @@ def _load_pair(k_source, v_source, skl, svl, entries, j, end,
     return k1, v1, valid1, k2, v2, valid2
 
 
+def _load_block(k_source, v_source, skl, svl, entries, j, end,
+                ROWS: tl.constexpr, D: tl.constexpr, ENTRY_SIZE_BITS: tl.constexpr, USE_TMA: tl.constexpr):
+    # The partial key tile of list entry j as a ROWS-row block of K and V, with its valid rows; past
+    # `end` the entry is absent: count 0, all masked.
+    start, count = _tile_entry(tl.load(entries + j, mask=j < end, other=0), ENTRY_SIZE_BITS)
+    valid = tl.arange(0, ROWS) < count
+    return (_load_tile(k_source, skl, start, valid, USE_TMA, D, ROWS),
+            _load_tile(v_source, svl, start, valid, USE_TMA, D, ROWS), valid)
+
+
+def _attend_four(q, k_source, v_source, skl, svl, entries, j, end, m_i, l_i, acc, qk_scale,
+                 ROWS: tl.constexpr, D: tl.constexpr, ENTRY_SIZE_BITS: tl.constexpr, USE_TMA: tl.constexpr):
+    # One online-softmax step over list entries j..j+3 (those before `end`), each as a ROWS-row block:
+    # as _attend_pair, four small tiles sharing one rescale of the accumulator.
+    k1, v1, valid1 = _load_block(k_source, v_source, skl, svl, entries, j, end, ROWS, D, ENTRY_SIZE_BITS, USE_TMA)
+    k2, v2, valid2 = _load_block(k_source, v_source, skl, svl, entries, j + 1, end, ROWS, D, ENTRY_SIZE_BITS,
+                                 USE_TMA)
+    k3, v3, valid3 = _load_block(k_source, v_source, skl, svl, entries, j + 2, end, ROWS, D, ENTRY_SIZE_BITS,
+                                 USE_TMA)
+    k4, v4, valid4 = _load_block(k_source, v_source, skl, svl, entries, j + 3, end, ROWS, D, ENTRY_SIZE_BITS,
+                                 USE_TMA)
+    s1 = tl.where(valid1[None, :], tl.dot(q, tl.trans(k1)), float("-inf"))
+    s2 = tl.where(valid2[None, :], tl.dot(q, tl.trans(k2)), float("-inf"))
+    s3 = tl.where(valid3[None, :], tl.dot(q, tl.trans(k3)), float("-inf"))
+    s4 = tl.where(valid4[None, :], tl.dot(q, tl.trans(k4)), float("-inf"))
+    block_max = tl.maximum(tl.maximum(tl.reduce(s1, 1, _MAX), tl.reduce(s2, 1, _MAX)),
+                           tl.maximum(tl.reduce(s3, 1, _MAX), tl.reduce(s4, 1, _MAX)))
+    m_new = tl.maximum(m_i, block_max * qk_scale)
+    p1 = tl.math.exp2(s1 * qk_scale - m_new[:, None])
+    p2 = tl.math.exp2(s2 * qk_scale - m_new[:, None])
+    p3 = tl.math.exp2(s3 * qk_scale - m_new[:, None])
+    p4 = tl.math.exp2(s4 * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = (l_i * alpha + tl.reduce(p1, 1, _ADD) + tl.reduce(p2, 1, _ADD) + tl.reduce(p3, 1, _ADD)
+           + tl.reduce(p4, 1, _ADD))
+    acc = tl.dot(p1.to(v1.dtype), v1, acc * alpha[:, None])
+    acc = tl.dot(p2.to(v2.dtype), v2, acc)
+    acc = tl.dot(p3.to(v3.dtype), v3, acc)
+    acc = tl.dot(p4.to(v4.dtype), v4, acc)
+    return m_new, l_i, acc
+
+
 def _attend_pair(q, k_source, v_source, skl, svl, entries, j, end, m_i, l_i, acc, qk_scale,
                  ROWS: tl.constexpr, D: tl.constexpr, ENTRY_SIZE_BITS: tl.constexpr, USE_TMA: tl.constexpr):
     # One online-softmax step over list entries j and j+1 (if j+1 < end), each as a ROWS-row block.
@@ -270,12 +312,13 @@ def _fwd(Q, K, V, G, COARSE, O, LSE, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, TILE_LIS
          sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sgb, sgh, sgl, sob, soh, sol,
          H, NUM_TILES, TOPK, L, qk_scale,
          HAS_GATE: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, ENTRY_SIZE_BITS: tl.constexpr,
-         HAS_PARTIAL_KEYS: tl.constexpr, USE_TMA: tl.constexpr = False):
+         HAS_PARTIAL_KEYS: tl.constexpr, USE_TMA: tl.constexpr = False, SMALL_KEYS_PER_STEP: tl.constexpr = 2):
     # One query tile (BLOCK_M rows: 64, or 32/16 for the small-tile launches over TILE_LIST) of
     # one head against its TOPK selected key tiles (online softmax). The key list comes sorted by
     # tile size with counts (written by _select): tiles of more than 32 tokens take one
     # 64-slot step each; smaller ones go two per step, each as its own 32-row (17..32 tokens) or
-    # 16-row (up to 16) block, so a partial key tile costs neither a whole tile's copy nor a whole
+    # 16-row (up to 16) block, or four 16-row blocks per step (SMALL_KEYS_PER_STEP, ops.
+    # SMALL_KEY_TILES_PER_STEP), so a partial key tile costs neither a whole tile's copy nor a whole
     # tile's MMA columns. Grids without tiles of <= 32 tokens compile without those loops
     # (HAS_PARTIAL_KEYS=False: compiled in, they made the one-tile loop ~10% slower at the training
     # shape). Each key tile's rows are a scalar start plus a lane offset: per-row gathered addresses
@@ -304,7 +347,8 @@ def _fwd(Q, K, V, G, COARSE, O, LSE, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, TILE_LIS
         acc = tl.dot(p_ij.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     if HAS_PARTIAL_KEYS:
-        # Partial key tiles, two per step: two 32-row blocks (17..32 tokens), then two 16-row blocks.
+        # Partial key tiles, several per step: two 32-row blocks (17..32 tokens), then two or
+        # (SMALL_KEYS_PER_STEP) four 16-row blocks.
         half_end = full_end + tl.load(KEY_COUNTS + 2 * row + 1)
         k32 = _tile_source(K, b, h, skb, skh, skl, L, D, 32, USE_TMA)
         v32 = _tile_source(V, b, h, svb, svh, svl, L, D, 32, USE_TMA)
@@ -313,9 +357,14 @@ def _fwd(Q, K, V, G, COARSE, O, LSE, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, TILE_LIS
                                          32, D, ENTRY_SIZE_BITS, USE_TMA)
         k16 = _tile_source(K, b, h, skb, skh, skl, L, D, 16, USE_TMA)
         v16 = _tile_source(V, b, h, svb, svh, svl, L, D, 16, USE_TMA)
-        for j in range(half_end, TOPK, 2):
-            m_i, l_i, acc = _attend_pair(q, k16, v16, skl, svl, entries, j, TOPK, m_i, l_i, acc, qk_scale,
-                                         16, D, ENTRY_SIZE_BITS, USE_TMA)
+        if SMALL_KEYS_PER_STEP == 4:
+            for j in range(half_end, TOPK, 4):
+                m_i, l_i, acc = _attend_four(q, k16, v16, skl, svl, entries, j, TOPK, m_i, l_i, acc, qk_scale,
+                                             16, D, ENTRY_SIZE_BITS, USE_TMA)
+        else:
+            for j in range(half_end, TOPK, 2):
+                m_i, l_i, acc = _attend_pair(q, k16, v16, skl, svl, entries, j, TOPK, m_i, l_i, acc, qk_scale,
+                                             16, D, ENTRY_SIZE_BITS, USE_TMA)
     out = acc / l_i[:, None]
     if HAS_GATE:
         coarse = tl.load(COARSE + row * D + cols)
@@ -545,7 +594,8 @@ _HELPERS = {"_program": _program, "_rows": _rows, "_tile_entry": _tile_entry, "_
             "_select_keys": _select_keys, "_count_at_least": _count_at_least, "_exclusive_scan": _exclusive_scan,
             "_select_chosen": _select_chosen, "_select_classes": _select_classes, "_select_store": _select_store,
             "_load_tile": _load_tile, "_key_list": _key_list, "_load_whole": _load_whole, "_load_pair": _load_pair,
-            "_attend_pair": _attend_pair, "_dq_block": _dq_block, "_dq_pair": _dq_pair, "_dkdv_entry": _dkdv_entry,
+            "_attend_pair": _attend_pair, "_dq_block": _dq_block, "_dq_pair": _dq_pair,
+            "_load_block": _load_block, "_attend_four": _attend_four, "_dkdv_entry": _dkdv_entry,
             "_dkdv_queries": _dkdv_queries}
 _JITTED: dict[bool, dict] = {}
 _JITTED_HELPERS: dict[bool, dict] = {}
