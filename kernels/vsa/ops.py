@@ -102,8 +102,11 @@ SMALL_TILE_LAUNCH_CONFIG = {
 # and one rescale of the accumulator. On the bench's inputs these tiles are selected ~2x as often as
 # whole ones (bench/NOTES_vsa.md, v18): a quarter of each query tile's list. H200, 480p, 0.8, the fine
 # forward's three launches (bench/vsa_roofline.py, two runs): 3.53 / 3.55 ms with 4 against 3.68 /
-# 3.63 with 2. dq (one _dq_block per tile, no shared update) measured 4.19 / 4.21 against 4.22 / 4.21
-# ms with 4 and keeps 2; so did dk/dv's 16-row query tiles four per step (4.46 against 4.30 ms, spills).
+# 3.63 with 2. In the whole op, where the partial query tiles' launches run beside the whole ones, most
+# of that gain goes: fwd 3.78 / 3.79 against 3.81 / 3.81 ms, fwd+bwd unchanged (two runs' settings
+# comparisons, bench/NOTES_vsa.md v19). dq (one _dq_block per tile, no shared update) measured 4.19 /
+# 4.21 against 4.22 / 4.21 ms with 4 and keeps 2; dk/dv's 16-row query tiles four per step were slower
+# (4.46 against 4.30 ms: spills).
 SMALL_KEY_TILES_PER_STEP = 4
 
 # dk/dv's key-tile sizes whose programs run query-major (triton_vsa._dkdv_entry): their MMAs are
@@ -249,32 +252,28 @@ def _coarse_forward(q, k, v, tile_offsets, topk):
     and the coarse branch's tile outputs fp32 [B, h, n, D].
     """
     D = q.shape[-1]
-    means = _tile_means(q, k, v, tile_offsets, which=(0, 1))
+    means = _tile_means(q, k, v, tile_offsets)
     # fp32 even under bf16 autocast: the selection kernel ranks exact fp32 score keys.
     with torch.autocast(device_type=q.device.type, enabled=False):
         scores = torch.matmul(means[0], means[1].transpose(-1, -2)).mul_(1.0 / math.sqrt(D))
-        # The means of v, the softmax and the coarse output do not wait for the selection (the
-        # selection is latency-bound, one warp per score row; the means read v at full bandwidth): they
-        # run beside it.
+        # The softmax and the coarse output do not wait for the selection (one warp per score row,
+        # latency-bound): they run beside it. (The means of v beside it too measured the same: 3.79
+        # against 3.80 ms fwd, bench/NOTES_vsa.md v19.)
         with _TwoStreams(q.device) as streams:
             with streams.beside():
-                _tile_means(q, k, v, tile_offsets, which=(2,), means=means)
                 probs = torch.softmax(scores, dim=-1)
                 coarse = torch.matmul(probs, means[2])
             key_tiles, key_entries, key_counts = _select_key_tiles(scores, tile_offsets, topk)
     return means, probs, key_tiles, key_entries, key_counts, coarse
 
 
-def _tile_means(q: Tensor, k: Tensor, v: Tensor, tile_offsets: Tensor, which=(0, 1, 2),
-                means: Tensor | None = None) -> Tensor:
-    """Per-tile means of q, k and v [B, h, L, D] -> fp32 [3, B, h, n, D], in one launch; ``which`` of
-    them (consecutive, 0 = q, 1 = k, 2 = v) written into ``means`` (allocated when None)."""
+def _tile_means(q: Tensor, k: Tensor, v: Tensor, tile_offsets: Tensor) -> Tensor:
+    """Per-tile means of q, k and v [B, h, L, D] (one launch) -> fp32 [3, B, h, n, D]."""
     B, heads, L, D = q.shape
     n = tile_offsets.numel() - 1
-    if means is None:
-        means = torch.empty(3, B, heads, n, D, dtype=torch.float32, device=q.device)
-    _triton_module().kernels()["tile_means"][(n, B * heads, len(which))](
-        q, k, v, means, tile_offsets, *_strides(q), *_strides(k), *_strides(v), heads, n, B * heads * n, which[0],
+    means = torch.empty(3, B, heads, n, D, dtype=torch.float32, device=q.device)
+    _triton_module().kernels()["tile_means"][(n, B * heads, 3)](
+        q, k, v, means, tile_offsets, *_strides(q), *_strides(k), *_strides(v), heads, n, B * heads * n,
         BLOCK=64, D=D, **({} if _triton_module().interpreting() else TILE_MEANS_LAUNCH),
     )
     return means

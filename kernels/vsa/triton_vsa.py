@@ -89,12 +89,12 @@ def _load_tile(source, stride_l, start, valid, USE_TMA: tl.constexpr, D: tl.cons
                        other=0.0)
 
 
-def _tile_means(Q, K, V, OUT, TILE_OFF, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, H, NUM_TILES, NUM_ROWS, FIRST,
+def _tile_means(Q, K, V, OUT, TILE_OFF, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, H, NUM_TILES, NUM_ROWS,
                 BLOCK: tl.constexpr, D: tl.constexpr):
-    # Mean of one tile's valid tokens, fp32, for q, k and v in one launch (grid axis 2 picks which,
-    # from FIRST: 0 = q, 1 = k, 2 = v): [B, h, L, D] each -> OUT [3, B, h, n, D] (NUM_ROWS = B * h * n).
+    # Mean of one tile's valid tokens, fp32, for q, k and v in one launch (grid axis 2 picks which):
+    # [B, h, L, D] each -> OUT [3, B, h, n, D] (NUM_ROWS = B * h * n).
     bh, b, h, row, start, size = _program(tl.program_id(0), TILE_OFF, H, NUM_TILES)
-    which = tl.program_id(2) + FIRST
+    which = tl.program_id(2)
     if which == 0:
         X, stride_b, stride_h, stride_l = Q, sqb, sqh, sql
     elif which == 1:
