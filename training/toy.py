@@ -456,7 +456,7 @@ def _run_toy(options: ToyOptions, log=None) -> tuple[dict, dict]:
             # A DMD sample for the generator: points_per_sample points at one noise level (see the
             # module docstring); the fake score's samples below are single points.
             data = mixture.sample(options.generator_batch, generator).view(-1, options.points_per_sample, 2)
-            draws = dmd.StepDraws.draw(data.shape, generator, settings, "cpu")
+            draws = dmd.StepDraws.draw(data.shape, generator, settings, "cpu", student_sigma_table)
             if options.student_sigma_per_point:
                 # Each point of a sample from its own student step (see the module docstring).
                 per_point = dmd.draw_student_sigmas(data.shape[0] * data.shape[1], generator, student_sigma_table)
@@ -468,7 +468,7 @@ def _run_toy(options: ToyOptions, log=None) -> tuple[dict, dict]:
             generator_optimizer.step()
         if not options.freeze_fake_score:
             data = mixture.sample(options.fake_batch, generator)
-            draws = dmd.StepDraws.draw(data.shape, generator, settings, "cpu")
+            draws = dmd.StepDraws.draw(data.shape, generator, settings, "cpu", student_sigma_table)
             loss = dmd.fake_score_step_loss(student, fake_score, data, None, draws)
             fake_optimizer.zero_grad(set_to_none=True)
             loss.backward()
