@@ -9,6 +9,8 @@ random inputs as in bench/vsa_attention.py) it times, in one process and taking 
   with the attention math replaced by an elementwise sum that keeps every load alive. This is the
   time the K/V traffic alone takes: the floor for any kernel that meets each (query tile, key tile)
   pair by moving a key tile into the SM of a 64-row query tile;
+- ``loads_only_production_blocks``: the same with the production forward's copies: its size-sorted
+  key lists, partial key tiles as 32- or 16-row blocks (the floor of the current kernel's traffic);
 - ``compute_only``: the forward's math (both MMAs, online softmax) with K/V loaded once per program
   and only rescaled per step, so no per-step K/V traffic: the floor set by the math;
 - the backward's parts: ``bwd_preprocess``, ``bwd_dq``, ``bwd_dkdv``;
@@ -51,8 +53,9 @@ from vsa_attention import backward_of, bench_ms  # noqa: E402  (bench/ is on sys
 
 _ADD, _MAX = tv._ADD, tv._MAX
 # The production kernels' helpers, jitted for this process's mode, so the probes share their layout.
-_program, _rows, _tile_entry, _tile_source, _load_tile = (
-    tv.helpers()[name] for name in ("_program", "_rows", "_tile_entry", "_tile_source", "_load_tile"))
+_program, _rows, _tile_entry, _tile_source, _load_tile, _key_list, _load_whole, _load_block = (
+    tv.helpers()[name] for name in ("_program", "_rows", "_tile_entry", "_tile_source", "_load_tile", "_key_list",
+                                    "_load_whole", "_load_block"))
 
 
 @triton.jit
@@ -74,6 +77,41 @@ def _loads_only(K, V, OUT, KEY_TILES, TILE_OFF, TILE_LIST, skb, skh, skl, svb, s
         v = _load_tile(v_source, svl, k_start, k_valid, USE_TMA, D, 64)
         acc += k.to(tl.float32) + v.to(tl.float32)
     tl.store(OUT + row, tl.reduce(tl.reduce(acc, 1, _ADD), 0, _ADD))
+
+
+@triton.jit
+def _loads_only_sorted(K, V, OUT, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, TILE_LIST, skb, skh, skl, svb, svh, svl,
+                       H, NUM_TILES, TOPK, L, D: tl.constexpr, ENTRY_SIZE_BITS: tl.constexpr,
+                       USE_TMA: tl.constexpr, HAS_PARTIAL_KEYS: tl.constexpr):
+    # The production forward's K/V copies alone: its size-sorted key lists, whole tiles as 64-row
+    # blocks, tiles of 17..32 tokens as 32-row and of up to 16 as 16-row blocks (the copies the query
+    # tile's program makes, whatever its own row count), each load kept alive by a sum.
+    bh, b, h, row, _q_start, _q_len = _program(tl.load(TILE_LIST + tl.program_id(0)), TILE_OFF, H, NUM_TILES)
+    key_rows = tl.arange(0, 64)
+    k_source = _tile_source(K, b, h, skb, skh, skl, L, D, 64, USE_TMA)
+    v_source = _tile_source(V, b, h, svb, svh, svl, L, D, 64, USE_TMA)
+    entries, full_end = _key_list(KEY_ENTRIES, KEY_COUNTS, row, TOPK, HAS_PARTIAL_KEYS)
+    acc = tl.full([64, D], 0.0, tl.float32)
+    for j in range(0, full_end):
+        k, v, valid = _load_whole(k_source, v_source, skl, svl, entries, j, key_rows, D, ENTRY_SIZE_BITS, USE_TMA)
+        acc += k.to(tl.float32) + v.to(tl.float32)
+    total = tl.reduce(tl.reduce(acc, 1, _ADD), 0, _ADD)
+    if HAS_PARTIAL_KEYS:
+        half_end = full_end + tl.load(KEY_COUNTS + 2 * row + 1)
+        k32 = _tile_source(K, b, h, skb, skh, skl, L, D, 32, USE_TMA)
+        v32 = _tile_source(V, b, h, svb, svh, svl, L, D, 32, USE_TMA)
+        acc32 = tl.full([32, D], 0.0, tl.float32)
+        for j in range(full_end, half_end):
+            kb, vb, valid32 = _load_block(k32, v32, skl, svl, entries, j, half_end, 32, D, ENTRY_SIZE_BITS, USE_TMA)
+            acc32 += kb.to(tl.float32) + vb.to(tl.float32)
+        k16 = _tile_source(K, b, h, skb, skh, skl, L, D, 16, USE_TMA)
+        v16 = _tile_source(V, b, h, svb, svh, svl, L, D, 16, USE_TMA)
+        acc16 = tl.full([16, D], 0.0, tl.float32)
+        for j in range(half_end, TOPK):
+            kc, vc, valid16 = _load_block(k16, v16, skl, svl, entries, j, TOPK, 16, D, ENTRY_SIZE_BITS, USE_TMA)
+            acc16 += kc.to(tl.float32) + vc.to(tl.float32)
+        total += tl.reduce(tl.reduce(acc32, 1, _ADD), 0, _ADD) + tl.reduce(tl.reduce(acc16, 1, _ADD), 0, _ADD)
+    tl.store(OUT + row, total)
 
 
 @triton.jit
@@ -312,6 +350,13 @@ def main() -> int:
                                         D=D, USE_TMA=use_tma, **config("fwd"))
         return run
 
+    def loads_only_sorted():
+        _loads_only_sorted[(n, B * heads)](k, v, sink, key_entries, key_counts, offsets, by_block, *S(k), *S(v),
+                                           heads, n, topk, L, D=D, ENTRY_SIZE_BITS=vsa_ops._ENTRY_SIZE_BITS,
+                                           USE_TMA=vsa_ops.USE_TMA["fwd"] and not smoke,
+                                           HAS_PARTIAL_KEYS=vsa_ops._list_flags("fwd", 64, groups)["HAS_PARTIAL_KEYS"],
+                                           **config("fwd"))
+
     ones = torch.ones(topk, dtype=torch.float32, device=device)
     out_c = torch.empty_like(out)
 
@@ -367,6 +412,7 @@ def main() -> int:
         return run
 
     variants = {"fwd_fine": fwd_fine, "loads_only_tma": loads_only(True), "loads_only_masked": loads_only(False),
+                "loads_only_production_blocks": loads_only_sorted,
                 "compute_only": compute_only, "bwd_preprocess": bwd_preprocess, "bwd_dq": bwd_dq,
                 "bwd_dkdv": bwd_dkdv,
                 # Key tiles of <= 16 tokens two per step, as before ops.SMALL_KEY_TILES_PER_STEP = 4.
@@ -413,6 +459,12 @@ def main() -> int:
     for name in ("fwd_fine", "loads_only_tma"):
         report[f"{name}_l2_tb_per_s"] = tma_bytes / report[f"{name}_ms"] / 1e9
     report["loads_only_masked_l2_tb_per_s"] = valid_bytes / report["loads_only_masked_ms"] / 1e9
+    # The production forward's blocks: 64 rows for tiles of more than 32 tokens, else 32 or 16.
+    block_rows = torch.where(sizes > 32, 64, torch.where(sizes > 16, 32, 16))
+    production_bytes = int(block_rows[key_tiles.long()].sum()) * 2 * D * item
+    report["kv_bytes_production_blocks_gb"] = production_bytes / 1e9
+    report["loads_only_production_blocks_l2_tb_per_s"] = (
+        production_bytes / report["loads_only_production_blocks_ms"] / 1e9)
     block_flops = 4 * D * pairs * 64 * 64
     kept_flops = 4 * D * float((sizes[key_tiles.long()].sum(-1) * sizes.view(1, 1, -1)).sum())
     report["kept_over_block_flops"] = kept_flops / block_flops

@@ -43,7 +43,9 @@ def test_vsa_attention_bench_smoke_checks_against_the_reference():
 
 def test_vsa_roofline_bench_smoke_times_every_part():
     report = _run("vsa_roofline.py")
-    for part in ("fwd_fine", "loads_only_tma", "loads_only_masked", "compute_only", "bwd_preprocess", "bwd_dq",
-                 "bwd_dkdv"):
+    for part in ("fwd_fine", "loads_only_tma", "loads_only_masked", "loads_only_production_blocks", "compute_only",
+                 "bwd_preprocess", "bwd_dq", "bwd_dkdv"):
         assert report[f"{part}_ms"] > 0, part
     assert 0 < report["kept_over_block_flops"] <= 1
+    # The production blocks (64, 32 or 16 rows) lie between the valid rows and whole 64-row tiles.
+    assert report["kv_bytes_valid_rows_gb"] <= report["kv_bytes_production_blocks_gb"] < report["kv_bytes_tma_gb"]
