@@ -80,6 +80,19 @@ def _loads_only(K, V, OUT, KEY_TILES, TILE_OFF, TILE_LIST, skb, skh, skl, svb, s
 
 
 @triton.jit
+def _block_sums(K, V, b, h, skb, skh, skl, svb, svh, svl, L, entries, first, end, ROWS: tl.constexpr,
+                D: tl.constexpr, ENTRY_SIZE_BITS: tl.constexpr, USE_TMA: tl.constexpr):
+    # Copies the partial key tiles of list entries first..end-1 as ROWS-row blocks; their sum.
+    k_source = _tile_source(K, b, h, skb, skh, skl, L, D, ROWS, USE_TMA)
+    v_source = _tile_source(V, b, h, svb, svh, svl, L, D, ROWS, USE_TMA)
+    acc = tl.full([ROWS, D], 0.0, tl.float32)
+    for j in range(first, end):
+        k, v, valid = _load_block(k_source, v_source, skl, svl, entries, j, end, ROWS, D, ENTRY_SIZE_BITS, USE_TMA)
+        acc += k.to(tl.float32) + v.to(tl.float32)
+    return tl.reduce(tl.reduce(acc, 1, _ADD), 0, _ADD)
+
+
+@triton.jit
 def _loads_only_sorted(K, V, OUT, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, TILE_LIST, skb, skh, skl, svb, svh, svl,
                        H, NUM_TILES, TOPK, L, D: tl.constexpr, ENTRY_SIZE_BITS: tl.constexpr,
                        USE_TMA: tl.constexpr, HAS_PARTIAL_KEYS: tl.constexpr):
@@ -98,19 +111,10 @@ def _loads_only_sorted(K, V, OUT, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, TILE_LIST, 
     total = tl.reduce(tl.reduce(acc, 1, _ADD), 0, _ADD)
     if HAS_PARTIAL_KEYS:
         half_end = full_end + tl.load(KEY_COUNTS + 2 * row + 1)
-        k32 = _tile_source(K, b, h, skb, skh, skl, L, D, 32, USE_TMA)
-        v32 = _tile_source(V, b, h, svb, svh, svl, L, D, 32, USE_TMA)
-        acc32 = tl.full([32, D], 0.0, tl.float32)
-        for j in range(full_end, half_end):
-            kb, vb, valid32 = _load_block(k32, v32, skl, svl, entries, j, half_end, 32, D, ENTRY_SIZE_BITS, USE_TMA)
-            acc32 += kb.to(tl.float32) + vb.to(tl.float32)
-        k16 = _tile_source(K, b, h, skb, skh, skl, L, D, 16, USE_TMA)
-        v16 = _tile_source(V, b, h, svb, svh, svl, L, D, 16, USE_TMA)
-        acc16 = tl.full([16, D], 0.0, tl.float32)
-        for j in range(half_end, TOPK):
-            kc, vc, valid16 = _load_block(k16, v16, skl, svl, entries, j, TOPK, 16, D, ENTRY_SIZE_BITS, USE_TMA)
-            acc16 += kc.to(tl.float32) + vc.to(tl.float32)
-        total += tl.reduce(tl.reduce(acc32, 1, _ADD), 0, _ADD) + tl.reduce(tl.reduce(acc16, 1, _ADD), 0, _ADD)
+        total += _block_sums(K, V, b, h, skb, skh, skl, svb, svh, svl, L, entries, full_end, half_end, 32, D,
+                             ENTRY_SIZE_BITS, USE_TMA)
+        total += _block_sums(K, V, b, h, skb, skh, skl, svb, svh, svl, L, entries, half_end, TOPK, 16, D,
+                             ENTRY_SIZE_BITS, USE_TMA)
     tl.store(OUT + row, total)
 
 
