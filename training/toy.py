@@ -300,8 +300,8 @@ class ToyOptions:
     # Samples behind the reported metrics. At 8,192 their sampling noise was the size of the bar's
     # margins (precision +-0.0024; swd between two target draws 0.013, and seed 1's student measured
     # swd 0.073 there against 0.056-0.059 on two draws of 131,072); at 131,072 two draws agree within
-    # 0.001 on precision and tv. The 1000-step teacher, a reference figure whose ODE costs ~40 s at
-    # that size, gets fewer (its swd against as many target samples).
+    # 0.001 on precision, 0.003 on tv and 0.007 on swd. The 1000-step teacher, a reference figure
+    # whose ODE costs ~40 s at that size, gets fewer (its swd against as many target samples).
     eval_samples: int = 131072
     teacher_1000step_samples: int = 16384
     freeze_fake_score: bool = False  # the control: without a learning fake score DMD must fail
