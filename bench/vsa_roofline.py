@@ -48,6 +48,7 @@ import triton.language as tl  # noqa: E402
 
 from fastwan.kernels.vsa import TileLayout, topk_for_sparsity  # noqa: E402
 from fastwan.kernels.vsa import ops as vsa_ops  # noqa: E402
+from fastwan.kernels.vsa.layout import block_rows  # noqa: E402
 from fastwan.kernels.vsa import triton_vsa as tv  # noqa: E402
 from vsa_attention import backward_of, bench_ms  # noqa: E402  (bench/ is on sys.path when run as a script)
 
@@ -464,8 +465,7 @@ def main() -> int:
         report[f"{name}_l2_tb_per_s"] = tma_bytes / report[f"{name}_ms"] / 1e9
     report["loads_only_masked_l2_tb_per_s"] = valid_bytes / report["loads_only_masked_ms"] / 1e9
     # The production forward's blocks: 64 rows for tiles of more than 32 tokens, else 32 or 16.
-    block_rows = torch.where(sizes > 32, 64, torch.where(sizes > 16, 32, 16))
-    production_bytes = int(block_rows[key_tiles.long()].sum()) * 2 * D * item
+    production_bytes = int(block_rows(sizes)[key_tiles.long()].sum()) * 2 * D * item
     report["kv_bytes_production_blocks_gb"] = production_bytes / 1e9
     report["loads_only_production_blocks_l2_tb_per_s"] = (
         production_bytes / report["loads_only_production_blocks_ms"] / 1e9)
