@@ -1,14 +1,9 @@
 #!/usr/bin/env bash
-# Set up a virtual environment (CPU PyTorch) and run the whole test suite.
+# Set up a virtual environment (CPU PyTorch, pinned versions) and run the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV="${FASTWAN_VENV:-.venv}"
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-. "$VENV/bin/activate"
-python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-# A pinned CPU build first: an unpinned `torch` would pull a multi-GB CUDA build.
-python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test]"
+. scripts/setup_venv.sh
+fastwan_setup_venv test
 set +e
 python -m pytest -q "$@"
 status=$?
