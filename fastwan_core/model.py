@@ -119,6 +119,8 @@ class Attention(nn.Module):
 
 
 class SelfAttention(Attention):
+    """Self-attention over the video tokens with 3D RoPE: dense SDPA, or VSA with the block's gate."""
+
     def forward(self, x, rope, gate_proj: nn.Linear, attention: "ResolvedAttention"):
         # x [B, L, dim] -> q/k/v (and the VSA gate) [B, L, heads, head_dim]
         heads = self.num_heads
@@ -208,7 +210,8 @@ class ResolvedAttention:
 
 
 class WanDiT(nn.Module):
-    """Wan2.1 T2V DiT. `forward(x, timestep, context) -> velocity` (see `forward`)."""
+    """Wan2.1 T2V DiT: `forward(x, timestep, context) -> velocity` (see `forward`), with the
+    self-attention backend of `self.attention` (dense unless set)."""
 
     def __init__(self, config: WanConfig, attention: Optional[AttentionConfig] = None):
         super().__init__()
