@@ -1,7 +1,9 @@
 """Self-attention backends of the DiT: dense (SDPA) or VSA (video sparse attention).
 
-The backend is a per-call setting (`AttentionConfig`), so a ComfyUI patch node can switch it on a
-copy of a model without touching the shared weights.
+An `AttentionConfig` names the backend, its sparsity and the VSA implementation; a `WanDiT` holds
+one as its `attention` attribute (see `WanDiT.with_attention` for a copy that shares the weights).
+`BACKENDS` and `IMPLEMENTATIONS` are the valid choices, for every config file, CLI and node that
+offers them.
 """
 from __future__ import annotations
 
@@ -11,11 +13,15 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("dense", "vsa")
+# VSA implementations: "auto" = Triton on CUDA when importable, else the PyTorch reference.
 IMPLEMENTATIONS = ("auto", "triton", "reference")
 
 
 @dataclass(frozen=True)
 class AttentionConfig:
+    """The DiT's self-attention: `backend` "dense" or "vsa"; for VSA, the fraction of key tiles each
+    query tile skips (`sparsity` in [0, 1)) and which kernel runs it (`implementation`)."""
+
     backend: str = "dense"
     sparsity: float = 0.0
     implementation: str = "auto"

@@ -8,6 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .errors import InputError
+from .schedule import FASTWAN_TIMESTEPS, FASTWAN_TIMESTEPS_TEXT, parse_timesteps
+
 
 def register(subparsers) -> None:
     _register_generate(subparsers)
@@ -27,13 +30,11 @@ def _quiet_library_progress() -> None:
 
 
 def _timesteps(text: str):
+    """--timesteps through the one timestep parser; argparse shows only an ArgumentTypeError's text."""
     try:
-        values = tuple(float(v) for v in text.replace(" ", "").split(",") if v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 1000,757,522; got {text!r}")
-    if not values or any(not 0 < v <= 1000 for v in values):
-        raise argparse.ArgumentTypeError(f"timesteps must be in (0, 1000]; got {text!r}")
-    return values
+        return parse_timesteps(text)
+    except InputError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser, frames: int, height: int, width: int) -> None:
@@ -62,8 +63,8 @@ def _register_generate(subparsers) -> None:
     _add_sampling_arguments(parser, frames=81, height=480, width=832)
     parser.add_argument("--sparsity", type=float, default=0.0,
                         help="VSA sparsity in [0, 1): FastWan runs at 0.8; 0 = dense attention")
-    parser.add_argument("--timesteps", type=_timesteps, default=(1000.0, 757.0, 522.0),
-                        help="student timesteps for the DMD sampler (default 1000,757,522)")
+    parser.add_argument("--timesteps", type=_timesteps, default=FASTWAN_TIMESTEPS_TEXT,
+                        help="student timesteps for the DMD sampler, decreasing (default %(default)s)")
     parser.add_argument("--shift", type=float, default=None, help="flow shift (default 8 student, 5 teacher)")
     parser.add_argument("--steps", type=int, default=None,
                         help="use a multi-step teacher sampler with CFG for this many steps "
@@ -75,8 +76,8 @@ def _register_generate(subparsers) -> None:
                         help="teacher sampler's negative prompt (default: Wan's default negative prompt)")
     parser.add_argument("--vae-tiling", action="store_true", help="decode in spatial tiles (less GPU memory)")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the DiT blocks: ~13%% (dense) to ~18%% (VSA) faster steps on an H200, "
-                             "after a one-time compile of tens of seconds")
+                        help="torch.compile the DiT blocks: faster steps after a one-time compile of tens of "
+                             "seconds (docs/performance.md)")
     parser.set_defaults(run=_run_generate)
 
 
@@ -85,7 +86,7 @@ def _request_from_args(args, model: str):
 
     return GenerateRequest(prompt=args.prompt, model=model, out=args.out, seed=args.seed, frames=args.frames,
                            height=args.height, width=args.width, sparsity=getattr(args, "sparsity", 0.0),
-                           timesteps=getattr(args, "timesteps", (1000.0, 757.0, 522.0)),
+                           timesteps=getattr(args, "timesteps", tuple(float(t) for t in FASTWAN_TIMESTEPS)),
                            shift=getattr(args, "shift", None), steps=getattr(args, "steps", None),
                            sampler=getattr(args, "sampler", "unipc"),
                            guidance=getattr(args, "guidance", 5.0),

@@ -12,6 +12,10 @@ ROPE_THETA = 10000.0
 
 @dataclass(frozen=True)
 class WanConfig:
+    """Sizes of a Wan2.1 text-to-video DiT. The defaults are the 1.3B model (`t2v_1_3b()`);
+    `t2v_14b()` is the 14B one, `tiny()` a few-MB model for tests. `load_dit` infers a config from
+    a checkpoint's tensor shapes."""
+
     dim: int = 1536
     ffn_dim: int = 8960
     num_heads: int = 12

@@ -4,9 +4,14 @@ Module and parameter names follow the original Wan release (`self_attn.q`, `ffn.
 `head.head`, ...), plus FastWan's per-block VSA gate `to_gate_compress`; `state_dict_adapter.py`
 maps them to the diffusers and ComfyUI layouts. With the same weights, the forward pass equals
 diffusers' `WanTransformer3DModel` (fp32, relative error <= 1e-5).
+
+The self-attention backend is a per-instance setting, `WanDiT.attention` (an `AttentionConfig`),
+and the only way to choose it: set the attribute on a model you own, or take
+`model.with_attention(config)`, a copy that shares the weights, when others hold the model.
 """
 from __future__ import annotations
 
+import copy
 import math
 from functools import lru_cache
 from typing import Optional
@@ -32,8 +37,8 @@ def layer_norm_fp32(x: torch.Tensor, eps: float, weight=None, bias=None) -> torc
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm over the last dim (all heads together, as Wan's q/k norm). PyTorch's fused kernel
-    accumulates in fp32; one pass instead of the five of a hand-written fp32 version."""
+    """RMSNorm over the last dim (all heads together, as Wan's q/k norm), with PyTorch's fused
+    kernel, which accumulates in fp32 as Wan's own norm does."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -114,10 +119,11 @@ class Attention(nn.Module):
 
 
 class SelfAttention(Attention):
+    """Self-attention over the video tokens with 3D RoPE: dense SDPA, or VSA with the block's gate."""
+
     def forward(self, x, rope, gate_proj: nn.Linear, attention: "ResolvedAttention"):
         # x [B, L, dim] -> q/k/v (and the VSA gate) [B, L, heads, head_dim]
         heads = self.num_heads
-        # Separate GEMMs: one fused q/k/v/gate GEMM measured no faster on the H200 (within noise).
         q = self.norm_q(self.q(x)).unflatten(-1, (heads, -1))
         k = self.norm_k(self.k(x)).unflatten(-1, (heads, -1))
         v = self.v(x).unflatten(-1, (heads, -1))
@@ -204,7 +210,8 @@ class ResolvedAttention:
 
 
 class WanDiT(nn.Module):
-    """Wan2.1 T2V DiT. `forward(x, timestep, context) -> velocity` (see `forward`)."""
+    """Wan2.1 T2V DiT: `forward(x, timestep, context) -> velocity` (see `forward`), with the
+    self-attention backend of `self.attention` (dense unless set)."""
 
     def __init__(self, config: WanConfig, attention: Optional[AttentionConfig] = None):
         super().__init__()
@@ -222,15 +229,22 @@ class WanDiT(nn.Module):
         self.head = Head(config)
 
     # -- settings ---------------------------------------------------------------------------------
+    def with_attention(self, attention: AttentionConfig) -> "WanDiT":
+        """This model with another attention setting: a shallow copy whose blocks, weights and
+        buffers are this model's own objects (no memory, no copy), so choosing a backend for one
+        caller (a ComfyUI patched copy) never changes the model that others hold."""
+        view = copy.copy(self)
+        view.attention = attention
+        return view
+
     def set_activation_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block in backward instead of storing its activations."""
         self.activation_checkpointing = bool(enabled)
 
     def compile_blocks(self, **compile_options) -> "WanDiT":
         """torch.compile each block (regional compilation: the blocks share one compiled graph, so the
-        first call compiles once, not 30 times). Fuses RoPE, norms and modulation around the attention
-        op; on an H200 at 480p it takes a dense forward from 594 to 517 ms and VSA 0.8 from 401 to
-        329 ms (bench/dit_forward.py)."""
+        first call compiles once, not once per block). It fuses RoPE, norms and modulation around
+        the attention op; docs/performance.md has the speed-up."""
         for block in self.blocks:
             block.compile(**compile_options)
         return self
@@ -256,19 +270,16 @@ class WanDiT(nn.Module):
         return self.patch_embedding.weight.device
 
     # -- forward ----------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
-                attention: Optional[AttentionConfig] = None) -> torch.Tensor:
-        """Predict the flow velocity v = noise - x0.
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Predict the flow velocity v = noise - x0, with the self-attention of `self.attention`.
 
         Args:
             x: normalized latents [B, C_in, T, H, W]; T, H, W divisible by the patch size (1, 2, 2).
             timestep: [B] (or a scalar / [1], broadcast) float in 0..1000 (= 1000 * sigma).
             context: text embeddings [B, L, text_dim] (umT5: L = 512, zero-padded rows).
-            attention: overrides `self.attention` for this call only.
         Returns:
             velocity [B, C_out, T, H, W] in x's dtype.
         """
-        attention = attention or self.attention
         batch, _, frames, height, width = x.shape
         pt, ph, pw = self.config.patch_size
         if frames % pt or height % ph or width % pw:
@@ -285,7 +296,7 @@ class WanDiT(nn.Module):
         context = self.text_embedding(context.to(self.dtype))
 
         rope = rope_table(self.config.rope_split, grid, str(x.device))
-        resolved = ResolvedAttention(attention, grid, x.device)
+        resolved = ResolvedAttention(self.attention, grid, x.device)
         layout = resolved.tile_layout
         if layout is not None:
             # Stay in VSA tile order for the whole forward: every op but self-attention is per

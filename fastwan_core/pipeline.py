@@ -23,8 +23,8 @@ import torch
 from .attention import AttentionConfig
 from .errors import CheckpointError, InputError
 from .latents import denormalize_latents, latent_shape, validate_video_size
-from .sampling import (DEFAULT_GUIDANCE, DEFAULT_SHIFT, DEFAULT_STUDENT_TIMESTEPS, DEFAULT_TEACHER_SHIFT,
-                       sample_dmd, sample_euler, sample_unipc)
+from .sampling import DEFAULT_GUIDANCE, DEFAULT_TEACHER_SHIFT, sample_dmd, sample_euler, sample_unipc
+from .schedule import FASTWAN_SHIFT, FASTWAN_TIMESTEPS
 from .video_io import VIDEO_FORMATS, write_video
 
 MODEL_PARTS = ("transformer", "text_encoder", "tokenizer", "vae")
@@ -120,7 +120,7 @@ class GenerateRequest:
     height: int = 480
     width: int = 832
     sparsity: float = 0.0
-    timesteps: Sequence[float] = DEFAULT_STUDENT_TIMESTEPS
+    timesteps: Sequence[float] = FASTWAN_TIMESTEPS
     shift: Optional[float] = None  # default: 8 for the student, 5 for the teacher
     steps: Optional[int] = None  # set -> multi-step teacher sampler with CFG
     sampler: str = "unipc"  # teacher sampler: "unipc" (Wan's default) or "euler"
@@ -232,7 +232,7 @@ def generate(request: GenerateRequest, log: Callable[[str], None] = print) -> Ge
                         model, context, shape, request.seed, negative_context=negative, guidance=request.guidance,
                         num_steps=request.steps, shift=shift, callback=callback, device=device)
                 else:
-                    shift = DEFAULT_SHIFT if request.shift is None else request.shift
+                    shift = FASTWAN_SHIFT if request.shift is None else request.shift
                     latents = sample_dmd(model, context, shape, request.seed, timesteps=request.timesteps,
                                          shift=shift, callback=callback, device=device)
             except (NotImplementedError, ImportError, RuntimeError) as error:
@@ -280,7 +280,7 @@ def _describe(request: GenerateRequest) -> str:
                 "sparsity": request.sparsity}
     if request.steps is None:
         settings.update(sampler="dmd", timesteps=list(request.timesteps),
-                        shift=DEFAULT_SHIFT if request.shift is None else request.shift)
+                        shift=FASTWAN_SHIFT if request.shift is None else request.shift)
     else:
         settings.update(sampler=request.sampler, steps=request.steps, guidance=request.guidance,
                         shift=DEFAULT_TEACHER_SHIFT if request.shift is None else request.shift)

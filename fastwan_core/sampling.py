@@ -11,10 +11,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .schedule import predict_x0, sigma_to_timestep, student_sigmas, teacher_sigmas
-
-DEFAULT_STUDENT_TIMESTEPS = (1000, 757, 522)
-DEFAULT_SHIFT = 8.0
+from .schedule import FASTWAN_SHIFT, FASTWAN_TIMESTEPS, predict_x0, sigma_to_timestep, student_sigmas, teacher_sigmas
 
 # callback(step, total_steps, x0) after each step; raising from it (e.g. a user interrupt) stops
 # the run between steps.
@@ -46,8 +43,8 @@ def sample_dmd(
     context: torch.Tensor,
     shape: Sequence[int],
     seed: int,
-    timesteps: Sequence[float] = DEFAULT_STUDENT_TIMESTEPS,
-    shift: float = DEFAULT_SHIFT,
+    timesteps: Sequence[float] = FASTWAN_TIMESTEPS,
+    shift: float = FASTWAN_SHIFT,
     callback: Optional[StepCallback] = None,
     device=None,
 ) -> torch.Tensor:
@@ -91,9 +88,22 @@ DEFAULT_TEACHER_SHIFT = 5.0  # Wan2.1 text-to-video's default sample shift
 DEFAULT_GUIDANCE = 5.0  # Wan2.1 text-to-video's default guidance scale
 
 
+def classifier_free_guidance(cond: torch.Tensor, uncond: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """Standard classifier-free guidance: uncond + scale * (cond - uncond), elementwise.
+
+    The form of Wan's and diffusers' samplers; it equals cond + (scale - 1)(cond - uncond), so the
+    DMD recipe's "cond + 3.5 (cond - uncond)" is scale 4.5. The weights sum to one, so guidance
+    commutes with the affine x0 = x_t - sigma * v: it applies to velocities and x0 predictions
+    alike. Scale 1, or no uncond, returns cond itself.
+    """
+    if uncond is None or scale == 1.0:
+        return cond
+    return uncond + scale * (cond - uncond)
+
+
 def guided_velocity(model, x: torch.Tensor, timestep: torch.Tensor, context, negative_context,
                     guidance: float) -> torch.Tensor:
-    """Classifier-free guidance on the velocity: v_uncond + guidance * (v_cond - v_uncond).
+    """The model's velocity under `classifier_free_guidance`, float32.
 
     guidance 1 (or no negative context) is the conditional velocity alone, one model call.
     """
@@ -101,7 +111,7 @@ def guided_velocity(model, x: torch.Tensor, timestep: torch.Tensor, context, neg
     if negative_context is None or guidance == 1.0:
         return v_cond
     v_uncond = model(x, timestep, negative_context).float()
-    return v_uncond + guidance * (v_cond - v_uncond)
+    return classifier_free_guidance(v_cond, v_uncond, guidance)
 
 
 @torch.no_grad()

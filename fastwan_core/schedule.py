@@ -7,14 +7,26 @@ The shift warps sigma towards noise: shifted = s * sigma / (1 + (s - 1) * sigma)
 Training uses a grid of 1000 shifted sigmas (unshifted 1, 0.999, ..., 0.001). A few-step student's
 timesteps such as (1000, 757, 522) are points of that *shifted* grid: each snaps to the nearest
 grid entry, giving sigma = 1.0, 0.7568, 0.5217 at shift 8.
+
+FastWan's own schedule (the timesteps its student was distilled for, and their shift) and the parser
+of user-typed timesteps live here too, so the sampler, the CLI, the node, the trainer and the toy
+all read the same values.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 
+from .errors import InputError
+
 NUM_TRAIN_TIMESTEPS = 1000
+
+# The FastWan student's timesteps on the shifted grid, and that grid's shift (DESIGN §5).
+FASTWAN_TIMESTEPS = (1000, 757, 522)
+FASTWAN_SHIFT = 8.0
+FASTWAN_TIMESTEPS_TEXT = ",".join(str(t) for t in FASTWAN_TIMESTEPS)  # as users type it: "1000,757,522"
 
 
 def shift_sigma(sigma, shift: float):
@@ -45,6 +57,28 @@ def student_sigmas(timesteps: Sequence[float], shift: float) -> list[float]:
         index = int(torch.argmin((grid_timesteps - t).abs()))
         sigmas.append(float(grid_timesteps[index]) / NUM_TRAIN_TIMESTEPS)
     return sigmas
+
+
+def parse_timesteps(text: str, where: str = "timesteps") -> tuple[float, ...]:
+    """User text "1000,757,522" -> (1000.0, 757.0, 522.0): student timesteps, one model call each.
+
+    Commas (or semicolons) separate the values; spaces are ignored. Each value must lie in
+    (0, 1000] and the list must decrease (noise to clean). Raises InputError naming `where` (the
+    CLI option or node input the text came from).
+    """
+    try:
+        values = tuple(float(part) for part in str(text).replace(";", ",").split(",") if part.strip())
+    except ValueError:
+        values = ()
+    if not values:
+        raise InputError(f"{where} {text!r} is not a comma-separated list of numbers; FastWan uses {FASTWAN_TIMESTEPS_TEXT}")
+    bad = [v for v in values if not (0.0 < v <= NUM_TRAIN_TIMESTEPS and math.isfinite(v))]
+    if bad:
+        raise InputError(f"{where} {text!r} has values outside (0, {NUM_TRAIN_TIMESTEPS}]: {bad}; "
+                         f"FastWan uses {FASTWAN_TIMESTEPS_TEXT}")
+    if any(a <= b for a, b in zip(values, values[1:])):
+        raise InputError(f"{where} {text!r} must decrease from noise to clean (e.g. {FASTWAN_TIMESTEPS_TEXT})")
+    return values
 
 
 def teacher_sigmas(num_steps: int, shift: float, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[float]:

@@ -19,31 +19,13 @@ import torch
 from ..fastwan_core.errors import InputError
 from ..fastwan_core.latents import (LATENT_CHANNELS, VAE_SPATIAL_STRIDE, VAE_TEMPORAL_STRIDE,
                                     denormalize_latents, latent_shape, validate_video_size)
-from ..fastwan_core.sampling import DEFAULT_SHIFT, DEFAULT_STUDENT_TIMESTEPS, sample_dmd
+from ..fastwan_core.sampling import sample_dmd
+from ..fastwan_core.schedule import FASTWAN_SHIFT, FASTWAN_TIMESTEPS_TEXT, parse_timesteps
 from . import comfy_env
 from .model_nodes import CATEGORY, FASTWAN_MODEL, attention_of, dit_of
 
 NODE_NAME = "3-Step DMD Sampler"
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
-
-
-def parse_timesteps(text: str) -> tuple[float, ...]:
-    """"1000,757,522" -> (1000.0, 757.0, 522.0); each in (0, 1000], strictly decreasing."""
-    try:
-        values = tuple(float(part) for part in str(text).replace(";", ",").split(",") if part.strip())
-    except ValueError:
-        values = ()
-    if not values:
-        raise InputError(f"{NODE_NAME}: timesteps {text!r} is not a comma-separated list of numbers; "
-                         "FastWan uses 1000,757,522")
-    bad = [v for v in values if not (0.0 < v <= 1000.0 and math.isfinite(v))]
-    if bad:
-        raise InputError(f"{NODE_NAME}: timesteps {text!r} has values outside (0, 1000]: {bad}; "
-                         "FastWan uses 1000,757,522")
-    if any(a <= b for a, b in zip(values, values[1:])):
-        raise InputError(f"{NODE_NAME}: timesteps {text!r} must decrease from noise to clean "
-                         "(e.g. 1000,757,522)")
-    return values
 
 
 def conditioning_context(positive, text_dim: int, text_len: int, batch: int) -> torch.Tensor:
@@ -119,11 +101,11 @@ class FastWanDMDSampler:
                                        "tooltip": "Videos generated at once (each with its own noise)."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
                                  "tooltip": "Seed of the noise; the same seed gives the same video on any device."}),
-                "timesteps": ("STRING", {"default": ",".join(str(t) for t in DEFAULT_STUDENT_TIMESTEPS),
+                "timesteps": ("STRING", {"default": FASTWAN_TIMESTEPS_TEXT,
                                          "advanced": True,
                                          "tooltip": "Student timesteps (0..1000, decreasing), one model call each. "
                                                     "FastWan was distilled for 1000,757,522."}),
-                "shift": ("FLOAT", {"default": DEFAULT_SHIFT, "min": 0.1, "max": 100.0, "step": 0.1,
+                "shift": ("FLOAT", {"default": FASTWAN_SHIFT, "min": 0.1, "max": 100.0, "step": 0.1,
                                     "advanced": True,
                                     "tooltip": "Flow-matching shift of the timestep grid (8.0 for FastWan)."}),
             },
@@ -142,26 +124,26 @@ class FastWanDMDSampler:
     DESCRIPTION = "Few-step DMD sampling of a FastWan model: a 5 s 480p clip in 3 model evaluations, no CFG."
 
     def sample(self, model, positive, width=832, height=480, length=81, batch_size=1, seed=0,
-               timesteps="1000,757,522", shift=DEFAULT_SHIFT, latent=None):
+               timesteps=FASTWAN_TIMESTEPS_TEXT, shift=FASTWAN_SHIFT, latent=None):
         dit = dit_of(model)
         if latent is not None:
             batch_size, width, height, length = size_from_latent(latent, NODE_NAME)
         validate_video_size(int(width), int(height), int(length), where=NODE_NAME)
-        student_timesteps = parse_timesteps(timesteps)
+        student_timesteps = parse_timesteps(timesteps, where=f"{NODE_NAME}: timesteps")
         if not (float(shift) > 0 and math.isfinite(float(shift))):
             raise InputError(f"{NODE_NAME}: shift {shift} must be a positive number (FastWan uses 8.0)")
         if not 0 <= int(seed) <= MAX_SEED:
             raise InputError(f"{NODE_NAME}: seed {seed} is outside 0..{MAX_SEED}")
         shape = latent_shape(int(batch_size), int(width), int(height), int(length))
         context = conditioning_context(positive, dit.config.text_dim, dit.config.text_len, shape[0])
-        attention = attention_of(model)
+        sampling_dit = dit.with_attention(attention_of(model))
 
         device = comfy_env.load_for_sampling(model, activation_bytes(dit, shape, dit.dtype))
         progress = comfy_env.StepProgress(len(student_timesteps), device)
         comfy_env.throw_if_interrupted()
 
         def velocity(x, t, ctx):
-            return dit(x, t, ctx, attention=attention)
+            return sampling_dit(x, t, ctx)
 
         def after_step(step, total, x0):
             progress.step(step, x0)

@@ -38,9 +38,8 @@ def test_vsa_sparsity_zero_with_zero_gates_equals_dense():
     model = make_model(gates=False)
     x, t, ctx = inputs()
     dense = model(x, t, ctx)
-    vsa = model(x, t, ctx, attention=AttentionConfig.vsa(0.0, implementation="reference"))
+    vsa = model.with_attention(AttentionConfig.vsa(0.0, implementation="reference"))(x, t, ctx)
     assert rel_err(vsa, dense) < 1e-5
-    assert model.attention.backend == "dense"  # the per-call override did not mutate the model
 
 
 @torch.no_grad()
@@ -51,8 +50,10 @@ def test_vsa_in_tile_order_equals_token_order_attention(monkeypatch):
     assert model.has_trained_gates()
     x, t, ctx = inputs(grid=(3, 10, 18))  # token grid 3x5x9: partial tiles on every axis
     sparsity = 0.6
-    tiled = model(x, t, ctx, attention=AttentionConfig.vsa(sparsity, implementation="reference"))
-    dense = model(x, t, ctx, attention=AttentionConfig())
+    model.attention = AttentionConfig.vsa(sparsity, implementation="reference")
+    tiled = model(x, t, ctx)
+    model.attention = AttentionConfig()
+    dense = model(x, t, ctx)
     assert rel_err(tiled, dense) > 1e-3  # sparsity and gates really change the result
 
     grid = (3, 5, 9)
@@ -77,11 +78,32 @@ def test_vsa_in_tile_order_equals_token_order_attention(monkeypatch):
 def test_vsa_backward_reaches_gates_and_weights():
     model = make_model().train()
     x, t, ctx = inputs(grid=(2, 8, 8), batch=1)
-    out = model(x, t, ctx, attention=AttentionConfig.vsa(0.5, implementation="reference"))
+    model.attention = AttentionConfig.vsa(0.5, implementation="reference")
+    out = model(x, t, ctx)
     out.square().mean().backward()
     gate_grad = model.blocks[0].to_gate_compress.weight.grad
     assert gate_grad is not None and gate_grad.abs().sum() > 0
     assert model.blocks[1].self_attn.q.weight.grad.abs().sum() > 0
+
+
+@torch.no_grad()
+def test_with_attention_shares_the_weights_and_leaves_the_model_alone():
+    model = make_model()
+    x, t, ctx = inputs(grid=(2, 8, 8), batch=1)
+    vsa = AttentionConfig.vsa(0.5, implementation="reference")
+    view = model.with_attention(vsa)
+    assert view.attention == vsa and model.attention == AttentionConfig()
+    assert all(a is b for a, b in zip(view.parameters(), model.parameters()))
+    model.blocks[0].ffn[0].bias.add_(1.0)  # a weight change shows through the view
+    model.attention = vsa
+    torch.testing.assert_close(view(x, t, ctx), model(x, t, ctx), rtol=0, atol=0)
+
+
+def test_attention_is_a_model_setting_not_a_call_argument():
+    model = make_model()
+    x, t, ctx = inputs(grid=(2, 8, 8), batch=1)
+    with pytest.raises(TypeError):
+        model(x, t, ctx, attention=AttentionConfig.vsa(0.5))
 
 
 def test_attention_config_errors():
@@ -89,6 +111,8 @@ def test_attention_config_errors():
         AttentionConfig.vsa(1.0)
     with pytest.raises(InputError, match="backend 'sparse' is unknown"):
         AttentionConfig(backend="sparse")
+    with pytest.raises(InputError, match="implementation 'cuda' is unknown"):
+        AttentionConfig.vsa(0.8, implementation="cuda")
 
 
 @torch.no_grad()
@@ -97,7 +121,7 @@ def test_compiled_blocks_match_eager_with_vsa():
     # toolchain inductor needs, keeping CI fast; the H200 bench runs the default inductor backend.
     model = make_model()
     x, t, ctx = inputs(grid=(2, 8, 10), batch=1)
-    attention = AttentionConfig.vsa(0.5, implementation="reference")
-    eager = model(x, t, ctx, attention=attention)
+    model.attention = AttentionConfig.vsa(0.5, implementation="reference")
+    eager = model(x, t, ctx)
     model.compile_blocks(backend="aot_eager", fullgraph=True)
-    assert rel_err(model(x, t, ctx, attention=attention), eager) < 1e-5
+    assert rel_err(model(x, t, ctx), eager) < 1e-5

@@ -321,7 +321,7 @@ def oracle_dmd(dit, attention, context, shape, seed):
     generator = torch.Generator("cpu").manual_seed(seed)
     x = torch.randn(shape, generator=generator)
     for step, sigma in enumerate(sigmas):
-        v = dit(x, torch.full((shape[0],), sigma * 1000.0), context, attention=attention).float()
+        v = dit.with_attention(attention)(x, torch.full((shape[0],), sigma * 1000.0), context).float()
         x0 = x - sigma * v
         if step + 1 < len(sigmas):
             x = (1 - sigmas[step + 1]) * x0 + sigmas[step + 1] * torch.randn(shape, generator=generator)
@@ -353,9 +353,9 @@ def test_sampler_passes_attention_and_padded_context_to_the_model(tiny_checkpoin
     calls = []
     real_forward = WanDiT.forward
 
-    def recording_forward(self, x, timestep, context, attention=None):
-        calls.append((attention, context.detach().clone(), timestep.detach().clone()))
-        return real_forward(self, x, timestep, context, attention=attention)
+    def recording_forward(self, x, timestep, context):
+        calls.append((self.attention, context.detach().clone(), timestep.detach().clone()))
+        return real_forward(self, x, timestep, context)
 
     monkeypatch.setattr(WanDiT, "forward", recording_forward)
     (patched,) = NODE_CLASS_MAPPINGS["FastWanVSAPatch"]().patch(loaded(), 0.8, "reference")

@@ -137,6 +137,19 @@ def test_classifier_free_guidance_algebra():
     torch.testing.assert_close(out, noise - (v_u + 3.0 * (v_c - v_u)))
 
 
+def test_classifier_free_guidance_is_the_closed_form_and_dmd_uses_it():
+    from fastwan.training import dmd
+
+    cond, uncond = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    guided = sampling.classifier_free_guidance(cond, uncond, 4.5)
+    torch.testing.assert_close(guided, uncond + 4.5 * (cond - uncond))  # Ho & Salimans' standard CFG
+    torch.testing.assert_close(guided, cond + 3.5 * (cond - uncond))  # the DMD recipe's written form
+    assert sampling.classifier_free_guidance(cond, uncond, 1.0) is cond  # scale 1: no guidance
+    assert sampling.classifier_free_guidance(cond, None, 4.5) is cond  # no negative: no guidance
+    # The trainer's real score is guided by the same function, bit for bit.
+    assert torch.equal(dmd.apply_guidance(cond, uncond, 4.5), guided)
+
+
 def diffusers_unipc(model, context, negative_context, guidance, shape, seed, num_steps, shift):
     """Oracle: diffusers' UniPCMultistepScheduler stepped as WanPipeline steps it (the model called at
     t = 1000 * sigma as a float, like ours)."""

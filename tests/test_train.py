@@ -149,15 +149,15 @@ def test_export_loads_with_load_dit_and_matches_in_memory_student(data_dir, tmp_
     x = torch.randn(1, *LATENT_SHAPE, generator=generator)
     context = torch.randn(1, 8, 64, generator=generator)
     t = torch.tensor([757.0])
-    attention = distiller.student_attention(2)
+    distiller.student.attention = exported.attention = attention = distiller.student_attention(2)
     with torch.no_grad():
-        expected = distiller.student(x, t, context, attention=attention)
-        got = exported(x, t, context, attention=attention)
+        expected = distiller.student(x, t, context)
+        got = exported(x, t, context)
     assert torch.equal(expected, got)
     bf16 = tmp_path / "student_bf16.safetensors"
     assert main(["export", "--run", str(tmp_path / "run"), "--out", str(bf16), "--layout", "comfy"]) == 0
     with torch.no_grad():
-        got_bf16 = load_dit(bf16, dtype=torch.float32)(x, t, context, attention=attention)
+        got_bf16 = load_dit(bf16, dtype=torch.float32).with_attention(attention)(x, t, context)
     torch.testing.assert_close(got_bf16, expected, rtol=0.05, atol=0.05)
 
 

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from ..fastwan_core.attention import IMPLEMENTATIONS
 from ..fastwan_core.errors import InputError
+from ..fastwan_core.schedule import FASTWAN_SHIFT, FASTWAN_TIMESTEPS
 
 
 class ConfigError(InputError):
@@ -36,13 +38,13 @@ class AttentionSection:
     sparsity: float = 0.8  # VSA sparsity reached after the ramp
     sparsity_start: float = 0.8  # sparsity at step 1 (== sparsity: constant)
     sparsity_ramp_steps: int = 0  # linear ramp from sparsity_start to sparsity over this many steps
-    implementation: str = "auto"  # "auto" | "triton" | "reference"
+    implementation: str = "auto"  # one of fastwan_core.attention.IMPLEMENTATIONS
 
 
 @dataclass
 class DMDSection:
-    student_timesteps: list = field(default_factory=lambda: [1000, 757, 522])
-    shift: float = 8.0
+    student_timesteps: list = field(default_factory=lambda: list(FASTWAN_TIMESTEPS))
+    shift: float = FASTWAN_SHIFT
     dmd_min_ratio: float = 0.02
     dmd_max_ratio: float = 0.98
     real_guidance_scale: float = 4.5  # standard CFG scale (the reference's "cond + 3.5 (cond - uncond)")
@@ -219,8 +221,9 @@ def validate(config: DistillConfig) -> None:
             fail("model", key, f"= {value!r}: random models are {', '.join(RANDOM_MODELS)}.")
     if a.backend not in ("vsa", "dense"):
         fail("attention", "backend", f"= {a.backend!r} must be \"vsa\" or \"dense\".")
-    if a.implementation not in ("auto", "triton", "reference"):
-        fail("attention", "implementation", f"= {a.implementation!r} must be \"auto\", \"triton\" or \"reference\".")
+    if a.implementation not in IMPLEMENTATIONS:
+        choices = ", ".join(f'"{i}"' for i in IMPLEMENTATIONS)
+        fail("attention", "implementation", f"= {a.implementation!r} must be one of {choices}.")
     for key in ("sparsity", "sparsity_start"):
         if not 0.0 <= getattr(a, key) < 1.0:
             fail("attention", key, f"= {getattr(a, key)} must be in [0, 1); FastWan uses 0.8.")

@@ -26,7 +26,9 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..fastwan_core.schedule import add_noise, predict_x0, sigma_grid, sigma_to_timestep, student_sigmas
+from ..fastwan_core.sampling import classifier_free_guidance
+from ..fastwan_core.schedule import (FASTWAN_SHIFT, FASTWAN_TIMESTEPS, add_noise, predict_x0, sigma_grid,
+                                     sigma_to_timestep, student_sigmas)
 
 Model = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
 
@@ -42,8 +44,8 @@ class DMDSettings:
     generator_update_interval: the generator is updated on every N-th step (fake score every step).
     """
 
-    student_timesteps: tuple = (1000, 757, 522)
-    shift: float = 8.0
+    student_timesteps: tuple = FASTWAN_TIMESTEPS
+    shift: float = FASTWAN_SHIFT
     dmd_min_ratio: float = 0.02
     dmd_max_ratio: float = 0.98
     real_guidance_scale: float = 4.5
@@ -56,15 +58,8 @@ def reference_guidance_to_standard(reference_scale: float) -> float:
 
 
 def apply_guidance(cond: torch.Tensor, uncond: Optional[torch.Tensor], scale: float) -> torch.Tensor:
-    """Standard classifier-free guidance: cond + (scale - 1)(cond - uncond).
-
-    Works on velocities or on x0 predictions alike: the weights (scale, 1 - scale) sum to one, so
-    guidance commutes with the affine map x0 = x_t - sigma v. With scale == 1 (or no uncond) the
-    result is cond itself.
-    """
-    if uncond is None or scale == 1.0:
-        return cond
-    return cond + (scale - 1.0) * (cond - uncond)
+    """Standard classifier-free guidance, `fastwan_core.sampling.classifier_free_guidance`."""
+    return classifier_free_guidance(cond, uncond, scale)
 
 
 def draw_dmd_sigmas(batch: int, generator: torch.Generator, shift: float, min_ratio: float = 0.02,

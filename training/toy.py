@@ -174,7 +174,7 @@ import torch
 import torch.nn as nn
 
 from ..fastwan_core.sampling import sample_dmd
-from ..fastwan_core.schedule import student_sigmas, teacher_sigmas
+from ..fastwan_core.schedule import FASTWAN_TIMESTEPS, student_sigmas, teacher_sigmas
 from . import dmd
 
 
@@ -291,7 +291,7 @@ class ToyOptions:
     student_sigma_per_point: bool = True  # each point of such a sample from its own student step
     fake_batch: int = 512  # samples per fake-score update (every step)
     shift: float = 1.0
-    student_timesteps: tuple = (1000, 757, 522)
+    student_timesteps: tuple = FASTWAN_TIMESTEPS
     generator_update_interval: int = 5
     generator_lr: float = 2e-3
     generator_betas: tuple = (0.5, 0.999)  # GAN-style momentum: see the module docstring

@@ -147,10 +147,10 @@ class Distiller:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    def _caller(self, model, attention: Optional[AttentionConfig] = None):
+    def _caller(self, model):
         def call(x, timestep, context):
             with self._autocast():
-                return model(x, timestep, context, attention=attention)
+                return model(x, timestep, context)
         return call
 
     def student_attention(self, step: int) -> AttentionConfig:
@@ -191,7 +191,8 @@ class Distiller:
         latents, text = self.data.next_batch()
         latents, text = latents.to(self.device), text.to(self.device)
         negative = self.negative.expand(latents.shape[0], -1, -1)
-        student = self._caller(self.student, self.student_attention(step))
+        self.student.attention = self.student_attention(step)
+        student = self._caller(self.student)
         fake_score = self._caller(self.fake_score)
         metrics = {"step": step}
         if dmd.is_generator_step(step, self.settings.generator_update_interval):
