@@ -1,9 +1,33 @@
 """The `fastwan` command line. Each part of the package registers its own subcommands; their
-modules import heavy dependencies only when a command runs, so `fastwan --help` stays fast."""
+modules import heavy dependencies only when a command runs, so `fastwan --help` stays fast.
+
+Every failure a user can fix is one line on stderr, `fastwan COMMAND: error: ...`, and exit code 2
+(argparse's own errors included); Ctrl-C exits 130 and SIGTERM 143, both after the same cleanup.
+"""
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+
+_STATES_DEFAULT = re.compile(r"(^|\(|; )default\b")
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default (or says it is required / an off-by-default flag),
+    unless the help text already states it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not action.option_strings or action.default is argparse.SUPPRESS or _STATES_DEFAULT.search(text):
+            return text
+        if action.required:
+            return f"{text} (required)".strip()
+        if action.nargs == 0 and action.default is False:
+            return f"{text} (default: off)".strip()
+        if action.default is None or action.default == []:
+            return f"{text} (default: not set)".strip()
+        return f"{text} (default: %(default)s)".strip()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,22 +42,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     core_commands.register(subparsers)
     training_commands.register(subparsers)
+    for subparser in subparsers.choices.values():
+        subparser.formatter_class = DefaultsHelpFormatter
     return parser
+
+
+def error_line(command: str, error: Exception) -> str:
+    """`fastwan COMMAND: error: MESSAGE`, naming the command once even when the message starts with it."""
+    message = str(error)
+    if message.startswith(f"{command}: "):
+        message = message[len(command) + 2:]
+    return f"fastwan {command}: error: {message}"
 
 
 def main(argv=None) -> int:
     from .fastwan_core.errors import FastWanError
+    from .fastwan_core.files import Terminated, sigterm_cleans_up
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.run(args) or 0)
+        with sigterm_cleans_up():
+            return int(args.run(args) or 0)
     except FastWanError as error:
-        print(f"fastwan {args.command}: error: {error}", file=sys.stderr)
+        print(error_line(args.command, error), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fastwan {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated as terminated:
+        print(f"fastwan {args.command}: terminated", file=sys.stderr)
+        return terminated.code
 
 
 if __name__ == "__main__":
