@@ -7,6 +7,7 @@ Every failure a user can fix is one line on stderr, `fastwan COMMAND: error: ...
 from __future__ import annotations
 
 import argparse
+import copy
 import re
 import sys
 
@@ -17,17 +18,27 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
     """Every option's help ends with its default (or says it is required / an off-by-default flag),
     unless the help text already states it."""
 
+    def _format_action(self, action):
+        if action.option_strings and not (action.help or "").strip():  # argparse would print no help
+            action = copy.copy(action)
+            action.help = self._default_note(action)
+        return super()._format_action(action)
+
     def _get_help_string(self, action):
         text = action.help or ""
         if not action.option_strings or action.default is argparse.SUPPRESS or _STATES_DEFAULT.search(text):
             return text
+        return f"{text} {self._default_note(action)}"
+
+    @staticmethod
+    def _default_note(action) -> str:
         if action.required:
-            return f"{text} (required)".strip()
+            return "(required)"
         if action.nargs == 0 and action.default is False:
-            return f"{text} (default: off)".strip()
+            return "(default: off)"
         if action.default is None or action.default == []:
-            return f"{text} (default: not set)".strip()
-        return f"{text} (default: %(default)s)".strip()
+            return "(default: not set)"
+        return "(default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:

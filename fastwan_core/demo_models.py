@@ -106,7 +106,7 @@ def build_demo_model_folder(folder: Union[str, Path], seed: int = 0, dit_config:
     from transformers import UMT5EncoderModel
 
     from .checkpoint import save_dit
-    from .files import new_temporary_folder
+    from .files import apply_umask, new_temporary_folder
     from .model import WanDiT
 
     folder = Path(folder)
@@ -147,6 +147,7 @@ def build_demo_model_folder(folder: Union[str, Path], seed: int = 0, dit_config:
         (build / "README.txt").write_text("Tiny RANDOM-WEIGHT models in the FastWan diffusers layout, built by "
                                           "`fastwan demo` for offline tests. They generate noise, not videos "
                                           "of the prompt.\n")
+        apply_umask(build)  # save_pretrained writes its safetensors 0600
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(build, folder)

@@ -50,6 +50,29 @@ def sigterm_cleans_up():
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def file_mode() -> int:
+    """0o666 minus the process's umask: the mode `open()` gives a new file (0o644 by default)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read the umask is to set it, and set it back
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def apply_umask(folder: Path) -> None:
+    """Give every file under `folder` the umask's mode. Writers that do not honour the umask
+    (safetensors' save_file makes 0600 files, and so every `save_pretrained`) are fixed up this way."""
+    mode = file_mode()
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
+
+
 def new_temporary_file(folder: Path, prefix: str, suffix: str = "") -> Path:
     """Create a new empty file `folder/<prefix><random><suffix>` with the umask's permissions."""
     while True:
@@ -85,6 +108,7 @@ def atomic_write(path: PathLike, write: Callable[[Path], None], suffix: str = ".
         try:
             temporary = new_temporary_file(path.parent, prefix=f".{path.name}.", suffix=suffix)
             write(temporary)
+            os.chmod(temporary, file_mode())  # the writer may have replaced the file (safetensors: 0600)
             os.replace(temporary, path)
         except BaseException:
             if temporary is not None:
