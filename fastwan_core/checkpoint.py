@@ -371,7 +371,13 @@ def load_dit(path: PathLike, dtype: Optional[torch.dtype] = None, device=None) -
                 if key in index.scales:
                     scale_entry = index.scales[key]
                     tensor = tensor * reader(scale_entry.file).get_tensor(scale_entry.stored_key).float()
-            state[key] = tensor.to(device=device, dtype=param_dtype)
+            loaded = tensor.to(device=device, dtype=param_dtype)
+            if loaded.data_ptr() == tensor.data_ptr():
+                # A tensor read from the file sits at the file's offset alignment (e.g. 8 bytes), and
+                # CPU matmuls round differently on differently aligned data: a fresh allocation makes
+                # the model compute the same bits whichever file (layout, header size) it came from.
+                loaded = loaded.clone()
+            state[key] = loaded
     except CheckpointError:
         raise
     except Exception as error:  # safetensors raises its own error types for damaged data

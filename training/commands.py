@@ -8,12 +8,8 @@ def _run_toy(args):
 
 
 def _run_distill(args):
-    from ..fastwan_core.files import check_writable
-    from .config import load_config
     from .trainer import main_distill
 
-    # Before any process group, model or data loads: the run folder must be writable.
-    check_writable(load_config(args.config, args.set).train.output_dir, "[train] output_dir", folder=True)
     return main_distill(args)
 
 
