@@ -366,6 +366,33 @@ def test_sigterm_during_a_video_write_leaves_nothing(tmp_path):
     assert (folder / "clip.mp4").read_bytes() == b"the previous video"
 
 
+SIGTERM_DURING_DEMO = textwrap.dedent("""
+    import os, signal, sys, time
+    from fastwan.cli import main
+    from fastwan.fastwan_core import demo_models
+
+    def half_built(folder, seed=0):
+        folder.mkdir(parents=True)
+        (folder / "transformer").mkdir()  # the tiny models are half written when SIGTERM comes
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+
+    demo_models.build_demo_model_folder = half_built
+    sys.exit(main(["demo", "--out", sys.argv[1], "--frames", "1", "--height", "16", "--width", "16"]))
+""")
+
+
+def test_sigterm_during_the_demo_says_so_and_removes_its_temporary_models(tmp_path):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    result = subprocess.run([sys.executable, "-c", SIGTERM_DURING_DEMO, str(tmp_path / "demo.mp4")],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "TMPDIR": str(scratch)})
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "fastwan demo: terminated"
+    assert [name for name in os.listdir(scratch) if "fastwan" in name] == []  # (torch keeps its own caches)
+    assert sorted(os.listdir(tmp_path)) == ["scratch"]
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. Smaller promises
 
