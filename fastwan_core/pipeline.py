@@ -92,8 +92,9 @@ def resolve_model_folder(spec: str) -> Path:
                                       ["model_index.json", "scheduler/*"]))
     except Exception as error:  # offline, unknown repo, gated repo, ...
         raise InputError(f"--model {spec}: no local folder of that name, and downloading it from the Hugging "
-                         f"Face hub failed ({type(error).__name__}: {str(error)[:300]}). If this machine is "
-                         f"offline, {_download_hint(spec)}.") from error
+                         f"Face hub failed ({type(error).__name__}: {str(error)[:300]}). If you meant a local "
+                         f"folder, {path.resolve()} does not exist. If this machine is offline, "
+                         f"{_download_hint(spec)}.") from error
 
 
 def check_model_folder(folder: Path, parts: Sequence[str] = MODEL_PARTS) -> None:
