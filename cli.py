@@ -41,8 +41,16 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         return "(default: %(default)s)"
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse's own errors (a missing option, `--fps abc`) as the single line every other error
+    is, instead of the usage block followed by the error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="fastwan",
         description="FastWan: 3-step sparse (VSA) Wan2.1 text-to-video, and its distillation trainer.",
     )

@@ -425,6 +425,14 @@ def test_cli_errors_name_the_command_once(tmp_path, capsys):
     assert code == 2 and one_error_line(err, "synth").startswith("fastwan synth: error: prompts file")
 
 
+def test_argument_parsing_errors_are_one_line_too(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--prompt", "a fox", "--model", "m", "--fps", "abc"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == ("fastwan generate: error: argument --fps: invalid float value: 'abc' "
+                                       "(see `fastwan generate --help`)\n")
+
+
 def _help_blocks(help_text: str) -> dict[str, str]:
     """`--option` -> its help text, from an argparse --help page."""
     blocks, current = {}, None
