@@ -9,17 +9,16 @@ import json
 import math
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .config import WAN_HEAD_DIM, WanConfig
 from .errors import CheckpointError
+from .files import atomic_save_safetensors, atomic_write_text
 from .model import FP32_PARAMETER_MARKERS, WanDiT
 from .state_dict_adapter import (
     COMFY_PREFIX,
@@ -37,6 +36,9 @@ DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 CONFIG_METADATA_KEY = "fastwan_config"
 LAYOUT_METADATA_KEY = "fastwan_layout"
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
+PICKLE_REFUSAL = ("Pickled weights can run arbitrary code when loaded, so FastWan never loads them. Download "
+                  "the .safetensors version of the model instead (every FastWan and Wan2.1 repository on the "
+                  "Hugging Face hub has one).")
 # Bytes per element of each safetensors dtype (F4: two per byte).
 _SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
                        "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E8M0": 1, "F4": 0.5}
@@ -83,9 +85,7 @@ def read_safetensors_header(path: Path) -> tuple[dict, dict]:
             if path.suffix.lower() in PICKLE_SUFFIXES or (looks_pickled and not header_fits):
                 raise CheckpointError(
                     f"{path}: this is a PyTorch pickle ({path.suffix or 'zip/pickle data'}), not a "
-                    "safetensors file. Pickles can run arbitrary code and are never loaded. Use the "
-                    ".safetensors version of the model, or convert it on a trusted machine with "
-                    "safetensors.torch.save_file(torch.load(...)).")
+                    f"safetensors file. {PICKLE_REFUSAL}")
             if len(head) < 8:
                 raise CheckpointError(f"{path}: file is {size} bytes, too short to be a safetensors file "
                                       "(truncated download?). Download it again.")
@@ -274,27 +274,15 @@ def _file_dtype(index: CheckpointIndex) -> torch.dtype:
     return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(stored, torch.bfloat16)
 
 
-def load_dit(path: PathLike, dtype: Optional[torch.dtype] = None, device=None) -> WanDiT:
-    """Load a Wan2.1 T2V DiT (FastWan or any Wan2.1 T2V) from safetensors.
-
-    Args:
-        path: a `.safetensors` file, a sharded set's `*.safetensors.index.json`, or a diffusers folder
-            (the model folder with `transformer/`, or `transformer/` itself).
-        dtype: weight dtype (float32/float16/bfloat16); None keeps the file's (fp8 files -> bfloat16).
-            Timestep and modulation weights always stay float32.
-        device: where the weights go (default CPU).
-    Returns:
-        WanDiT in eval mode with every weight loaded; VSA gates absent from the file are zeros.
-    Raises:
-        CheckpointError naming the file, the problem, and the fix.
-    """
+def inspect_dit(path: PathLike) -> tuple[CheckpointIndex, WanConfig]:
+    """Check a DiT checkpoint from its headers alone, reading no tensor data: every file complete
+    (tensor offsets within the file size), the key layout known, the config inferable, every weight
+    present with the shape that config expects. `load_dit` starts with this; run it alone to refuse
+    a bad file before any work. Raises CheckpointError naming the file, the problem and the fix."""
     index = index_checkpoint(path)
     config = infer_config(index)
-    target_dtype = dtype or _file_dtype(index)
-    device = torch.device(device or "cpu")
     with torch.device("meta"):
-        model = WanDiT(config)
-    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+        expected = {name: tuple(p.shape) for name, p in WanDiT(config).state_dict().items()}
     source = index.source
     optional = {k for k in expected if ".to_gate_compress." in k}
     missing = sorted(set(expected) - set(index.entries) - optional)
@@ -310,6 +298,57 @@ def load_dit(path: PathLike, dtype: Optional[torch.dtype] = None, device=None) -
         if entry.shape != expected[key]:
             raise CheckpointError(f"{source}: weight {entry.stored_key!r} has shape {list(entry.shape)} but a "
                                   f"Wan DiT with this config expects {list(expected[key])}.")
+    return index, config
+
+
+def check_safetensors_folder(folder: Path, stem: str, what: str) -> list[Path]:
+    """Check the weights of a transformers/diffusers component folder (a text encoder, a VAE) from
+    their headers: `<stem>.safetensors`, or a sharded set with its `<stem>.safetensors.index.json`,
+    each file complete. Pickled weights (`pytorch_model.bin`, ...) are refused, never loaded.
+    Returns the safetensors files. Raises CheckpointError naming the folder and the fix."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder}: no config.json, so this is not a complete {what} folder. Download the "
+                              "whole model repository again.")
+    index = folder / f"{stem}.safetensors.index.json"
+    single = folder / f"{stem}.safetensors"
+    if index.is_file():
+        files = _files_from_index(index)
+    elif single.is_file():
+        files = [single]
+    else:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise CheckpointError(f"{folder}: the {what} weights here are pickled ({', '.join(pickles[:3])}), "
+                                  f"not safetensors. {PICKLE_REFUSAL}")
+        raise CheckpointError(f"{folder}: no {what} weights ({stem}.safetensors or {stem}.safetensors.index.json). "
+                              "Download the whole model repository again.")
+    for file in files:
+        read_safetensors_header(file)
+    return files
+
+
+def load_dit(path: PathLike, dtype: Optional[torch.dtype] = None, device=None) -> WanDiT:
+    """Load a Wan2.1 T2V DiT (FastWan or any Wan2.1 T2V) from safetensors.
+
+    Args:
+        path: a `.safetensors` file, a sharded set's `*.safetensors.index.json`, or a diffusers folder
+            (the model folder with `transformer/`, or `transformer/` itself).
+        dtype: weight dtype (float32/float16/bfloat16); None keeps the file's (fp8 files -> bfloat16).
+            Timestep and modulation weights always stay float32.
+        device: where the weights go (default CPU).
+    Returns:
+        WanDiT in eval mode with every weight loaded; VSA gates absent from the file are zeros.
+    Raises:
+        CheckpointError naming the file, the problem, and the fix.
+    """
+    index, config = inspect_dit(path)
+    target_dtype = dtype or _file_dtype(index)
+    device = torch.device(device or "cpu")
+    with torch.device("meta"):
+        model = WanDiT(config)
+    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    source = index.source
 
     state = {}
     handles = {}
@@ -332,7 +371,13 @@ def load_dit(path: PathLike, dtype: Optional[torch.dtype] = None, device=None) -
                 if key in index.scales:
                     scale_entry = index.scales[key]
                     tensor = tensor * reader(scale_entry.file).get_tensor(scale_entry.stored_key).float()
-            state[key] = tensor.to(device=device, dtype=param_dtype)
+            loaded = tensor.to(device=device, dtype=param_dtype)
+            if loaded.data_ptr() == tensor.data_ptr():
+                # A tensor read from the file sits at the file's offset alignment (e.g. 8 bytes), and
+                # CPU matmuls round differently on differently aligned data: a fresh allocation makes
+                # the model compute the same bits whichever file (layout, header size) it came from.
+                loaded = loaded.clone()
+            state[key] = loaded
     except CheckpointError:
         raise
     except Exception as error:  # safetensors raises its own error types for damaged data
@@ -362,31 +407,6 @@ def dit_state_dict(model: WanDiT, layout: str = "diffusers") -> dict[str, torch.
             name = key
         out[name] = tensor.detach().contiguous()
     return out
-
-
-def atomic_save_safetensors(tensors: dict, path: Path, metadata: Optional[dict] = None) -> None:
-    """safetensors.save_file to a temp file in the same folder, then rename: never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_dit(model: WanDiT, path: PathLike, layout: str = "diffusers") -> Path:

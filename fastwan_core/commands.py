@@ -42,7 +42,7 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser, frames: int, height
     parser.add_argument("--frames", type=int, default=frames, help=f"frame count, 4k+1 (default {frames})")
     parser.add_argument("--height", type=int, default=height, help=f"multiple of 16 (default {height})")
     parser.add_argument("--width", type=int, default=width, help=f"multiple of 16 (default {width})")
-    parser.add_argument("--fps", type=float, default=16.0, help="frames per second of the file (Wan: 16)")
+    parser.add_argument("--fps", type=float, default=16.0, help="frames per second of the file, > 0 (Wan: 16)")
     parser.add_argument("--quality", type=int, default=None, help="0..100, higher is better (default 80)")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
                         help="weights dtype (default bf16 on CUDA, fp32 on CPU)")
@@ -65,13 +65,13 @@ def _register_generate(subparsers) -> None:
                         help="VSA sparsity in [0, 1): FastWan runs at 0.8; 0 = dense attention")
     parser.add_argument("--timesteps", type=_timesteps, default=FASTWAN_TIMESTEPS_TEXT,
                         help="student timesteps for the DMD sampler, decreasing (default %(default)s)")
-    parser.add_argument("--shift", type=float, default=None, help="flow shift (default 8 student, 5 teacher)")
+    parser.add_argument("--shift", type=float, default=None, help="flow shift, > 0 (default 8 student, 5 teacher)")
     parser.add_argument("--steps", type=int, default=None,
                         help="use a multi-step teacher sampler with CFG for this many steps "
-                             "(dense Wan baselines, e.g. 50)")
+                             "(dense Wan baselines, e.g. 50; default: the 3-step DMD student sampler)")
     parser.add_argument("--sampler", choices=["unipc", "euler"], default="unipc",
                         help="teacher sampler for --steps: unipc (Wan's default) or euler")
-    parser.add_argument("--guidance", type=float, default=5.0, help="CFG scale of the teacher sampler")
+    parser.add_argument("--guidance", type=float, default=5.0, help="CFG scale of the teacher sampler, >= 0")
     parser.add_argument("--negative-prompt", default=None,
                         help="teacher sampler's negative prompt (default: Wan's default negative prompt)")
     parser.add_argument("--vae-tiling", action="store_true", help="decode in spatial tiles (less GPU memory)")
@@ -111,7 +111,8 @@ def _register_demo(subparsers) -> None:
         description="Builds tiny random-weight models in the real FastWan folder layout and runs the full "
                     "generate pipeline on them, offline. The video is noise: the weights are random. It shows "
                     "that the installation works end to end.")
-    parser.add_argument("--prompt", default="A cat walks on the grass in the sun.")
+    parser.add_argument("--prompt", default="A cat walks on the grass in the sun.",
+                        help="the prompt (the random weights ignore it)")
     parser.add_argument("--out", default="fastwan_demo.mp4", help="output video (.mp4, .webm, .webp, .gif)")
     parser.add_argument("--model-dir", default=None,
                         help="keep the tiny model folder here (default: a temporary folder, deleted after)")
@@ -125,9 +126,15 @@ def _run_demo(args) -> int:
     from pathlib import Path
 
     from .demo_models import build_demo_model_folder
-    from .pipeline import generate
+    from .files import check_writable
+    from .pipeline import check_request_arguments, generate
 
     _quiet_library_progress()
+    # Every option is checked before the tiny models are built; generate() then checks the files.
+    check_request_arguments(_request_from_args(args, "demo"))
+    check_writable(args.out, "--out")
+    if args.model_dir and not (Path(args.model_dir) / "transformer").is_dir():
+        check_writable(args.model_dir, "--model-dir", folder=True)
     print("fastwan demo: building tiny models with RANDOM weights; the video will be noise, not the prompt.")
     with tempfile.TemporaryDirectory(prefix="fastwan-demo-") as scratch:
         folder = Path(args.model_dir) if args.model_dir else Path(scratch) / "FastWan-tiny-random"
@@ -148,27 +155,54 @@ def _register_convert(subparsers) -> None:
                     ".safetensors file) and write it as one .safetensors file.")
     parser.add_argument("--model", required=True, help="model folder, transformer/ folder, or .safetensors file")
     parser.add_argument("--out", required=True, help="output .safetensors file")
-    parser.add_argument("--layout", choices=["comfy", "diffusers", "original", "fastwan"], default="comfy",
-                        help="key names: comfy (model.diffusion_model.*, default), diffusers, original Wan, fastwan")
-    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
-                        help="weights dtype (default: keep the file's)")
+    add_weights_file_arguments(parser)
     parser.set_defaults(run=_run_convert)
+
+
+WEIGHTS_FILE_LAYOUTS = ("comfy", "fastwan", "diffusers", "original")
+WEIGHTS_FILE_DTYPES = ("bf16", "fp16", "fp32", "keep")
+
+
+def add_weights_file_arguments(parser: argparse.ArgumentParser) -> None:
+    """--layout and --dtype of a written DiT file; `convert` and `export` share them and their defaults."""
+    parser.add_argument("--layout", choices=WEIGHTS_FILE_LAYOUTS, default="comfy",
+                        help="key names: comfy (model.diffusion_model.*, what ComfyUI's folders hold), fastwan "
+                             "(diffusers names, marked as ours), diffusers, original Wan; VSA gates are always "
+                             "kept")
+    parser.add_argument("--dtype", choices=WEIGHTS_FILE_DTYPES, default="bf16",
+                        help="weight dtype of the file; keep = as stored in the source")
+
+
+def weights_file_dtype(name: str):
+    """--dtype of `add_weights_file_arguments` -> a torch dtype, or None for keep."""
+    from .pipeline import DTYPES
+
+    return None if name == "keep" else DTYPES[name]
+
+
+def check_weights_file_out(out) -> None:
+    """The --out of convert / export: one .safetensors file, in a folder that can be written."""
+    from pathlib import Path
+
+    from .errors import InputError
+    from .files import check_writable
+
+    if Path(out).suffix != ".safetensors":
+        raise InputError(f"--out {out}: must end in .safetensors (one file that Load FastWan / ComfyUI reads)")
+    check_writable(out, "--out")
 
 
 def _run_convert(args) -> int:
     from pathlib import Path
 
     from .checkpoint import load_dit, save_dit
-    from .errors import InputError
-    from .pipeline import DTYPES
 
     out = Path(args.out)
-    if out.suffix != ".safetensors":
-        raise InputError(f"--out {out}: must end in .safetensors (one file that Load FastWan / ComfyUI reads)")
-    model = load_dit(args.model, dtype=DTYPES[args.dtype] if args.dtype else None)
+    check_weights_file_out(out)
+    model = load_dit(args.model, dtype=weights_file_dtype(args.dtype))
     save_dit(model, out, layout=args.layout)
     gates = "with trained VSA gates" if model.has_trained_gates() else "no trained VSA gates (dense model)"
     config = model.config
-    print(f"wrote {out}: {config.num_layers} blocks, width {config.dim}, layout {args.layout}, {gates}",
-          file=sys.stdout)
+    print(f"wrote {out}: {config.num_layers} blocks, width {config.dim}, layout {args.layout}, dtype {args.dtype}, "
+          f"{gates}", file=sys.stdout)
     return 0

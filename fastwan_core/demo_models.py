@@ -19,7 +19,6 @@ import io
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
@@ -107,12 +106,13 @@ def build_demo_model_folder(folder: Union[str, Path], seed: int = 0, dit_config:
     from transformers import UMT5EncoderModel
 
     from .checkpoint import save_dit
+    from .files import apply_umask, new_temporary_folder
     from .model import WanDiT
 
     folder = Path(folder)
     dit_config = dit_config or WanConfig.tiny()
     folder.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    build = new_temporary_folder(folder.parent, prefix=f".{folder.name}.")
     try:
         torch.manual_seed(seed)
         dit = WanDiT(dit_config)
@@ -147,6 +147,7 @@ def build_demo_model_folder(folder: Union[str, Path], seed: int = 0, dit_config:
         (build / "README.txt").write_text("Tiny RANDOM-WEIGHT models in the FastWan diffusers layout, built by "
                                           "`fastwan demo` for offline tests. They generate noise, not videos "
                                           "of the prompt.\n")
+        apply_umask(build)  # save_pretrained writes its safetensors 0600
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(build, folder)

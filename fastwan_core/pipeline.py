@@ -11,6 +11,7 @@ Wan baselines).
 from __future__ import annotations
 
 import gc
+import math
 import re
 import time
 import warnings
@@ -22,10 +23,11 @@ import torch
 
 from .attention import AttentionConfig
 from .errors import CheckpointError, InputError
+from .files import check_writable
 from .latents import denormalize_latents, latent_shape, validate_video_size
 from .sampling import DEFAULT_GUIDANCE, DEFAULT_TEACHER_SHIFT, sample_dmd, sample_euler, sample_unipc
-from .schedule import FASTWAN_SHIFT, FASTWAN_TIMESTEPS
-from .video_io import VIDEO_FORMATS, write_video
+from .schedule import FASTWAN_SHIFT, FASTWAN_TIMESTEPS, check_timesteps
+from .video_io import VIDEO_FORMATS, check_video_settings, write_video
 
 MODEL_PARTS = ("transformer", "text_encoder", "tokenizer", "vae")
 FASTWAN_HUB_ID = "FastVideo/FastWan2.1-T2V-1.3B-Diffusers"
@@ -42,6 +44,27 @@ def _download_hint(repo_id: str) -> str:
             f"(or `hf download {repo_id} --local-dir ...`), then pass that folder as --model")
 
 
+def _looks_like_hub_id(spec: str) -> bool:
+    """"org/name", unless it reads as a local path: ./x, ../x, ~/x, /x, or an "org" that is a local folder
+    (a mistyped "models/FastWan" is a missing folder, not a repository to download)."""
+    if not _HUB_ID.match(spec) or spec.startswith((".", "~")):
+        return False
+    return not Path(spec.split("/")[0]).is_dir()
+
+
+def _similar_folders(path: Path) -> str:
+    """" Did you mean ...?" naming existing folders beside `path` with a similar name, or ""."""
+    import difflib
+
+    parent = path.parent
+    try:
+        names = [p.name for p in parent.iterdir() if p.is_dir()] if parent.is_dir() else []
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(path.name, names, n=3, cutoff=0.6)
+    return f" Did you mean {' or '.join(str(parent / name) for name in close)}?" if close else ""
+
+
 def resolve_model_folder(spec: str) -> Path:
     """A local model folder, or a Hugging Face hub id ("org/name") downloaded with huggingface_hub.
 
@@ -55,9 +78,10 @@ def resolve_model_folder(spec: str) -> Path:
             raise InputError(f"--model {spec}: is a file; pass the model *folder* (the one holding "
                              f"{', '.join(p + '/' for p in MODEL_PARTS)})")
         return path
-    if not _HUB_ID.match(spec):
-        raise InputError(f"--model {spec}: no such folder. Pass a FastWan diffusers folder (holding "
-                         f"{', '.join(p + '/' for p in MODEL_PARTS)}) or a hub id such as {FASTWAN_HUB_ID}.")
+    if not _looks_like_hub_id(spec):
+        raise InputError(f"--model {spec}: no such folder.{_similar_folders(path)} Pass a FastWan diffusers "
+                         f"folder (holding {', '.join(p + '/' for p in MODEL_PARTS)}) or a hub id such as "
+                         f"{FASTWAN_HUB_ID}.")
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
@@ -68,18 +92,31 @@ def resolve_model_folder(spec: str) -> Path:
                                       ["model_index.json", "scheduler/*"]))
     except Exception as error:  # offline, unknown repo, gated repo, ...
         raise InputError(f"--model {spec}: no local folder of that name, and downloading it from the Hugging "
-                         f"Face hub failed ({type(error).__name__}: {str(error)[:300]}). If this machine is "
-                         f"offline, {_download_hint(spec)}.") from error
+                         f"Face hub failed ({type(error).__name__}: {str(error)[:300]}). If you meant a local "
+                         f"folder, {path.resolve()} does not exist. If this machine is offline, "
+                         f"{_download_hint(spec)}.") from error
 
 
-def check_model_folder(folder: Path) -> None:
-    """Raise CheckpointError naming every missing part of a diffusers model folder."""
-    missing = [part for part in MODEL_PARTS if not (folder / part).is_dir()]
+def check_model_folder(folder: Path, parts: Sequence[str] = MODEL_PARTS) -> None:
+    """Check a diffusers model folder from its headers, loading no model: every part present
+    (CheckpointError naming all missing ones), and the files of each: the text encoder's and the VAE's
+    safetensors complete and not pickled, the transformer's keys and shapes a Wan2.1 T2V DiT."""
+    missing = [part for part in parts if not (folder / part).is_dir()]
     if missing:
         raise CheckpointError(f"{folder}: missing {', '.join(p + '/' for p in missing)}. A FastWan diffusers folder "
                               f"holds {', '.join(p + '/' for p in MODEL_PARTS)}; download the whole repository "
                               f"(`huggingface-cli download {FASTWAN_HUB_ID} --local-dir DIR`), or use "
                               "`fastwan convert` / Load FastWan for a single transformer file.")
+    from .checkpoint import inspect_dit
+    from .text_encoder import check_text_encoder_folder
+    from .vae import check_vae_folder
+
+    if "text_encoder" in parts or "tokenizer" in parts:
+        check_text_encoder_folder(folder)
+    if "transformer" in parts:
+        inspect_dit(folder / "transformer")
+    if "vae" in parts:
+        check_vae_folder(folder)
 
 
 def default_device() -> torch.device:
@@ -167,32 +204,90 @@ class _Stage:
         return False
 
 
+@dataclass
+class GeneratePlan:
+    """What `validate_request` resolved: where the model is, where and in what dtype it runs."""
+
+    folder: Path
+    out: Path
+    device: torch.device
+    dtype: torch.dtype
+    attention: AttentionConfig
+    shape: tuple  # latent shape [1, 16, T, H/8, W/8]
+
+
+def check_teacher_settings(steps: Optional[int], guidance: float, shift: Optional[float], sampler: str) -> None:
+    """The multi-step teacher sampler's options (also used by `fastwan synth`). Raises InputError."""
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise InputError(f"--steps {steps}: the teacher sampler needs at least 1 step (a whole number)")
+    if sampler not in TEACHER_SAMPLERS:
+        raise InputError(f"--sampler {sampler}: unknown; use one of {', '.join(TEACHER_SAMPLERS)}")
+    if not _finite(guidance) or guidance < 0:
+        raise InputError(f"--guidance {guidance}: the CFG scale must be a number >= 0 (1 = no guidance; "
+                         f"Wan: {DEFAULT_GUIDANCE})")
+    check_shift(shift)
+
+
+def check_shift(shift: Optional[float]) -> None:
+    if shift is not None and (not _finite(shift) or shift <= 0):
+        raise InputError(f"--shift {shift}: the flow shift must be a number > 0 (student {FASTWAN_SHIFT}, "
+                         f"teacher {DEFAULT_TEACHER_SHIFT})")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_request_arguments(request: GenerateRequest) -> tuple[AttentionConfig, torch.device, torch.dtype]:
+    """Every option of a request that can be checked without touching a file: prompt, sizes, sampler
+    settings, seed, device, dtype, output type and encoder settings (fps, quality, ffmpeg).
+    Returns (attention, device, dtype). Raises InputError."""
+    if not isinstance(request.prompt, str) or not request.prompt.strip():
+        raise InputError("--prompt is empty; describe the video to generate")
+    validate_video_size(request.width, request.height, request.frames)
+    out = Path(request.out)
+    if out.suffix.lower().lstrip(".") not in VIDEO_FORMATS:
+        raise InputError(f"--out {out}: unknown video type; end the name in "
+                         f"{', '.join('.' + f for f in VIDEO_FORMATS)}")
+    check_video_settings(out, request.fps, request.quality)
+    if isinstance(request.seed, bool) or not isinstance(request.seed, int) or not 0 <= request.seed < 2 ** 64:
+        raise InputError(f"--seed {request.seed}: must be a whole number in 0 .. 2^64-1")
+    check_teacher_settings(request.steps, request.guidance, request.shift, request.sampler)
+    if request.steps is None:
+        check_timesteps(tuple(request.timesteps), "--timesteps")
+    if request.negative_prompt is not None and not isinstance(request.negative_prompt, str):
+        raise InputError(f"--negative-prompt must be text; got {type(request.negative_prompt).__name__}")
+    attention = AttentionConfig(backend="vsa" if request.sparsity > 0 else "dense", sparsity=request.sparsity)
+    device = parse_device(request.device)
+    return attention, device, parse_dtype(request.dtype, device)
+
+
+def validate_request(request: GenerateRequest) -> GeneratePlan:
+    """The one validation pass of `generate`, before any model loads or any compute: every option
+    (`check_request_arguments`), the output location (writable), and every model file the run reads
+    (headers of the transformer, text encoder and VAE: present, complete, safetensors).
+    Raises InputError or CheckpointError, each naming what is wrong, where, and the fix."""
+    attention, device, dtype = check_request_arguments(request)
+    out = Path(request.out)
+    check_writable(out, "--out")
+    folder = resolve_model_folder(request.model)
+    check_model_folder(folder)
+    shape = latent_shape(1, request.width, request.height, request.frames)
+    return GeneratePlan(folder=folder, out=out, device=device, dtype=dtype, attention=attention, shape=shape)
+
+
 def generate(request: GenerateRequest, log: Callable[[str], None] = print) -> GenerateResult:
     """Run the whole pipeline for one prompt and write the video atomically to `request.out`.
 
     Stages (each timed and logged): load+encode text, load DiT, denoise, load+decode VAE, write.
     Raises:
-        InputError for bad sizes/options (before any model is loaded), CheckpointError for missing or
-        damaged model files. No output file is left behind on any failure.
+        InputError for bad options, CheckpointError for missing, damaged or pickled model files: all
+        found by `validate_request` before any model loads. No output file is left behind on any
+        failure, Ctrl-C or SIGTERM.
     """
-    # --- validate everything that can be checked without loading a model ---
-    validate_video_size(request.width, request.height, request.frames, where="generate")
-    out = Path(request.out)
-    if out.suffix.lower().lstrip(".") not in VIDEO_FORMATS:
-        raise InputError(f"--out {out}: unknown video type; end the name in "
-                         f"{', '.join('.' + f for f in VIDEO_FORMATS)}")
-    if not request.prompt or not request.prompt.strip():
-        raise InputError("--prompt is empty; describe the video to generate")
-    if request.steps is not None and request.steps < 1:
-        raise InputError(f"--steps {request.steps}: the teacher sampler needs at least 1 step")
-    if request.sampler not in TEACHER_SAMPLERS:
-        raise InputError(f"--sampler {request.sampler}: unknown; use one of {', '.join(TEACHER_SAMPLERS)}")
-    attention = AttentionConfig(backend="vsa" if request.sparsity > 0 else "dense", sparsity=request.sparsity)
-    device = parse_device(request.device)
-    dtype = parse_dtype(request.dtype, device)
-    folder = resolve_model_folder(request.model)
-    check_model_folder(folder)
-    shape = latent_shape(1, request.width, request.height, request.frames)
+    plan = validate_request(request)
+    folder, out, device, dtype, attention, shape = (plan.folder, plan.out, plan.device, plan.dtype, plan.attention,
+                                                    plan.shape)
     timings: dict = {}
     teacher = request.steps is not None
 

@@ -15,7 +15,7 @@ all read the same values.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -72,13 +72,23 @@ def parse_timesteps(text: str, where: str = "timesteps") -> tuple[float, ...]:
         values = ()
     if not values:
         raise InputError(f"{where} {text!r} is not a comma-separated list of numbers; FastWan uses {FASTWAN_TIMESTEPS_TEXT}")
-    bad = [v for v in values if not (0.0 < v <= NUM_TRAIN_TIMESTEPS and math.isfinite(v))]
+    check_timesteps(values, where, shown=repr(text))
+    return values
+
+
+def check_timesteps(values: Sequence[float], where: str = "timesteps", shown: Optional[str] = None) -> None:
+    """The rule for student timesteps, however they arrive (text, config list, API tuple): one or
+    more numbers in (0, 1000], decreasing from noise to clean. Raises InputError naming `where`."""
+    shown = shown or ",".join(map(str, values))
+    if not values:
+        raise InputError(f"{where} is empty; FastWan uses {FASTWAN_TIMESTEPS_TEXT}")
+    bad = [v for v in values
+           if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0.0 < v <= NUM_TRAIN_TIMESTEPS and math.isfinite(v))]
     if bad:
-        raise InputError(f"{where} {text!r} has values outside (0, {NUM_TRAIN_TIMESTEPS}]: {bad}; "
+        raise InputError(f"{where} {shown} has values outside (0, {NUM_TRAIN_TIMESTEPS}]: {bad}; "
                          f"FastWan uses {FASTWAN_TIMESTEPS_TEXT}")
     if any(a <= b for a, b in zip(values, values[1:])):
-        raise InputError(f"{where} {text!r} must decrease from noise to clean (e.g. {FASTWAN_TIMESTEPS_TEXT})")
-    return values
+        raise InputError(f"{where} {shown} must decrease from noise to clean (e.g. {FASTWAN_TIMESTEPS_TEXT})")
 
 
 def teacher_sigmas(num_steps: int, shift: float, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[float]:

@@ -18,6 +18,7 @@ import torch
 from .errors import CheckpointError
 
 TEXT_LEN = 512
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
 
 # Wan2.1's default negative prompt (from the Wan release), used for classifier-free guidance by the
 # teacher sampler and the DMD real score.
@@ -43,6 +44,25 @@ def clean_prompt(text: str) -> str:
         pass
     text = html.unescape(html.unescape(text)).strip()
     return re.sub(r"\s+", " ", text).strip()
+
+
+def check_text_encoder_folder(folder: Union[str, Path]) -> None:
+    """Check `tokenizer/` and `text_encoder/` of a model folder without loading them: a tokenizer
+    file present, the encoder's config.json and safetensors weights complete (headers checked
+    against the file sizes), pickled weights refused. Raises CheckpointError."""
+    from .checkpoint import check_safetensors_folder
+
+    folder = Path(folder)
+    for part in ("tokenizer", "text_encoder"):
+        if not (folder / part).is_dir():
+            raise CheckpointError(f"{folder}: no {part}/ folder. A FastWan diffusers model folder holds "
+                                  "transformer/, text_encoder/, tokenizer/ and vae/; download the whole "
+                                  "repository (e.g. `huggingface-cli download "
+                                  "FastVideo/FastWan2.1-T2V-1.3B-Diffusers --local-dir DIR`).")
+    if not any((folder / "tokenizer" / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(f"{folder / 'tokenizer'}: no {' or '.join(TOKENIZER_FILES)}, so the umT5 tokenizer "
+                              "cannot be read. Download the model's tokenizer/ folder again.")
+    check_safetensors_folder(folder / "text_encoder", "model", "umT5 text encoder")
 
 
 def _dtype_argument(dtype: torch.dtype) -> dict:
@@ -71,7 +91,7 @@ class UMT5TextEncoder:
             dtype: encoder weight dtype (default: bfloat16 on CUDA, float32 otherwise).
             device: where to run the encoder (default CPU).
         Raises:
-            CheckpointError when a folder is missing or cannot be read.
+            CheckpointError when a folder is missing or cannot be read, or the weights are pickled.
         """
         from transformers import AutoTokenizer, UMT5EncoderModel
 
@@ -79,12 +99,7 @@ class UMT5TextEncoder:
         device = torch.device(device or "cpu")
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        for part in ("tokenizer", "text_encoder"):
-            if not (folder / part).is_dir():
-                raise CheckpointError(f"{folder}: no {part}/ folder. A FastWan diffusers model folder holds "
-                                      "transformer/, text_encoder/, tokenizer/ and vae/; download the whole "
-                                      "repository (e.g. `huggingface-cli download "
-                                      "FastVideo/FastWan2.1-T2V-1.3B-Diffusers --local-dir DIR`).")
+        check_text_encoder_folder(folder)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
         except Exception as error:
@@ -92,7 +107,8 @@ class UMT5TextEncoder:
                                   "tokenizer.json (or spiece.model with the `sentencepiece` and `protobuf` "
                                   "packages installed).") from error
         try:
-            encoder = UMT5EncoderModel.from_pretrained(str(folder / "text_encoder"), **_dtype_argument(dtype))
+            encoder = UMT5EncoderModel.from_pretrained(str(folder / "text_encoder"), use_safetensors=True,
+                                                       **_dtype_argument(dtype))
         except Exception as error:
             raise CheckpointError(f"{folder / 'text_encoder'}: cannot load the umT5 encoder ({error}). The "
                                   "folder should hold config.json and model*.safetensors of a "

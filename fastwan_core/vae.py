@@ -20,6 +20,30 @@ from .errors import CheckpointError, InputError
 from .latents import LATENT_CHANNELS, VAE_SPATIAL_STRIDE, VAE_TEMPORAL_STRIDE
 
 
+VAE_WEIGHTS_STEM = "diffusion_pytorch_model"
+
+
+def vae_folder(folder: Union[str, Path]) -> Path:
+    """`folder/vae` of a model folder, or `folder` itself when it is the vae/ folder."""
+    folder = Path(folder)
+    return folder / "vae" if (folder / "vae").is_dir() else folder
+
+
+def check_vae_folder(folder: Union[str, Path]) -> None:
+    """Check a model folder's `vae/` (or a vae folder) without loading it: config.json and
+    safetensors weights complete (headers checked against the file sizes), pickles refused.
+    Raises CheckpointError."""
+    from .checkpoint import check_safetensors_folder
+
+    folder = vae_folder(folder)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder}: no Wan VAE here (expected vae/config.json and "
+                              f"vae/{VAE_WEIGHTS_STEM}.safetensors). Download the whole FastWan "
+                              "diffusers repository, e.g. `huggingface-cli download "
+                              "FastVideo/FastWan2.1-T2V-1.3B-Diffusers --local-dir DIR`.")
+    check_safetensors_folder(folder, VAE_WEIGHTS_STEM, "Wan VAE")
+
+
 class WanVAE:
     """Wraps a diffusers `AutoencoderKLWan` with Wan's pixel and latent conventions."""
 
@@ -37,18 +61,12 @@ class WanVAE:
             device: where to run (default CPU).
             tiling: decode in spatial tiles to bound memory (see the module docstring).
         Raises:
-            CheckpointError when the folder is missing or unreadable.
+            CheckpointError when the folder is missing or unreadable, or the weights are pickled.
         """
         from diffusers import AutoencoderKLWan
 
-        folder = Path(folder)
-        if (folder / "vae").is_dir():
-            folder = folder / "vae"
-        if not (folder / "config.json").is_file():
-            raise CheckpointError(f"{folder}: no Wan VAE here (expected vae/config.json and "
-                                  "vae/diffusion_pytorch_model.safetensors). Download the whole FastWan "
-                                  "diffusers repository, e.g. `huggingface-cli download "
-                                  "FastVideo/FastWan2.1-T2V-1.3B-Diffusers --local-dir DIR`.")
+        folder = vae_folder(folder)
+        check_vae_folder(folder)
         device = torch.device(device or "cpu")
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -1,8 +1,9 @@
 """Video files: write decoded frames as mp4 / webm / animated webp / gif, and read them back.
 
-Used by `fastwan generate` and by the ComfyUI "FastWan Video Save" node. Every write is atomic:
-the file is encoded into a temporary file beside the target and renamed over it only when the
-encoder succeeded, so a failed or interrupted write never leaves a partial video behind.
+Used by `fastwan generate` and by the ComfyUI "FastWan Video Save" node. Every write is atomic
+(`files.atomic_write`): the file is encoded into a temporary file beside the target and renamed over
+it only when the encoder succeeded, so a failed or interrupted (Ctrl-C, SIGTERM) write never leaves a
+partial video or a temporary file behind. `check_video_settings` checks every option up front.
 
 Formats:
 - mp4: H.264 (libx264), yuv420p, BT.709, `+faststart`; quality -> CRF. Needs even width and height:
@@ -24,7 +25,6 @@ ffmpeg comes from the `imageio-ffmpeg` package (it ships a static binary).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import tempfile
 import warnings
@@ -35,6 +35,7 @@ from typing import Mapping, Optional
 import numpy as np
 
 from .errors import InputError
+from .files import atomic_write, new_temporary_file
 
 VIDEO_FORMATS = ("mp4", "webm", "webp", "gif")
 DEFAULT_QUALITY = 80
@@ -109,8 +110,9 @@ def _frame_durations(num_frames: int, fps: float, unit_ms: int) -> list[int]:
 def _check_quality(quality: Optional[int]) -> int:
     if quality is None:
         return DEFAULT_QUALITY
-    if not 0 <= int(quality) <= 100:
-        raise InputError(f"video quality {quality} is outside 0..100 (100 = best; default {DEFAULT_QUALITY})")
+    if isinstance(quality, bool) or not isinstance(quality, (int, np.integer)) or not 0 <= int(quality) <= 100:
+        raise InputError(f"video quality {quality!r}: must be a whole number in 0..100 (100 = best; "
+                         f"default {DEFAULT_QUALITY})")
     return int(quality)
 
 
@@ -159,53 +161,57 @@ def _write_with_ffmpeg(frames: np.ndarray, tmp_path: Path, fps: float, format: s
                        metadata: dict[str, str]) -> None:
     num_frames, height, width, _ = frames.shape
     rate = Fraction(fps).limit_denominator(1001)
-    cmd = [ffmpeg_executable(), "-hide_banner", "-loglevel", "error", "-nostdin", "-y",
-           "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-framerate", str(rate), "-i", "-"]
-    metadata_file = None
-    if metadata:
-        # Through a metadata file, not -metadata arguments: a ComfyUI workflow JSON can exceed the
-        # kernel's limit on one command-line argument (128 KiB).
-        fd, metadata_file = tempfile.mkstemp(prefix=".fastwan-meta-", suffix=".txt", dir=tmp_path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(";FFMETADATA1\n")
-            for key, value in metadata.items():
-                handle.write(f"{_escape_ffmetadata(key)}={_escape_ffmetadata(value)}\n")
-        cmd += ["-f", "ffmetadata", "-i", metadata_file, "-map_metadata", "1"]
-    cmd += ["-map", "0:v"]
+    inputs = [ffmpeg_executable(), "-hide_banner", "-loglevel", "error", "-nostdin", "-y",
+              "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-framerate", str(rate), "-i", "-"]
     # RGB -> BT.709 limited-range YUV, tagged as such, so players show the colours as decoded.
-    cmd += ["-vf", "scale=out_color_matrix=bt709:out_range=tv", "-pix_fmt", "yuv420p",
-            "-colorspace", "bt709", "-color_primaries", "bt709", "-color_trc", "bt709"]
+    encoding = ["-map", "0:v", "-vf", "scale=out_color_matrix=bt709:out_range=tv", "-pix_fmt", "yuv420p",
+                "-colorspace", "bt709", "-color_primaries", "bt709", "-color_trc", "bt709"]
     if format == "mp4":
         crf = round(51 - 0.41 * quality)  # 100 -> 10 (visually lossless), 80 -> 18, 0 -> 51
-        cmd += ["-c:v", "libx264", "-crf", str(crf), "-preset", "medium",
-                "-movflags", "+faststart+use_metadata_tags", "-f", "mp4"]
+        encoding += ["-c:v", "libx264", "-crf", str(crf), "-preset", "medium",
+                     "-movflags", "+faststart+use_metadata_tags", "-f", "mp4"]
     else:
         crf = round(63 - 0.48 * quality)  # 100 -> 15, 80 -> 25, 0 -> 63
-        cmd += ["-c:v", "libvpx-vp9", "-crf", str(crf), "-b:v", "0", "-row-mt", "1",
-                "-deadline", "good", "-cpu-used", "4", "-f", "webm"]
-    cmd.append(str(tmp_path))
+        encoding += ["-c:v", "libvpx-vp9", "-crf", str(crf), "-b:v", "0", "-row-mt", "1",
+                     "-deadline", "good", "-cpu-used", "4", "-f", "webm"]
+    description = f"{format} ({width}x{height}, {num_frames} frames, {float(rate):g} fps)"
+    metadata_file = None
     try:
-        with tempfile.TemporaryFile() as stderr:
-            process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr)
+        if metadata:
+            # Through a metadata file, not -metadata arguments: a ComfyUI workflow JSON can exceed the
+            # kernel's limit on one command-line argument (128 KiB).
+            metadata_file = new_temporary_file(tmp_path.parent, prefix=".fastwan-meta-", suffix=".txt")
+            with open(metadata_file, "w", encoding="utf-8") as handle:
+                handle.write(";FFMETADATA1\n")
+                for key, value in metadata.items():
+                    handle.write(f"{_escape_ffmetadata(key)}={_escape_ffmetadata(value)}\n")
+            inputs += ["-f", "ffmetadata", "-i", str(metadata_file), "-map_metadata", "1"]
+        _run_ffmpeg(inputs + encoding + [str(tmp_path)], frames, description)
+    finally:
+        if metadata_file is not None:
+            metadata_file.unlink(missing_ok=True)
+
+
+def _run_ffmpeg(cmd: list, frames: np.ndarray, description: str) -> None:
+    """Pipe raw RGB frames into ffmpeg; a failure raises VideoWriteError with ffmpeg's own message."""
+    with tempfile.TemporaryFile() as stderr:
+        process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
             try:
                 for frame in frames:
                     process.stdin.write(frame.tobytes())
                 process.stdin.close()
             except BrokenPipeError:
                 pass  # ffmpeg died; its exit code and stderr say why
-            except BaseException:
-                process.kill()
-                process.wait()
-                raise
             code = process.wait()
-            if code != 0:
-                stderr.seek(0)
-                message = stderr.read().decode("utf-8", "replace").strip()[-2000:]
-                raise VideoWriteError(f"ffmpeg could not write {format} ({width}x{height}, {num_frames} frames, "
-                                      f"{float(rate):g} fps): exit code {code}: {message}")
-    finally:
-        if metadata_file is not None:
-            os.unlink(metadata_file)
+        except BaseException:  # Ctrl-C, SIGTERM: stop the encoder before the caller removes its file
+            process.kill()
+            process.wait()
+            raise
+        if code != 0:
+            stderr.seek(0)
+            message = stderr.read().decode("utf-8", "replace").strip()[-2000:]
+            raise VideoWriteError(f"ffmpeg could not write {description}: exit code {code}: {message}")
 
 
 def _write_with_pillow(frames: np.ndarray, tmp_path: Path, fps: float, format: str, quality: int,
@@ -235,9 +241,24 @@ def _write_with_pillow(frames: np.ndarray, tmp_path: Path, fps: float, format: s
         images[0].save(tmp_path, format="GIF", save_all=True, append_images=images[1:], **options)
 
 
+def check_video_settings(path, fps: float, quality: Optional[int] = None, format: Optional[str] = None,
+                         metadata: Optional[Mapping[str, str]] = None) -> tuple[str, int, dict[str, str]]:
+    """Check every encoder setting before any work: the format (from `format` or the path's suffix),
+    fps > 0, quality in 0..100, metadata keys, and for mp4/webm that ffmpeg is installed.
+    Returns (format, quality, metadata) as `write_video` uses them. Raises InputError."""
+    format = _format_from_path(Path(path), format)
+    if isinstance(fps, bool) or not (isinstance(fps, (int, float)) and np.isfinite(fps) and fps > 0):
+        raise InputError(f"fps {fps!r}: the frame rate must be a positive number (Wan: 16)")
+    quality = _check_quality(quality)
+    metadata = _check_metadata(metadata)
+    if format in ("mp4", "webm"):
+        ffmpeg_executable()
+    return format, quality, metadata
+
+
 def write_video(frames, path, fps: float, format: Optional[str] = None, quality: Optional[int] = None,
                 metadata: Optional[Mapping[str, str]] = None) -> Path:
-    """Write frames as a video file, atomically.
+    """Write frames as a video file, atomically, with the user's umask (0644 by default).
 
     Args:
         frames: uint8 numpy [F,H,W,3], or float numpy / torch tensor [F,H,W,3] with values in 0..1.
@@ -251,31 +272,17 @@ def write_video(frames, path, fps: float, format: Optional[str] = None, quality:
         The written path.
     Raises:
         InputError for bad arguments; VideoWriteError (an InputError) when encoding fails. In both
-        cases nothing is left at `path` (an existing file there is untouched).
+        cases, and on Ctrl-C or SIGTERM, nothing is left at `path` (an existing file there is
+        untouched) and no temporary file remains.
     """
     path = Path(path)
-    format = _format_from_path(path, format)
-    if not (isinstance(fps, (int, float)) and fps > 0 and np.isfinite(fps)):
-        raise InputError(f"fps must be a positive number; got {fps!r}")
-    quality = _check_quality(quality)
-    metadata = _check_metadata(metadata)
+    format, quality, metadata = check_video_settings(path, fps, quality, format, metadata)
     frames = frames_to_uint8(frames)
     if format == "mp4":
         frames = _pad_to_even(frames)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp_name)
-    try:
-        if format in ("mp4", "webm"):
-            _write_with_ffmpeg(frames, tmp_path, float(fps), format, quality, metadata)
-        else:
-            _write_with_pillow(frames, tmp_path, float(fps), format, quality, metadata)
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
-    return path
+    writer = _write_with_ffmpeg if format in ("mp4", "webm") else _write_with_pillow
+    return atomic_write(path, lambda temporary: writer(frames, temporary, float(fps), format, quality, metadata),
+                        suffix=".part")
 
 
 # --------------------------------------------------------------------------------------------

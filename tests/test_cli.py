@@ -76,10 +76,15 @@ def test_convert_writes_one_comfy_file_with_gates(demo_folder, tmp_path, capsys)
         keys = list(handle.keys())
     assert all(key.startswith("model.diffusion_model.") for key in keys)
     assert any(".to_gate_compress." in key for key in keys)
-    original = load_dit(demo_folder)
+    # The default dtype is bf16 (as `fastwan export`'s); `--dtype keep` keeps the source's fp32.
+    original = load_dit(demo_folder, dtype=torch.bfloat16)
     converted = load_dit(out)
     for (name, a), (_, b) in zip(original.state_dict().items(), converted.state_dict().items()):
         assert torch.equal(a, b), name
+    kept = tmp_path / "kept.safetensors"
+    assert main(["convert", "--model", str(demo_folder), "--out", str(kept), "--dtype", "keep"]) == 0
+    for (name, a), (_, b) in zip(load_dit(demo_folder).state_dict().items(), load_dit(kept).state_dict().items()):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
 
     assert main(["convert", "--model", str(demo_folder), "--out", str(tmp_path / "x.pt")]) == 2
     assert "must end in .safetensors" in capsys.readouterr().err

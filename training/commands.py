@@ -14,12 +14,18 @@ def _run_distill(args):
 
 
 def _run_export(args):
+    from ..fastwan_core.commands import check_weights_file_out
     from .trainer import main_export
 
+    check_weights_file_out(args.out)
+    if args.dtype == "keep":
+        args.dtype = "fp32"  # a checkpoint's student holds the fp32 master weights
     return main_export(args)
 
 
 def register(subparsers) -> None:
+    from ..fastwan_core.commands import add_weights_file_arguments
+
     # toy-dmd's options live with the toy (its defaults are the toy's dataclass defaults); the
     # module only needs torch, which `fastwan` needs anyway.
     from .toy import add_toy_parser
@@ -42,9 +48,7 @@ def register(subparsers) -> None:
     export.add_argument("--run", dest="run_dir", required=True, metavar="DIR", help="the run's output_dir")
     export.add_argument("--out", required=True, help="output .safetensors file")
     export.add_argument("--checkpoint", default=None, help="a step-NNNNNN folder name (default: latest)")
-    export.add_argument("--layout", default="fastwan", choices=["fastwan", "diffusers", "comfy", "original"],
-                        help="key layout of the file (default fastwan = diffusers names incl. VSA gates)")
-    export.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="weight dtype of the file")
+    add_weights_file_arguments(export)
     export.set_defaults(run=_run_export)
 
     from .preprocess import add_parsers as add_data_parsers

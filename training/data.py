@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 import torch
 from safetensors import safe_open
 
-from ..fastwan_core.checkpoint import atomic_save_safetensors
+from ..fastwan_core.files import atomic_save_safetensors
 from ..fastwan_core.errors import InputError
 from ..fastwan_core.latents import LATENT_CHANNELS, normalize_latents
 

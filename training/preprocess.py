@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..fastwan_core.errors import InputError
 from ..fastwan_core.latents import denormalize_latents, latent_shape, validate_video_size
+from ..fastwan_core.pipeline import check_teacher_settings
 from .data import shard_path, write_negative_prompt, write_shard
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".gif", ".webp")
@@ -27,6 +28,24 @@ CAPTIONS_FILE = "captions.jsonl"
 class Clip:
     video: Path
     caption: str
+
+
+def check_data_run(model_folder, out, samples_per_shard: int, device, parts: Sequence[str]) -> torch.device:
+    """What `preprocess` and `synth` check before any model loads: the model folder's parts (headers
+    of every file: complete, safetensors), the output folder writable, the shard size and the device.
+    Returns the device. Raises InputError / CheckpointError."""
+    from ..fastwan_core.files import check_writable
+    from ..fastwan_core.pipeline import check_model_folder, parse_device
+
+    if isinstance(samples_per_shard, bool) or not isinstance(samples_per_shard, int) or samples_per_shard < 1:
+        raise InputError(f"--samples-per-shard {samples_per_shard}: must be a whole number >= 1")
+    device = parse_device(None if device is None else str(device))
+    check_writable(out, "--out", folder=True)
+    if not Path(model_folder).is_dir():
+        raise InputError(f"--model {model_folder}: no such folder; give a Wan/FastWan diffusers folder (holding "
+                         f"{', '.join(p + '/' for p in parts)})")
+    check_model_folder(Path(model_folder), parts=parts)
+    return device
 
 
 def find_clips(source: Path) -> list[Clip]:
@@ -104,8 +123,9 @@ def preprocess(source, model_folder, out, width: int = 832, height: int = 448, f
     from ..fastwan_core.vae import WanVAE
     from ..fastwan_core.video_io import read_video_frames
 
-    validate_video_size(width, height, frames, where="preprocess")
+    validate_video_size(width, height, frames)
     clips = find_clips(Path(source))
+    device = check_data_run(model_folder, out, samples_per_shard, device, parts=("text_encoder", "vae"))
     text_encoder = UMT5TextEncoder.from_folder(model_folder, dtype=dtype, device=device)
     vae = WanVAE.from_folder(model_folder, dtype=dtype, device=device)
     out = Path(out)
@@ -160,10 +180,13 @@ def synth(prompts: Sequence[str], model_folder, out, width: int = 832, height: i
     from ..fastwan_core.sampling import sample_euler, sample_unipc
     from ..fastwan_core.text_encoder import WAN_NEGATIVE_PROMPT, UMT5TextEncoder
 
-    if sampler not in ("unipc", "euler"):
-        raise InputError(f"synth: sampler {sampler!r} is unknown; use unipc or euler")
     shape = latent_shape(1, width, height, frames)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_teacher_settings(num_steps, guidance, shift, sampler)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InputError(f"--seed {seed}: must be a whole number >= 0")
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise InputError("synth: every prompt must be non-empty text (one prompt per line)")
+    device = check_data_run(model_folder, out, samples_per_shard, device, parts=("text_encoder", "transformer"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     text_encoder = UMT5TextEncoder.from_folder(model_folder, dtype=dtype, device=device)
     teacher = load_dit(Path(model_folder), dtype=dtype, device=device)
@@ -202,13 +225,14 @@ def add_parsers(subparsers) -> None:
         parser.add_argument("--model", required=True, help="Wan/FastWan diffusers folder (text_encoder/, tokenizer/, "
                                                           "vae/; synth also transformer/ = the teacher)")
         parser.add_argument("--out", required=True, help="data folder to write shards into (resumes if present)")
-        parser.add_argument("--width", type=int, default=832)
-        parser.add_argument("--height", type=int, default=448)
+        parser.add_argument("--width", type=int, default=832, help="multiple of 16")
+        parser.add_argument("--height", type=int, default=448, help="multiple of 16")
         parser.add_argument("--frames", type=int, default=77, help="4k+1 frames per clip (recipe: 77)")
-        parser.add_argument("--samples-per-shard", type=int, default=8)
+        parser.add_argument("--samples-per-shard", type=int, default=8, help="samples in each shard file")
         parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-        parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
-        parser.add_argument("--negative-prompt", default=None, help="default: Wan's negative prompt")
+        parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                            help="weights dtype (default bf16 on CUDA, fp32 on CPU)")
+        parser.add_argument("--negative-prompt", default=None, help="the negative prompt (default: Wan's)")
 
     pre = subparsers.add_parser("preprocess", help="videos + captions -> training shards (VAE latents, umT5 states)",
                                 description="Encode a folder of videos (NAME.mp4 + NAME.txt, or captions.jsonl) "
@@ -220,11 +244,11 @@ def add_parsers(subparsers) -> None:
     syn = subparsers.add_parser("synth", help="prompts -> training shards sampled by the dense teacher (no videos)",
                                 description="The teacher (multi-step, CFG) generates latents for each prompt.")
     syn.add_argument("--prompts", required=True, help="text file, one prompt per line")
-    syn.add_argument("--steps", type=int, default=50)
+    syn.add_argument("--steps", type=int, default=50, help="teacher sampler steps")
     syn.add_argument("--guidance", type=float, default=5.0, help="standard CFG scale")
-    syn.add_argument("--shift", type=float, default=8.0)
+    syn.add_argument("--shift", type=float, default=8.0, help="flow shift, > 0")
     syn.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
-    syn.add_argument("--sampler", default="unipc", choices=["unipc", "euler"])
+    syn.add_argument("--sampler", default="unipc", choices=["unipc", "euler"], help="teacher sampler")
     common(syn)
     syn.set_defaults(run=_run_synth)
 
