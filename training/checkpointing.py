@@ -125,7 +125,10 @@ def save_checkpoint(run_dir, step: int, models: dict, optimizers: dict, generato
     _save_safetensors(rng_state(generator), temporary / f"rng-rank{context.rank:05d}.safetensors")
     for key, model in models.items():
         weights = get_model_state_dict(model, options=options)
-        optimizer_state = get_optimizer_state_dict(model, optimizers[key], options=options)
+        # An optimizer that has not stepped yet has no state to save, and asking torch for it would
+        # create it by taking a zero-gradient step (which advances AdamW's step counter).
+        optimizer_state = get_optimizer_state_dict(model, optimizers[key], options=options) \
+            if optimizers[key].state else {"state": {}, "param_groups": optimizers[key].state_dict()["param_groups"]}
         if context.is_main:
             _save_safetensors(weights, temporary / MODEL_FILES[key],
                               {"format": "pt", CONFIG_METADATA_KEY: model_config_json})
@@ -134,7 +137,8 @@ def save_checkpoint(run_dir, step: int, models: dict, optimizers: dict, generato
         del weights, optimizer_state
     context.barrier()
     if context.is_main:
-        state = dict(trainer_state, step=step, world_size=context.world_size)
+        state = dict(trainer_state, step=step, world_size=context.world_size,
+                     optimizers_not_started=[key for key, optimizer in optimizers.items() if not optimizer.state])
         (temporary / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2))
         if final.exists():
             shutil.rmtree(final)
@@ -158,6 +162,22 @@ def _prune(checkpoints: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def check_writable(run_dir, where: str) -> None:
+    """Fail now, with one line, if the run folder cannot be created or written (not after the models load)."""
+    import tempfile
+
+    run_dir = Path(run_dir)
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        for folder in (run_dir, run_dir / "checkpoints"):
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+                pass
+    except OSError as error:
+        raise CheckpointError(f"{where}: [train] output_dir = {str(run_dir)!r} is not writable "
+                              f"({error.strerror or error}); choose a folder you can write to, e.g. "
+                              "--set train.output_dir=runs/my_run.") from None
+
+
 def latest_checkpoint(run_dir) -> Optional[Path]:
     """The newest complete checkpoint of a run folder, or None when there is none."""
     checkpoints = Path(run_dir) / "checkpoints"
@@ -169,6 +189,17 @@ def latest_checkpoint(run_dir) -> Optional[Path]:
         raise CheckpointError(f"{pointer} names {folder.name}, which is missing or incomplete. Point it at a "
                               f"complete step-* folder in {checkpoints} or remove it to start over.")
     return folder
+
+
+def read_checkpoint(folder) -> dict:
+    """Every tensor of a checkpoint, unsharded, on CPU: "<model>/<param>", "optimizer_<model>/<param>/<state>",
+    "rng-rank<r>/<generator>"; for exports, inspection and tests. Single process, no process group."""
+    folder = Path(folder)
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        tensors, _ = _load_safetensors(path)
+        out.update({f"{path.stem}/{k}": v for k, v in tensors.items()})
+    return out
 
 
 def load_checkpoint(folder, models: dict, optimizers: dict, generator: torch.Generator, context) -> dict:
@@ -185,6 +216,8 @@ def load_checkpoint(folder, models: dict, optimizers: dict, generator: torch.Gen
     for key, model in models.items():
         weights, _ = _load_safetensors(folder / MODEL_FILES[key]) if context.is_main or not context.enabled else ({}, {})
         set_model_state_dict(model, weights, options=options)
+        if key in state.get("optimizers_not_started", []):
+            continue  # saved before its first step: the fresh optimizer is that state
         if context.is_main or not context.enabled:
             tensors, metadata = _load_safetensors(folder / f"optimizer_{key}.safetensors")
             optimizer_state = _unflatten_optimizer(tensors, metadata)

@@ -92,6 +92,7 @@ class Distiller:
         self.mixed_precision = t.mixed_precision == "bf16"
 
         # -- every check that needs no weights, before loading anything ---------------------------
+        checkpointing.check_writable(t.output_dir, config.source)
         self.model_config = model_config_for(config.model.teacher)
         for key in ("student_init", "fake_score_init"):
             source = getattr(config.model, key)
@@ -268,6 +269,24 @@ class MetricsLog:
             self.writer.close()
 
 
+def drop_metrics_after(path: Path, step: int) -> None:
+    """Forget the logged steps after `step` (the checkpoint resumed from): they are about to be re-run."""
+    if not path.is_file():
+        return
+    def logged_step(line: str) -> float:
+        try:
+            return json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):  # half a line: the process was killed while writing it
+            return math.inf
+
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if logged_step(line) <= step]
+    if len(kept) != len(lines):
+        from ..fastwan_core.checkpoint import atomic_write_text
+
+        atomic_write_text(path, "".join(kept))
+
+
 def run_distill(config: DistillConfig, context: Optional[DistributedContext] = None, log=print,
                 stop_at_step: Optional[int] = None) -> dict:
     """Train until max_steps or a stop signal; returns {"step", "stopped", "checkpoint"}.
@@ -289,6 +308,8 @@ def run_distill(config: DistillConfig, context: Optional[DistributedContext] = N
     if latest is not None:
         trainer.resume(latest)
         trainer.log(f"resumed from {latest} at step {trainer.step}")
+        if context.is_main:
+            drop_metrics_after(run_dir / "metrics.jsonl", trainer.step)
     metrics_log = MetricsLog(run_dir, context.is_main, t.tensorboard, trainer.log)
 
     stop = {"reason": None}
