@@ -138,7 +138,7 @@ class Distiller:
         adamw = dict(betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         self.student_optimizer = torch.optim.AdamW(trainable(self.student), lr=o.lr, **adamw)
         self.fake_optimizer = torch.optim.AdamW(trainable(self.fake_score), lr=o.fake_score_lr, **adamw)
-        self.generator = torch.Generator("cpu").manual_seed(t.seed * 1000003 + self.context.rank)
+        self.generator = torch.Generator("cpu").manual_seed(self.noise_seed())
         self.negative = self.dataset.negative_embedding.to(self.device)  # [1, L, D]
         self.step = 0
 
@@ -220,7 +220,7 @@ class Distiller:
             {"student": self.student, "fake_score": self.fake_score},
             {"student": self.student_optimizer, "fake_score": self.fake_optimizer},
             self.generator, {"data": self.data.state_dict()}, self.context,
-            json.dumps(self.model_config.to_dict()), keep=self.config.train.keep_checkpoints,
+            self.model_config.to_dict(), keep=self.config.train.keep_checkpoints,
             name=name, update_latest=update_latest)
 
     def resume(self, folder) -> int:
@@ -229,7 +229,18 @@ class Distiller:
             {"student": self.student_optimizer, "fake_score": self.fake_optimizer}, self.generator, self.context)
         self.data.load_state_dict(state["data"])
         self.step = int(state["step"])
+        if not state["rng_restored"]:
+            # Saved by another number of processes: the weights and optimizer states are resharded;
+            # each process's noise stream restarts from the seed and the step.
+            self.generator.manual_seed(self.noise_seed() * 1000003 + self.step)
+            self.log(f"{folder} was saved by {state['world_size']} processes, resumed on {self.context.world_size}: "
+                     f"same weights and optimizer states, data continues from the saved position, the global batch "
+                     f"is now {self.data.global_batch} (was {self.config.data.batch_size * state['world_size']}), "
+                     "noise streams restart from the seed and the step.")
         return self.step
+
+    def noise_seed(self) -> int:
+        return self.config.train.seed * 1000003 + self.context.rank
 
 
 class MetricsLog:
@@ -364,7 +375,7 @@ def main_distill(args) -> int:
 
 def main_export(args) -> int:
     """`fastwan export`: the student of a run's checkpoint -> one safetensors file via save_dit."""
-    from ..fastwan_core.checkpoint import load_dit, save_dit
+    from ..fastwan_core.checkpoint import save_dit
     from ..fastwan_core.errors import InputError
 
     run = Path(args.run_dir)
@@ -380,10 +391,14 @@ def main_export(args) -> int:
                              "`fastwan distill` run that has saved at least once.")
     if not str(args.out).endswith(".safetensors"):
         raise InputError(f"--out {args.out}: the export is one file; give a path ending in .safetensors.")
+    from ..fastwan_core.model import WanDiT
     from ..fastwan_core.pipeline import DTYPES
 
-    dtype = DTYPES[args.dtype]
-    student = load_dit(folder / checkpointing.MODEL_FILES["student"], dtype=dtype)
-    path = save_dit(student, args.out, layout=args.layout)
+    config = WanConfig.from_dict(checkpointing.read_trainer_state(folder)["model_config"])
+    weights = {k.split("/", 1)[1]: v for k, v in checkpointing.read_checkpoint(folder, "student/").items()}
+    with torch.device("meta"):
+        student = WanDiT(config)
+    student.load_state_dict(weights, assign=True)
+    path = save_dit(student.to(DTYPES[args.dtype]), args.out, layout=args.layout)
     print(json.dumps({"exported": str(path), "checkpoint": str(folder), "layout": args.layout, "dtype": args.dtype}))
     return 0
