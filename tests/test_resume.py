@@ -16,7 +16,7 @@ from fastwan.training.trainer import run_distill
 LATENT_SHAPE = (16, 2, 8, 8)
 MAX_STEPS = 4
 GENERATOR_EVERY = 3  # the student's optimizer first steps at step 3: stops at 1 and 2 come before it
-TIMING_KEYS = ("step_time_s", "samples_per_s", "samples_per_s_per_process")
+TIMING_KEYS = ("step_time_s", "samples_per_s", "samples_per_s_per_gpu")
 
 
 def quiet(*args, **kwargs):

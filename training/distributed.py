@@ -2,7 +2,10 @@
 
 The models stay plain `WanDiT`s; `parallelize_dit` shards each block and then the root with
 `torch.distributed.fsdp.fully_shard` when the run is launched under torchrun with more than one
-process. A single process needs none of this and runs the same trainer code.
+process, over the mesh of `build_mesh`: all processes (full sharding), or HSDP (a 2D mesh: each
+shard group, by default one node's GPUs, holds one copy of the weights; gradients are
+reduce-scattered within a group and all-reduced across groups, so the only traffic between nodes is
+one all-reduce of a shard). A single process needs none of this and runs the same trainer code.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ class DistributedContext:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    local_world_size: int = 1  # processes on this node
 
     @property
     def enabled(self) -> bool:
@@ -56,24 +60,75 @@ def init_distributed(device_choice: str = "auto") -> DistributedContext:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-    return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+    return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
+                              local_world_size=local_world_size)
 
 
-def parallelize_dit(model: torch.nn.Module, context: DistributedContext) -> torch.nn.Module:
-    """Shard a WanDiT with FSDP2: one unit per transformer block, then the root (embeddings, head).
+def build_mesh(parallel, context: DistributedContext, where: str = "config"):
+    """The device mesh the models are sharded over ([parallel] sharding), or None for one process.
 
-    Parameters stay fp32 (the trainer's bf16 comes from autocast over fp32 master weights);
-    gradients are reduce-scattered in fp32. A no-op for a single process.
+    "full": 1D over all processes. "hybrid": 2D (replicate, shard) with `shard_group_size` processes
+    per shard group (0: one node's). Raises a ConfigError when the processes cannot be grouped so.
     """
     if not context.enabled:
-        return model
+        return None
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh(context.device.type, (context.world_size,))
+    if parallel.sharding == "full":
+        return init_device_mesh(context.device.type, (context.world_size,), mesh_dim_names=("shard",))
+    group = parallel.shard_group_size or context.local_world_size
+    if context.world_size % group:
+        from .config import ConfigError
+
+        raise ConfigError(f"{where}: [parallel] sharding = \"hybrid\" needs the {context.world_size} processes "
+                          f"in shard groups of equal size, but shard_group_size is {group}"
+                          f"{' (one node: LOCAL_WORLD_SIZE)' if not parallel.shard_group_size else ''}; set "
+                          "[parallel] shard_group_size to a divisor of the process count.")
+    return init_device_mesh(context.device.type, (context.world_size // group, group),
+                            mesh_dim_names=("replicate", "shard"))
+
+
+def parallelize_dit(model: torch.nn.Module, mesh, offload: bool = False) -> torch.nn.Module:
+    """Shard a WanDiT with FSDP2 over `mesh` (None: one process, nothing to do): one unit per
+    transformer block, then the root (embeddings, head). A 2D mesh gives HSDP.
+
+    Parameters stay fp32 (the trainer's bf16 comes from autocast over fp32 master weights);
+    gradients are reduce-scattered in fp32. `offload`: the shards live in CPU memory and each unit
+    is copied to the GPU for its forward (for the frozen teacher: no gradients, no optimizer).
+    """
+    if mesh is None:
+        return model
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    policy = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if offload else OffloadPolicy()
     for block in model.blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, offload_policy=policy)
+    fully_shard(model, mesh=mesh, offload_policy=policy)
+    return model
+
+
+def stream_blocks_from_cpu(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """One process: keep a frozen model's blocks in CPU memory and copy each to `device` only for its
+    own forward (the embeddings and head, a few percent of the weights, stay on `device`)."""
+    blocks = model.blocks
+    model.blocks = torch.nn.ModuleList()
+    model.to(device)
+    model.blocks = blocks.to("cpu")
+    for block in blocks:
+        host = {param: param.data.pin_memory() if device.type == "cuda" else param.data
+                for param in block.parameters()}
+
+        def to_device(module, args, host=host):
+            for param, data in host.items():
+                param.data = data.to(device, non_blocking=True)
+
+        def to_host(module, args, output, host=host):
+            for param, data in host.items():
+                param.data = data
+
+        block.register_forward_pre_hook(to_device)
+        block.register_forward_hook(to_host)
     return model
 
 

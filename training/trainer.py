@@ -29,7 +29,8 @@ from ..fastwan_core.schedule import student_sigmas
 from . import checkpointing, dmd
 from .config import RANDOM_MODELS, DistillConfig
 from .data import DataStream, ShardDataset
-from .distributed import DistributedContext, init_distributed, parallelize_dit
+from .distributed import (DistributedContext, build_mesh, init_distributed, parallelize_dit,
+                          stream_blocks_from_cpu)
 
 
 class TrainingDiverged(FastWanError):
@@ -93,6 +94,7 @@ class Distiller:
 
         # -- every check that needs no weights, before loading anything ---------------------------
         checkpointing.check_writable(t.output_dir, config.source)
+        mesh = build_mesh(config.parallel, self.context, config.source)
         self.model_config = model_config_for(config.model.teacher)
         for key in ("student_init", "fake_score_init"):
             source = getattr(config.model, key)
@@ -131,9 +133,14 @@ class Distiller:
             freeze_gates(student)
         student.set_activation_checkpointing(t.activation_checkpointing)
         fake_score.set_activation_checkpointing(t.activation_checkpointing)
-        self.teacher = parallelize_dit(teacher, self.context)
-        self.student = parallelize_dit(student, self.context)
-        self.fake_score = parallelize_dit(fake_score, self.context)
+        # All three sharded alike; the frozen teacher optionally kept in CPU memory.
+        offload = config.parallel.offload_teacher
+        if offload and mesh is None:
+            self.teacher = stream_blocks_from_cpu(teacher, self.device)
+        else:
+            self.teacher = parallelize_dit(teacher, mesh, offload=offload)
+        self.student = parallelize_dit(student, mesh)
+        self.fake_score = parallelize_dit(fake_score, mesh)
         o = config.optimizer
         adamw = dict(betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         self.student_optimizer = torch.optim.AdamW(trainable(self.student), lr=o.lr, **adamw)
@@ -266,7 +273,8 @@ class MetricsLog:
             if key in metrics:
                 parts.append(f"{key} {metrics[key]:.5g}")
         parts += [f"sparsity {metrics['sparsity']:.2f}", f"step_time {metrics['step_time_s']:.3f}s",
-                  f"{metrics['samples_per_s']:.3g} samples/s"]
+                  f"{metrics['samples_per_s']:.3g} samples/s", f"{metrics['samples_per_s_per_gpu']:.3g} per GPU",
+                  f"global batch {metrics['global_batch']}"]
         self.log(" | ".join(parts))
         with open(self.jsonl, "a") as handle:
             handle.write(json.dumps(metrics) + "\n")
@@ -339,6 +347,8 @@ def run_distill(config: DistillConfig, context: Optional[DistributedContext] = N
     try:
         for step in range(trainer.step + 1, t.max_steps + 1):
             metrics = trainer.train_step(step)
+            metrics["global_batch"] = trainer.data.global_batch
+            metrics["samples_per_s_per_gpu"] = config.data.batch_size / metrics["step_time_s"]
             if step % t.log_every == 0 or step == t.max_steps:
                 metrics_log.write(metrics, t.max_steps)
             if stop_at_step is not None and step == stop_at_step:

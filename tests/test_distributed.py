@@ -1,0 +1,258 @@
+"""The trainer on several CPU processes (gloo), the way torchrun runs it on GPUs.
+
+- Sharded checkpoints (torch.distributed.checkpoint): saved on 2 processes, they hold exactly the
+  state FSDP2 gathers (the oracle: full_state_dict all-gathers, no DCP involved); resumed on 1 and on
+  4 processes every weight and optimizer state equals it; on 2, a stop + resume is bit-exact.
+- HSDP (2 shard groups of 2) gives the gradients of one process on the whole batch.
+Each group of processes is started once per module (tiny models; the start-up dominates).
+"""
+import json
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from fastwan.training import checkpointing
+from fastwan.training.config import config_from_dict
+from fastwan.training.data import write_synthetic_shards
+
+LATENT_SHAPE = (16, 2, 8, 8)
+
+
+def raw_config(data_dir, output_dir, **parallel):
+    return {
+        "model": {"teacher": "random:tiny", "random_seed": 2},
+        "attention": {"backend": "vsa", "implementation": "reference", "sparsity": 0.5, "sparsity_start": 0.5},
+        "dmd": {"generator_update_interval": 2},
+        "optimizer": {"lr": 1e-3, "fake_score_lr": 1e-3},
+        "data": {"dir": str(data_dir), "batch_size": 1},
+        "train": {"output_dir": str(output_dir), "max_steps": 4, "mixed_precision": "no", "device": "cpu",
+                  "checkpoint_every": 100, "tensorboard": False, "activation_checkpointing": False},
+        "parallel": parallel,
+    }
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
+# -- running a function on N gloo processes ---------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _entry(rank, world_size, port, function, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    from fastwan.training.distributed import init_distributed, shutdown
+
+    context = init_distributed("cpu")
+    try:
+        function(context, *args)
+    finally:
+        shutdown(context)
+
+
+def run_processes(world_size, function, *args, timeout=300):
+    processes = mp.start_processes(_entry, args=(world_size, _free_port(), function, args), nprocs=world_size,
+                                   join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not processes.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in processes.processes:
+                process.kill()
+            raise TimeoutError(f"{world_size} processes running {function.__name__} took over {timeout} s")
+
+
+def full_state(distiller) -> dict:
+    """Every weight and optimizer state, unsharded by FSDP2's own all-gathers (not by DCP)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    out = {}
+    for key, model, optimizer in (("student", distiller.student, distiller.student_optimizer),
+                                  ("fake_score", distiller.fake_score, distiller.fake_optimizer)):
+        out.update({f"{key}/{k}": v.clone() for k, v in get_model_state_dict(model, options=options).items()})
+        for name, entries in get_optimizer_state_dict(model, optimizer, options=options).get("state", {}).items():
+            out.update({f"optimizer_{key}/{name}/{entry}": v.clone() for entry, v in entries.items()})
+    return out
+
+
+def save_tensors(tensors, path):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+
+
+def load_tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+# -- the workers ------------------------------------------------------------------------------------
+
+def train_and_save_on_two(context, data_dir, root):
+    from fastwan.training.trainer import Distiller, run_distill
+
+    # straight: 4 steps, a checkpoint after step 2 (both optimizers have stepped: generator every 2nd)
+    distiller = Distiller(config_from_dict(raw_config(data_dir, root / "straight")), context, log=quiet)
+    for step in range(1, 5):
+        distiller.train_step(step)
+        if step == 2:
+            distiller.save(2)
+            state = full_state(distiller)
+            if context.is_main:
+                save_tensors(state, root / "gathered_at_2.safetensors")
+    distiller.save(4)
+    # interrupted after step 1 (before the student's first update), resumed on the same 2 processes
+    config = config_from_dict(raw_config(data_dir, root / "interrupted"))
+    run_distill(config, context, log=quiet, stop_at_step=1)
+    run_distill(config, context, log=quiet)
+
+
+def resume_on_four(context, data_dir, root):
+    from fastwan.training.trainer import Distiller
+
+    distiller = Distiller(config_from_dict(raw_config(data_dir, root / "four")), context, log=quiet)
+    assert distiller.resume(root / "straight/checkpoints/step-000002") == 2
+    state = full_state(distiller)
+    if context.is_main:
+        save_tensors(state, root / "resumed_on_4.safetensors")
+    distiller.train_step(3)  # and it trains on
+
+
+def hybrid_gradients_on_four(context, root):
+    """HSDP over 2 shard groups of 2: each process takes one sample of a batch of 4."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    from fastwan.training.config import ParallelSection
+    from fastwan.training.distributed import build_mesh, parallelize_dit
+
+    model, inputs = hybrid_problem()
+    mesh = build_mesh(ParallelSection(sharding="hybrid", shard_group_size=2), context)
+    assert mesh.shape == (2, 2) and mesh.mesh_dim_names == ("replicate", "shard")
+    model = parallelize_dit(model, mesh)
+    weight = model.blocks[0].ffn[0].weight
+    assert weight.placements == (Replicate(), Shard(0)) and weight.to_local().shape[0] == weight.shape[0] // 2
+    x, t, text, target = (tensor[context.rank:context.rank + 1] for tensor in inputs)
+    torch.nn.functional.mse_loss(model(x, t, text), target).backward()
+    grads = {name: p.grad.full_tensor() for name, p in model.named_parameters() if p.grad is not None}
+    if context.is_main:
+        save_tensors(grads, root / "hybrid_grads.safetensors")
+
+
+def resume_and_hybrid_on_four(context, data_dir, root):
+    resume_on_four(context, data_dir, root)
+    hybrid_gradients_on_four(context, root)
+
+
+def hybrid_problem():
+    from fastwan.fastwan_core.config import WanConfig
+    from fastwan.fastwan_core.model import WanDiT
+
+    torch.manual_seed(0)
+    model = WanDiT(WanConfig.tiny())
+    generator = torch.Generator().manual_seed(1)
+    inputs = (torch.randn(4, *LATENT_SHAPE, generator=generator), torch.tensor([999.0, 757.0, 522.0, 100.0]),
+              torch.randn(4, 8, 64, generator=generator), torch.randn(4, *LATENT_SHAPE, generator=generator))
+    return model, inputs
+
+
+# -- the tests --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_synthetic_shards(tmp_path_factory.mktemp("data"), num_samples=4, latent_shape=LATENT_SHAPE,
+                                  text_len=8, text_dim=64, samples_per_shard=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def saved_on_two(data_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("two")
+    run_processes(2, train_and_save_on_two, data_dir, root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def on_four(data_dir, saved_on_two):
+    run_processes(4, resume_and_hybrid_on_four, data_dir, saved_on_two)
+    return saved_on_two
+
+
+def assert_states_equal(expected: dict, got: dict):
+    assert sorted(got) == sorted(expected)
+    different = [k for k in expected if not torch.equal(expected[k], got[k])]
+    assert not different, f"{len(different)} of {len(expected)} tensors differ, e.g. {different[:4]}"
+
+
+def test_sharded_checkpoint_holds_the_gathered_state(saved_on_two):
+    folder = saved_on_two / "straight/checkpoints/step-000002"
+    shards = sorted(p.name for p in (folder / checkpointing.STATE_FOLDER).iterdir())
+    assert len(shards) == 2 and all(name.startswith(("shard-00001-", "shard-00002-")) for name in shards)
+    saved = checkpointing.read_checkpoint(folder)
+    gathered = load_tensors(saved_on_two / "gathered_at_2.safetensors")
+    assert_states_equal(gathered, {k: v for k, v in saved.items() if not k.startswith("rng-")})
+    assert {k.split("/")[0] for k in saved if k.startswith("rng-")} == {"rng-rank00000", "rng-rank00001"}
+    assert json.loads((folder / "trainer_state.json").read_text())["world_size"] == 2
+
+
+def test_stop_and_resume_on_two_processes_is_bit_exact(saved_on_two):
+    straight = saved_on_two / "straight/checkpoints/step-000004"
+    resumed = saved_on_two / "interrupted/checkpoints/step-000004"
+    assert_states_equal(checkpointing.read_checkpoint(straight), checkpointing.read_checkpoint(resumed))
+    assert (json.loads((straight / "trainer_state.json").read_text())
+            == json.loads((resumed / "trainer_state.json").read_text()))
+
+
+def test_saved_on_two_resumes_on_one(data_dir, saved_on_two, tmp_path):
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    from fastwan.training.trainer import Distiller
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        lines = []
+        distiller = Distiller(config_from_dict(raw_config(data_dir, tmp_path)), log=lines.append)
+        assert distiller.resume(saved_on_two / "straight/checkpoints/step-000002") == 2
+        state = {f"student/{k}": v for k, v in distiller.student.state_dict().items()}
+        state.update({f"fake_score/{k}": v for k, v in distiller.fake_score.state_dict().items()})
+        for key, model, optimizer in (("student", distiller.student, distiller.student_optimizer),
+                                      ("fake_score", distiller.fake_score, distiller.fake_optimizer)):
+            for name, entries in get_optimizer_state_dict(model, optimizer)["state"].items():
+                state.update({f"optimizer_{key}/{name}/{entry}": v for entry, v in entries.items()})
+        assert_states_equal(load_tensors(saved_on_two / "gathered_at_2.safetensors"), state)
+        assert distiller.data.state_dict() == {"epoch": 0, "cursor": 4}  # 2 steps x 2 processes
+        assert any("saved by 2 processes, resumed on 1" in line and "global batch is now 1 (was 2)" in line
+                   for line in lines), lines
+        distiller.train_step(3)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_saved_on_two_resumes_on_four(on_four):
+    assert_states_equal(load_tensors(on_four / "gathered_at_2.safetensors"),
+                        load_tensors(on_four / "resumed_on_4.safetensors"))
+
+
+def test_hybrid_sharding_gives_the_single_process_gradients(on_four):
+    model, (x, t, text, target) = hybrid_problem()
+    # FSDP averages the 4 processes' gradients: the mean of per-sample losses on one process
+    loss = sum(torch.nn.functional.mse_loss(model(x[i:i + 1], t[i:i + 1], text[i:i + 1]), target[i:i + 1])
+               for i in range(4)) / 4
+    loss.backward()
+    got = load_tensors(on_four / "hybrid_grads.safetensors")
+    expected = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert sorted(got) == sorted(expected)
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert sum(float(g.abs().sum()) > 0 for g in expected.values()) > 0.8 * len(expected)
