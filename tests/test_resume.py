@@ -111,6 +111,45 @@ def test_resume_forgets_metrics_of_steps_it_reruns(data_dir, tmp_path, uninterru
     assert_same_run(uninterrupted, final_state(tmp_path))
 
 
+KILL_DURING_SECOND_SAVE = """
+import os, signal, sys
+import safetensors.torch
+import torch
+from fastwan.training.config import load_config
+from fastwan.training.trainer import run_distill
+
+torch.set_num_threads(1)
+serialize, calls = safetensors.torch.save, []
+
+def serialize_then_die(tensors, metadata=None):  # DCP serializes each shard file with safetensors.torch.save
+    calls.append(1)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return serialize(tensors, metadata=metadata)
+
+safetensors.torch.save = serialize_then_die
+run_distill(load_config(sys.argv[1]), log=print)
+"""
+
+
+def test_checkpoint_killed_mid_write_is_never_latest(data_dir, tmp_path, uninterrupted):
+    import subprocess
+    import sys
+
+    raw = raw_config(data_dir, tmp_path / "run", checkpoint_every=1, keep_checkpoints=3)
+    config_path = tmp_path / "run.toml"
+    config_path.write_text(config_from_dict(raw).to_toml())
+    done = subprocess.run([sys.executable, "-c", KILL_DURING_SECOND_SAVE, str(config_path)], capture_output=True,
+                          text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == -9, done.stdout + done.stderr
+    checkpoints = tmp_path / "run/checkpoints"
+    assert (checkpoints / ".step-000002.tmp").is_dir() and not (checkpoints / "step-000002").exists()
+    assert checkpointing.latest_checkpoint(tmp_path / "run").name == "step-000001"
+    run_distill(config_from_dict(raw), log=quiet)  # resumes from step 1
+    assert not list(checkpoints.glob(".*.tmp"))
+    assert_same_run(uninterrupted, final_state(tmp_path / "run"))
+
+
 @pytest.fixture
 def no_compute(monkeypatch):
     def refuse(*args, **kwargs):
