@@ -256,3 +256,65 @@ def test_hybrid_sharding_gives_the_single_process_gradients(on_four):
     for name, grad in expected.items():
         torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6, msg=name)
     assert sum(float(g.abs().sum()) > 0 for g in expected.values()) > 0.8 * len(expected)
+
+
+# -- the Slurm launcher -----------------------------------------------------------------------------
+
+def _slurm(tmp_path, *args, **env):
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("bash") is None:
+        pytest.skip("needs bash")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    log = tmp_path / "srun.args"
+    (bin_dir / "srun").write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {log}\n')
+    (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\n[ "$1 $2 $3" = "show hostnames node[07-08]" ] '
+                                      '&& printf "node07\\nnode08\\n"\n')
+    for stub in ("srun", "scontrol"):
+        (bin_dir / stub).chmod(0o755)
+    script = Path(__file__).resolve().parents[1] / "scripts/slurm_distill.sh"
+    environment = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path), **env}
+    done = subprocess.run(["bash", str(script), *args], capture_output=True, text=True, env=environment, timeout=60)
+    return done, (log.read_text().splitlines() if log.exists() else None)
+
+
+def test_slurm_script_launches_one_torchrun_per_node(tmp_path):
+    from fastwan.training.config import apply_override
+
+    config = tmp_path / "run.toml"
+    config.write_text("[train]\nmax_steps = 3\n")
+    output = tmp_path / 'shared runs/a "b"'
+    done, argv = _slurm(tmp_path, "--config", str(config), "--output", str(output), "--port", "29600",
+                        "--set", "train.max_steps=10", SLURM_JOB_ID="42", SLURM_JOB_NUM_NODES="2",
+                        SLURM_JOB_NODELIST="node[07-08]", SLURM_GPUS_ON_NODE="8")
+    assert done.returncode == 0, done.stderr
+    assert argv[:2] == ["--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    command = argv[argv.index("torch.distributed.run") + 1:]
+    flags = dict(zip(command[:10:2], command[1:10:2]))
+    assert flags == {"--nnodes": "2", "--nproc_per_node": "8", "--rdzv_backend": "c10d",
+                     "--rdzv_endpoint": "node07:29600", "--rdzv_id": "42"}
+    assert command[10:16] == ["-m", "fastwan.cli", "distill", "--config", str(config), "--set"]
+    data = {}
+    apply_override(data, command[16], "test")  # the trainer reads the output folder back exactly
+    assert data == {"train": {"output_dir": str(output)}}
+    assert command[17:] == ["--set", "train.max_steps=10"] and output.is_dir()
+
+
+def test_slurm_script_refuses_bad_arguments(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text("")
+    slurm = {"SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "node[07-08]"}
+    for args, env, message in [
+        (["--output", str(tmp_path)], slurm, "--config is required"),
+        (["--config", str(tmp_path / "no.toml"), "--output", str(tmp_path)], slurm, "no such file"),
+        (["--config", str(config)], slurm, "--output is required"),
+        (["--config", str(config), "--output", str(tmp_path)], {"SLURM_GPUS_ON_NODE": "8"}, "not inside a Slurm"),
+        (["--config", str(config), "--output", str(tmp_path)], slurm, "--gpus-per-node is required"),
+        (["--config", str(config), "--output", str(tmp_path), "--gpus-per-node", "x"], slurm, "whole number"),
+        (["--bogus"], slurm, "unknown argument '--bogus'"),
+    ]:
+        done, argv = _slurm(tmp_path, *args, **env)
+        assert done.returncode == 2 and message in done.stderr and argv is None, (args, done.stderr)
