@@ -318,3 +318,74 @@ def test_slurm_script_refuses_bad_arguments(tmp_path):
     ]:
         done, argv = _slurm(tmp_path, *args, **env)
         assert done.returncode == 2 and message in done.stderr and argv is None, (args, done.stderr)
+
+
+# -- memory for larger models -----------------------------------------------------------------------
+
+def wan_parameters(c) -> int:
+    """Closed form of a Wan2.1 DiT's parameter count from its dimensions (DESIGN §5), VSA gates included."""
+    d, f, patch = c.dim, c.ffn_dim, c.patch_size[0] * c.patch_size[1] * c.patch_size[2]
+    attention = 4 * (d * d + d) + 2 * d  # q, k, v, o + RMSNorm on q and k
+    block = 2 * attention + 2 * d + (2 * d * f + f + d) + 6 * d + (d * d + d)  # + norm3, ffn, modulation, gate
+    root = (c.in_channels * patch * d + d) + (c.text_dim * d + d + d * d + d) + (c.freq_dim * d + d + d * d + d) \
+        + (d * 6 * d + 6 * d) + (d * c.out_channels * patch + c.out_channels * patch + 2 * d)
+    return c.num_layers * block + root
+
+
+def test_14b_config_memory_plan(tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    from fastwan.cli import main
+    from fastwan.fastwan_core.config import WanConfig
+    from fastwan.training import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "build_model", lambda *a, **k: pytest.fail("the plan loaded a model"))
+    data = write_synthetic_shards(tmp_path / "data", num_samples=1, latent_shape=(16, 20, 56, 104), text_len=8,
+                                  text_dim=4096, samples_per_shard=1)
+    config = Path(__file__).resolve().parents[1] / "training/configs/wan_14b_480p.toml"
+    common = ["distill", "--config", str(config), "--set", 'model.teacher="random:14b"',
+              "--set", f"data.dir={json.dumps(str(data))}", "--memory-plan"]
+
+    def plan(*extra):
+        assert main(common + list(extra)) == 0
+        return json.loads(capsys.readouterr().out)
+
+    total = wan_parameters(WanConfig.t2v_14b())
+    gates = 40 * (5120 * 5120 + 5120)
+    assert 14.0e9 < total - gates < 14.5e9  # Wan2.1-T2V-14B
+    full = plan("--gpus", "64", "--gpus-per-node", "8")
+    assert full["parameters_per_model"] == total and full["shard_group"] == 64
+    assert full["tokens_per_gpu"] == 20 * 28 * 52
+    gib = full["per_gpu_gib"]
+    assert gib["teacher_weights"] == round(2 * total / 64 / 2**30, 2)  # bf16, frozen
+    assert gib["student_weights_grads_adamw"] == round(16 * total / 64 / 2**30, 2)  # fp32 + grads + 2 moments
+    assert gib["fake_score_weights_grads_adamw"] == round((16 * total - 12 * gates) / 64 / 2**30, 2)  # frozen gates
+    assert full["total_per_gpu_gib"] < 40
+    hybrid = plan("--gpus", "64", "--gpus-per-node", "8", "--set", "parallel.sharding=hybrid")
+    assert hybrid["shard_group"] == 8
+    assert hybrid["per_gpu_gib"]["student_weights_grads_adamw"] == round(16 * total / 8 / 2**30, 2)
+    offloaded = plan("--gpus", "64", "--set", "parallel.offload_teacher=true")
+    assert offloaded["per_gpu_gib"]["teacher_weights"] == 0
+    assert offloaded["teacher_in_cpu_memory_per_process_gib"] == gib["teacher_weights"]
+    assert main(common + ["--gpus", "0"]) == 2 and "at least one GPU" in capsys.readouterr().err
+
+
+def test_offloaded_teacher_trains_the_same(data_dir, tmp_path):
+    """One process: the teacher's blocks live in CPU memory between their forwards; same losses."""
+    from fastwan.training.trainer import Distiller
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        history = {}
+        for offload in (False, True):
+            raw = raw_config(data_dir, tmp_path / str(offload), offload_teacher=offload)
+            distiller = Distiller(config_from_dict(raw), log=quiet)
+            history[offload] = [distiller.train_step(step) for step in (1, 2)]
+            block = distiller.teacher.blocks[0]
+            assert (block._forward_pre_hooks != {}) == offload
+        for a, b in zip(history[False], history[True]):
+            assert {k: v for k, v in a.items() if "time" not in k and "per_s" not in k} == \
+                   {k: v for k, v in b.items() if "time" not in k and "per_s" not in k}
+    finally:
+        torch.set_num_threads(previous)

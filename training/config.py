@@ -277,7 +277,7 @@ def validate(config: DistillConfig) -> None:
 
 
 # Random-weight models for smoke tests and benchmarks: name -> WanConfig preset name.
-RANDOM_MODELS = {"random:tiny": "tiny", "random:1.3b": "t2v_1_3b"}
+RANDOM_MODELS = {"random:tiny": "tiny", "random:1.3b": "t2v_1_3b", "random:14b": "t2v_14b"}
 
 
 def replace(config: DistillConfig, **sections) -> DistillConfig:

@@ -135,3 +135,70 @@ def stream_blocks_from_cpu(model: torch.nn.Module, device: torch.device) -> torc
 def shutdown(context: DistributedContext) -> None:
     if context.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+GIB = 2**30
+
+
+def memory_plan(model_config, config, world_size: int, gpus_per_node: int, latent_shape) -> dict:
+    """Per-GPU memory of a run, from the model's shapes alone (built on the meta device, no weights).
+
+    Exact for the sharded states: the teacher's weights (bf16 with mixed precision, else fp32; zero
+    on the GPU when offloaded), the student's and fake score's fp32 weights, gradients and two AdamW
+    moments, each divided by the shard group size (all processes, or one group with HSDP), plus the
+    all-gathered unit in use and the one prefetched. The activations are an estimate: the residual
+    stream saved at every block boundary (activation checkpointing) or every block's working set,
+    both counted as [tokens, width] rows in the compute dtype.
+    """
+    from ..fastwan_core.model import WanDiT
+
+    with torch.device("meta"):
+        model = WanDiT(model_config)
+    total = sum(p.numel() for p in model.parameters())
+    gates = sum(p.numel() for b in model.blocks for p in b.to_gate_compress.parameters())
+    block = sum(p.numel() for p in model.blocks[0].parameters())
+    p, t = config.parallel, config.train
+    if world_size == 1:
+        shard = 1
+    elif p.sharding == "full":
+        shard = world_size
+    else:
+        shard = p.shard_group_size or gpus_per_node
+    if world_size % shard:
+        from .config import ConfigError
+
+        raise ConfigError(f"{config.source}: [parallel] shard groups of {shard} do not divide {world_size} GPUs.")
+    teacher_bytes = 2 if t.mixed_precision == "bf16" else 4
+    student_trainable = total - (gates if config.attention.backend == "dense" else 0)
+    fake_trainable = total - gates
+
+    def trained(trainable: int) -> int:  # fp32 weights, fp32 gradients, AdamW exp_avg + exp_avg_sq
+        return (4 * total + 12 * trainable) // shard
+
+    channels, frames, height, width = latent_shape
+    pt, ph, pw = model_config.patch_size
+    tokens = config.data.batch_size * (frames // pt) * (height // ph) * (width // pw)
+    activation_bytes = teacher_bytes  # the residual stream runs in bf16 under autocast
+    working_set = tokens * (4 * model_config.dim + model_config.ffn_dim) * activation_bytes
+    if t.activation_checkpointing:
+        activations = tokens * model_config.dim * activation_bytes * model_config.num_layers + working_set
+    else:
+        activations = working_set * model_config.num_layers
+    per_gpu = {
+        "teacher_weights": 0 if p.offload_teacher else total * teacher_bytes // shard,
+        "student_weights_grads_adamw": trained(student_trainable),
+        "fake_score_weights_grads_adamw": trained(fake_trainable),
+        "gathered_units": 0 if shard == 1 else 2 * block * 4,
+        "activations_estimate": activations,
+    }
+    teacher_on_cpu = total * teacher_bytes // shard if p.offload_teacher else 0
+    return {
+        "parameters_per_model": total,
+        "parameters_per_block": block,
+        "gpus": world_size,
+        "shard_group": shard,
+        "tokens_per_gpu": tokens,
+        "per_gpu_gib": {k: round(v / GIB, 2) for k, v in per_gpu.items()},
+        "total_per_gpu_gib": round(sum(per_gpu.values()) / GIB, 2),
+        "teacher_in_cpu_memory_per_process_gib": round(teacher_on_cpu / GIB, 2),
+    }

@@ -373,6 +373,19 @@ def main_distill(args) -> int:
     from .distributed import shutdown
 
     config = load_config(args.config, args.set)
+    if getattr(args, "memory_plan", False):
+        from .data import ShardDataset
+        from .distributed import memory_plan
+
+        if args.gpus < 1 or args.gpus_per_node < 0:
+            from ..fastwan_core.errors import InputError
+
+            raise InputError(f"--gpus {args.gpus} --gpus-per-node {args.gpus_per_node}: give at least one GPU.")
+        model_config = model_config_for(config.model.teacher)
+        dataset = ShardDataset(config.data.dir, model_config.text_dim, model_config.patch_size)
+        gpus_per_node = args.gpus_per_node or args.gpus
+        print(json.dumps(memory_plan(model_config, config, args.gpus, gpus_per_node, dataset.latent_shape), indent=2))
+        return 0
     context = init_distributed(config.train.device)
     try:
         result = run_distill(config, context, log=lambda line: print(line, flush=True))
