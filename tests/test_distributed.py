@@ -106,7 +106,9 @@ def train_and_save_on_two(context, data_dir, root):
     # straight: 4 steps, a checkpoint after step 2 (both optimizers have stepped: generator every 2nd)
     distiller = Distiller(config_from_dict(raw_config(data_dir, root / "straight")), context, log=quiet)
     for step in range(1, 5):
-        distiller.train_step(step)
+        metrics = distiller.train_step(step)
+        if step == 1:
+            first_step = metrics
         if step == 2:
             distiller.save(2)
             state = full_state(distiller)
@@ -117,6 +119,15 @@ def train_and_save_on_two(context, data_dir, root):
     config = config_from_dict(raw_config(data_dir, root / "interrupted"))
     run_distill(config, context, log=quiet, stop_at_step=1)
     run_distill(config, context, log=quiet)
+    # the frozen teacher's FSDP shards kept in CPU memory: the same first step
+    offloaded = Distiller(config_from_dict(raw_config(data_dir, root / "offloaded", offload_teacher=True)), context,
+                          log=quiet)
+    assert offloaded.teacher.blocks[0]._get_fsdp_state()._fsdp_param_group.offload_policy.__class__.__name__ \
+        == "CPUOffloadPolicy"
+    if context.is_main:
+        (root / "first_step.json").write_text(json.dumps([first_step, offloaded.train_step(1)]))
+    else:
+        offloaded.train_step(1)
 
 
 def resume_on_four(context, data_dir, root):
@@ -211,6 +222,12 @@ def test_stop_and_resume_on_two_processes_is_bit_exact(saved_on_two):
     assert_states_equal(checkpointing.read_checkpoint(straight), checkpointing.read_checkpoint(resumed))
     assert (json.loads((straight / "trainer_state.json").read_text())
             == json.loads((resumed / "trainer_state.json").read_text()))
+
+
+def test_offloaded_teacher_on_two_processes_gives_the_same_step(saved_on_two):
+    plain, offloaded = json.loads((saved_on_two / "first_step.json").read_text())
+    for key in ("fake_score_loss", "fake_score_grad_norm"):
+        assert plain[key] == offloaded[key], key
 
 
 def test_saved_on_two_resumes_on_one(data_dir, saved_on_two, tmp_path):
