@@ -132,6 +132,96 @@ def stream_blocks_from_cpu(model: torch.nn.Module, device: torch.device) -> torc
     return model
 
 
+class _AllToAll(torch.autograd.Function):
+    """x [group size, ...]: slice j goes to rank j of `group`; slice i of the result came from rank i.
+    Its own adjoint, so the backward is the same exchange."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        out = torch.empty_like(grad)
+        dist.all_to_all_single(out, grad, group=ctx.group)
+        return out, None
+
+
+class _GatherTokens(torch.autograd.Function):
+    """[B, L/n, C] per rank -> [B, L, C] on every rank. Every rank computes the same loss from the
+    result, so the gradient of a rank's slice is its part of the incoming gradient (no sum)."""
+
+    @staticmethod
+    def forward(ctx, x, group, rank, size):
+        ctx.rank, ctx.length = rank, x.shape[1]
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(size)]
+        dist.all_gather(parts, x, group=group)
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[:, ctx.rank * ctx.length:(ctx.rank + 1) * ctx.length], None, None, None
+
+
+def enable_sequence_parallel(model: torch.nn.Module, group) -> torch.nn.Module:
+    """Ulysses sequence parallelism over the video tokens within `group` (n processes, same sample).
+
+    Each process runs every block on its 1/n of the tokens (in the order the blocks see them, VSA
+    tile order included) with its rows of the RoPE table; self-attention exchanges (all-to-all) the
+    token split for a head split, so the attention kernel, dense or VSA, sees the whole sequence for
+    heads/n of the heads, and exchanges back. The head's output is gathered, so the model returns
+    the whole prediction on every process. Parameter gradients are each process's share: they sum
+    to the full gradient over the group (the trainer's FSDP divides by the data-parallel size only).
+    """
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    heads = model.config.num_heads
+    if heads % size:
+        from .config import ConfigError
+
+        raise ConfigError(f"[parallel] sequence_parallel = {size} must divide the model's {heads} attention heads.")
+
+    def split_tokens(block, args):
+        tokens, time_mod, context, rope, resolved = args
+        length = rope.shape[0]
+        if length % size:
+            raise ValueError(f"sequence parallelism over {size} processes: {length} video tokens per sample "
+                             f"do not split evenly; use a latent size whose token count is a multiple of {size}.")
+        local = length // size
+        if tokens.shape[1] == length:  # the first block: take this process's slice
+            tokens = tokens[:, rank * local:(rank + 1) * local]
+        return tokens, time_mod, context, rope[rank * local:(rank + 1) * local], resolved
+
+    def to_heads(x):  # [B, L/n, h, D] -> [B, L, h/n, D]
+        b, local, h, d = x.shape
+        x = x.reshape(b, local, size, h // size, d).permute(2, 0, 1, 3, 4)
+        x = _AllToAll.apply(x, group)  # [n (token slice), B, L/n, h/n, D]
+        return x.permute(1, 0, 2, 3, 4).reshape(b, size * local, h // size, d)
+
+    def to_tokens(x):  # [B, L, h/n, D] -> [B, L/n, h, D]
+        b, length, h, d = x.shape
+        x = x.reshape(b, size, length // size, h, d).permute(1, 0, 2, 3, 4)
+        x = _AllToAll.apply(x, group)  # [n (head group), B, L/n, h/n, D]
+        return x.permute(1, 2, 0, 3, 4).reshape(b, length // size, size * h, d)
+
+    def ulysses(attend):
+        def attend_whole_sequence(q, k, v, gate, attention):
+            gate = None if gate is None else to_heads(gate)
+            return to_tokens(attend(to_heads(q), to_heads(k), to_heads(v), gate, attention))
+        return attend_whole_sequence
+
+    for block in model.blocks:
+        block.register_forward_pre_hook(split_tokens)
+        block.self_attn.attend = ulysses(block.self_attn.attend)
+    model.head.register_forward_hook(lambda head, args, out: _GatherTokens.apply(out, group, rank, size))
+    return model
+
+
 def shutdown(context: DistributedContext) -> None:
     if context.enabled and dist.is_initialized():
         dist.destroy_process_group()
