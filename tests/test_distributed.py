@@ -129,6 +129,15 @@ def train_and_save_on_two(context, data_dir, root):
     else:
         offloaded.train_step(1)
     sequence_parallel_on_two(context, root)
+    # the trainer with both processes on each sample (Ulysses): one data-parallel group, so the same
+    # batches and noise as one process
+    parallel = Distiller(config_from_dict(raw_config(data_dir, root / "sequence", sequence_parallel=2)), context,
+                         log=quiet)
+    history = [parallel.train_step(step) for step in (1, 2)]
+    state = full_state(parallel)
+    if context.is_main:
+        (root / "sequence_parallel_steps.json").write_text(json.dumps(history))
+        save_tensors(state, root / "sequence_parallel_state.safetensors")
 
 
 def sequence_parallel_on_two(context, root):
@@ -272,6 +281,29 @@ def test_sequence_parallel_matches_one_process(saved_on_two):
     report = json.loads((saved_on_two / "sequence_parallel.json").read_text())
     assert set(report) == {"dense", "vsa"}
     assert all(entry["gradients"] > 20 and entry["output_mean_abs"] > 0 for entry in report.values())
+
+
+def test_sequence_parallel_trainer_matches_one_process(data_dir, saved_on_two, tmp_path):
+    from fastwan.training.trainer import Distiller
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = Distiller(config_from_dict(raw_config(data_dir, tmp_path)), log=quiet)
+        expected = [single.train_step(step) for step in (1, 2)]
+        state = full_state(single)
+    finally:
+        torch.set_num_threads(previous)
+    got = json.loads((saved_on_two / "sequence_parallel_steps.json").read_text())
+    assert "generator_loss" in expected[1]
+    for a, b in zip(expected, got):
+        for key in ("fake_score_loss", "fake_score_grad_norm", "generator_loss", "generator_grad_norm"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4), key
+    parallel = load_tensors(saved_on_two / "sequence_parallel_state.safetensors")
+    assert sorted(parallel) == sorted(state)
+    for key in state:
+        torch.testing.assert_close(parallel[key], state[key], rtol=1e-3, atol=1e-4, msg=key)
 
 
 def test_saved_on_two_resumes_on_one(data_dir, saved_on_two, tmp_path):

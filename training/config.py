@@ -85,6 +85,7 @@ class ParallelSection:
     sharding: str = "full"  # "full": FSDP over all processes; "hybrid": HSDP, shard within a group, replicate across
     shard_group_size: int = 0  # processes per shard group with "hybrid"; 0: one node's (torchrun's LOCAL_WORLD_SIZE)
     offload_teacher: bool = False  # keep the frozen teacher's shards in CPU memory, moved to the GPU block by block
+    sequence_parallel: int = 1  # processes sharing one sample's video tokens (Ulysses); 1: off
 
 
 SECTIONS = {
@@ -274,6 +275,8 @@ def validate(config: DistillConfig) -> None:
              "(HSDP: shard within a node, replicate across nodes).")
     if p.shard_group_size < 0:
         fail("parallel", "shard_group_size", "must be >= 0 (0: the processes of one node).")
+    if p.sequence_parallel < 1:
+        fail("parallel", "sequence_parallel", "must be >= 1 (1: each process has its own samples).")
 
 
 # Random-weight models for smoke tests and benchmarks: name -> WanConfig preset name.

@@ -132,6 +132,41 @@ def stream_blocks_from_cpu(model: torch.nn.Module, device: torch.device) -> torc
     return model
 
 
+def sequence_parallel_groups(context: DistributedContext, size: int, num_heads: int, tokens: int,
+                             where: str = "config"):
+    """(the process group sharing this process's samples or None, data-parallel rank, data-parallel size)
+    for `size` processes per sample: consecutive ranks, so a group stays within a node."""
+    if size == 1:
+        return None, context.rank, context.world_size
+    from .config import ConfigError
+
+    problems = []
+    if context.world_size % size or not context.enabled:
+        problems.append(f"divide the number of processes ({context.world_size})")
+    if num_heads % size:
+        problems.append(f"divide the model's {num_heads} attention heads")
+    if tokens % size:
+        problems.append(f"divide the {tokens} video tokens of a sample")
+    if problems:
+        raise ConfigError(f"{where}: [parallel] sequence_parallel = {size} must " + " and ".join(problems) + ".")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(context.device.type, (context.world_size // size, size),
+                            mesh_dim_names=("data", "sequence"))
+    return mesh.get_group("sequence"), context.rank // size, context.world_size // size
+
+
+def divide_gradients_by(model: torch.nn.Module, factor: int) -> None:
+    """FSDP2 averages gradients over all processes; with sequence parallelism a group's processes hold
+    parts of one sample's gradient, so the sum is divided by the number of data-parallel groups only."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(float(factor))
+            module.set_force_sum_reduction_for_comms(True)  # plain sums + scaling: every backend has them
+
+
 class _AllToAll(torch.autograd.Function):
     """x [group size, ...]: slice j goes to rank j of `group`; slice i of the result came from rank i.
     Its own adjoint, so the backward is the same exchange."""
@@ -267,7 +302,7 @@ def memory_plan(model_config, config, world_size: int, gpus_per_node: int, laten
 
     channels, frames, height, width = latent_shape
     pt, ph, pw = model_config.patch_size
-    tokens = config.data.batch_size * (frames // pt) * (height // ph) * (width // pw)
+    tokens = config.data.batch_size * (frames // pt) * (height // ph) * (width // pw) // p.sequence_parallel
     activation_bytes = teacher_bytes  # the residual stream runs in bf16 under autocast
     working_set = tokens * (4 * model_config.dim + model_config.ffn_dim) * activation_bytes
     if t.activation_checkpointing:

@@ -29,8 +29,8 @@ from ..fastwan_core.schedule import student_sigmas
 from . import checkpointing, dmd
 from .config import RANDOM_MODELS, DistillConfig
 from .data import DataStream, ShardDataset
-from .distributed import (DistributedContext, build_mesh, init_distributed, parallelize_dit,
-                          stream_blocks_from_cpu)
+from .distributed import (DistributedContext, build_mesh, divide_gradients_by, enable_sequence_parallel,
+                          init_distributed, parallelize_dit, sequence_parallel_groups, stream_blocks_from_cpu)
 
 
 class TrainingDiverged(FastWanError):
@@ -104,8 +104,12 @@ class Distiller:
                     f"({model_config_for(source)} vs {self.model_config}); the student and fake score must be "
                     "the teacher's size.")
         self.dataset = ShardDataset(config.data.dir, self.model_config.text_dim, self.model_config.patch_size)
-        self.data = DataStream(self.dataset, config.data.batch_size, config.data.seed,
-                               self.context.rank, self.context.world_size)
+        latent = self.dataset.latent_shape
+        tokens = math.prod(n // p for n, p in zip(latent[1:], self.model_config.patch_size))
+        self.sequence_group, data_rank, data_size = sequence_parallel_groups(
+            self.context, config.parallel.sequence_parallel, self.model_config.num_heads, tokens, config.source)
+        # processes of one sequence-parallel group share their samples and their noise
+        self.data = DataStream(self.dataset, config.data.batch_size, config.data.seed, data_rank, data_size)
         self.settings = dmd.DMDSettings(
             student_timesteps=tuple(config.dmd.student_timesteps), shift=config.dmd.shift,
             dmd_min_ratio=config.dmd.dmd_min_ratio, dmd_max_ratio=config.dmd.dmd_max_ratio,
@@ -133,6 +137,9 @@ class Distiller:
             freeze_gates(student)
         student.set_activation_checkpointing(t.activation_checkpointing)
         fake_score.set_activation_checkpointing(t.activation_checkpointing)
+        if self.sequence_group is not None:
+            for model in (teacher, student, fake_score):
+                enable_sequence_parallel(model, self.sequence_group)
         # All three sharded alike; the frozen teacher optionally kept in CPU memory.
         offload = config.parallel.offload_teacher
         if offload and mesh is None:
@@ -141,6 +148,9 @@ class Distiller:
             self.teacher = parallelize_dit(teacher, mesh, offload=offload)
         self.student = parallelize_dit(student, mesh)
         self.fake_score = parallelize_dit(fake_score, mesh)
+        if self.sequence_group is not None:
+            for model in (self.student, self.fake_score):
+                divide_gradients_by(model, data_size)
         o = config.optimizer
         adamw = dict(betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         self.student_optimizer = torch.optim.AdamW(trainable(self.student), lr=o.lr, **adamw)
@@ -247,7 +257,7 @@ class Distiller:
         return self.step
 
     def noise_seed(self) -> int:
-        return self.config.train.seed * 1000003 + self.context.rank
+        return self.config.train.seed * 1000003 + self.data.rank
 
 
 class MetricsLog:
@@ -348,7 +358,8 @@ def run_distill(config: DistillConfig, context: Optional[DistributedContext] = N
         for step in range(trainer.step + 1, t.max_steps + 1):
             metrics = trainer.train_step(step)
             metrics["global_batch"] = trainer.data.global_batch
-            metrics["samples_per_s_per_gpu"] = config.data.batch_size / metrics["step_time_s"]
+            metrics["samples_per_s"] = trainer.data.global_batch / metrics["step_time_s"]
+            metrics["samples_per_s_per_gpu"] = metrics["samples_per_s"] / context.world_size
             if step % t.log_every == 0 or step == t.max_steps:
                 metrics_log.write(metrics, t.max_steps)
             if stop_at_step is not None and step == stop_at_step:
