@@ -482,3 +482,16 @@ def test_offloaded_teacher_trains_the_same(data_dir, tmp_path):
                    {k: v for k, v in b.items() if "time" not in k and "per_s" not in k}
     finally:
         torch.set_num_threads(previous)
+
+
+def test_sequence_parallel_that_cannot_split_is_refused_before_any_model_loads(data_dir, tmp_path, monkeypatch):
+    from fastwan.training import trainer as trainer_module
+    from fastwan.training.config import ConfigError
+    from fastwan.training.trainer import Distiller
+
+    monkeypatch.setattr(trainer_module, "build_model", lambda *a, **k: pytest.fail("a model was built"))
+    with pytest.raises(ConfigError) as error:
+        Distiller(config_from_dict(raw_config(data_dir, tmp_path, sequence_parallel=3)), log=quiet)
+    message = str(error.value)
+    assert "[parallel] sequence_parallel = 3" in message
+    assert "number of processes (1)" in message and "2 attention heads" in message and "32 video tokens" in message

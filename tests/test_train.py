@@ -193,6 +193,8 @@ def no_compute(monkeypatch):
     ("data", {"dir": "/no/such/folder"}, ["[data] dir", "/no/such/folder", "no such folder"]),
     ("model", {"teacher": "/no/such/model.safetensors"}, ["[model] teacher", "no such file"]),
     ("wrong", {"x": 1}, ["unknown section [wrong]"]),
+    ("parallel", {"sharding": "ring"}, ["[parallel] sharding", "\"full\"", "\"hybrid\""]),
+    ("parallel", {"sequence_parallel": 0}, ["[parallel] sequence_parallel", ">= 1"]),
 ])
 def test_bad_config_values_are_reported_with_file_and_key(data_dir, tmp_path, section, values, expected):
     _, raw = tiny_config(data_dir, tmp_path / "run")
