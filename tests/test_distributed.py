@@ -105,6 +105,9 @@ def train_and_save_on_two(context, data_dir, root):
 
     # straight: 4 steps, a checkpoint after step 2 (both optimizers have stepped: generator every 2nd)
     distiller = Distiller(config_from_dict(raw_config(data_dir, root / "straight")), context, log=quiet)
+    for model in (distiller.teacher, distiller.student, distiller.fake_score):  # all three sharded alike
+        weight = model.blocks[0].ffn[0].weight
+        assert weight.to_local().shape[0] == weight.shape[0] // 2 and weight.device_mesh.shape == (2,)
     for step in range(1, 5):
         metrics = distiller.train_step(step)
         if step == 1:
@@ -260,6 +263,18 @@ def test_sharded_checkpoint_holds_the_gathered_state(saved_on_two):
     assert_states_equal(gathered, {k: v for k, v in saved.items() if not k.startswith("rng-")})
     assert {k.split("/")[0] for k in saved if k.startswith("rng-")} == {"rng-rank00000", "rng-rank00001"}
     assert json.loads((folder / "trainer_state.json").read_text())["world_size"] == 2
+
+
+def test_export_of_a_sharded_checkpoint_is_one_file_load_dit_reads(saved_on_two, tmp_path, capsys):
+    from fastwan.cli import main
+    from fastwan.fastwan_core.checkpoint import load_dit
+
+    out = tmp_path / "student.safetensors"
+    assert main(["export", "--run", str(saved_on_two / "straight"), "--checkpoint", "step-000002",
+                 "--out", str(out), "--dtype", "fp32"]) == 0
+    exported = load_dit(out).state_dict()
+    gathered = load_tensors(saved_on_two / "gathered_at_2.safetensors")
+    assert_states_equal({k[len("student/"):]: v for k, v in gathered.items() if k.startswith("student/")}, exported)
 
 
 def test_stop_and_resume_on_two_processes_is_bit_exact(saved_on_two):
