@@ -302,6 +302,7 @@ def drop_metrics_after(path: Path, step: int) -> None:
     """Forget the logged steps after `step` (the checkpoint resumed from): they are about to be re-run."""
     if not path.is_file():
         return
+
     def logged_step(line: str) -> float:
         try:
             return json.loads(line)["step"]
