@@ -4,7 +4,8 @@
   state FSDP2 gathers (the oracle: full_state_dict all-gathers, no DCP involved); resumed on 1 and on
   4 processes every weight and optimizer state equals it; on 2, a stop + resume is bit-exact.
 - HSDP (2 shard groups of 2) gives the gradients of one process on the whole batch.
-Each group of processes is started once per module (tiny models; the start-up dominates).
+Each group of processes is started once per module (tiny models; the start-up dominates): about
+60 s of CPU on 2 cores for both, so the tests that share them are marked slow (CI runs them).
 """
 import json
 import os
@@ -254,6 +255,7 @@ def assert_states_equal(expected: dict, got: dict):
     assert not different, f"{len(different)} of {len(expected)} tensors differ, e.g. {different[:4]}"
 
 
+@pytest.mark.slow
 def test_sharded_checkpoint_holds_the_gathered_state(saved_on_two):
     folder = saved_on_two / "straight/checkpoints/step-000002"
     shards = sorted(p.name for p in (folder / checkpointing.STATE_FOLDER).iterdir())
@@ -265,6 +267,7 @@ def test_sharded_checkpoint_holds_the_gathered_state(saved_on_two):
     assert json.loads((folder / "trainer_state.json").read_text())["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_export_of_a_sharded_checkpoint_is_one_file_load_dit_reads(saved_on_two, tmp_path, capsys):
     from fastwan.cli import main
     from fastwan.fastwan_core.checkpoint import load_dit
@@ -277,6 +280,7 @@ def test_export_of_a_sharded_checkpoint_is_one_file_load_dit_reads(saved_on_two,
     assert_states_equal({k[len("student/"):]: v for k, v in gathered.items() if k.startswith("student/")}, exported)
 
 
+@pytest.mark.slow
 def test_stop_and_resume_on_two_processes_is_bit_exact(saved_on_two):
     straight = saved_on_two / "straight/checkpoints/step-000004"
     resumed = saved_on_two / "interrupted/checkpoints/step-000004"
@@ -285,12 +289,14 @@ def test_stop_and_resume_on_two_processes_is_bit_exact(saved_on_two):
             == json.loads((resumed / "trainer_state.json").read_text()))
 
 
+@pytest.mark.slow
 def test_offloaded_teacher_on_two_processes_gives_the_same_step(saved_on_two):
     plain, offloaded = json.loads((saved_on_two / "first_step.json").read_text())
     for key in ("fake_score_loss", "fake_score_grad_norm"):
         assert plain[key] == offloaded[key], key
 
 
+@pytest.mark.slow
 def test_sequence_parallel_matches_one_process(saved_on_two):
     # the comparisons ran inside the two processes (assert_close); here: that they ran, on real gradients
     report = json.loads((saved_on_two / "sequence_parallel.json").read_text())
@@ -298,6 +304,7 @@ def test_sequence_parallel_matches_one_process(saved_on_two):
     assert all(entry["gradients"] > 20 and entry["output_mean_abs"] > 0 for entry in report.values())
 
 
+@pytest.mark.slow
 def test_sequence_parallel_trainer_matches_one_process(data_dir, saved_on_two, tmp_path):
     from fastwan.training.trainer import Distiller
 
@@ -321,6 +328,7 @@ def test_sequence_parallel_trainer_matches_one_process(data_dir, saved_on_two, t
         torch.testing.assert_close(parallel[key], state[key], rtol=1e-3, atol=1e-4, msg=key)
 
 
+@pytest.mark.slow
 def test_saved_on_two_resumes_on_one(data_dir, saved_on_two, tmp_path):
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
@@ -347,11 +355,13 @@ def test_saved_on_two_resumes_on_one(data_dir, saved_on_two, tmp_path):
         torch.set_num_threads(previous)
 
 
+@pytest.mark.slow
 def test_saved_on_two_resumes_on_four(on_four):
     assert_states_equal(load_tensors(on_four / "gathered_at_2.safetensors"),
                         load_tensors(on_four / "resumed_on_4.safetensors"))
 
 
+@pytest.mark.slow
 def test_hybrid_sharding_gives_the_single_process_gradients(on_four):
     model, (x, t, text, target) = hybrid_problem()
     # FSDP averages the 4 processes' gradients: the mean of per-sample losses on one process
