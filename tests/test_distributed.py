@@ -287,6 +287,12 @@ def test_stop_and_resume_on_two_processes_is_bit_exact(saved_on_two):
     assert_states_equal(checkpointing.read_checkpoint(straight), checkpointing.read_checkpoint(resumed))
     assert (json.loads((straight / "trainer_state.json").read_text())
             == json.loads((resumed / "trainer_state.json").read_text()))
+    lines = [json.loads(line) for line in (saved_on_two / "interrupted/metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4]
+    for m in lines:  # throughput of the run and per GPU, from the global batch of 2 x 1
+        assert m["global_batch"] == 2
+        assert m["samples_per_s"] == pytest.approx(2 / m["step_time_s"])
+        assert m["samples_per_s_per_gpu"] == pytest.approx(m["samples_per_s"] / 2)
 
 
 @pytest.mark.slow

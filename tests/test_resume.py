@@ -79,6 +79,7 @@ def uninterrupted(data_dir, tmp_path_factory):
 def test_uninterrupted_run_trains_both_optimizers(uninterrupted):
     tensors, state, metrics = uninterrupted
     assert state["step"] == MAX_STEPS and [m["step"] for m in metrics] == list(range(1, MAX_STEPS + 1))
+    assert all(m["global_batch"] == 1 for m in metrics)
     assert [("generator_loss" in m) for m in metrics] == [s % GENERATOR_EVERY == 0 for s in range(1, MAX_STEPS + 1)]
     steps = {k.split("/")[0]: v for k, v in tensors.items() if k.endswith("/step")}
     # AdamW's step counters: one generator update, MAX_STEPS fake-score updates
