@@ -131,17 +131,20 @@ class SelfAttention(Attention):
         # projections the autocast dtype.
         q = apply_rope(q, rope).to(v.dtype)
         k = apply_rope(k, rope).to(v.dtype)
-        if attention.tile_layout is None:
-            out = dense_attention(q, k, v)
-        else:
-            from ..kernels.vsa import video_sparse_attention_tiled
+        gate = None if attention.tile_layout is None else gate_proj(x).unflatten(-1, (heads, -1)).to(v.dtype)
+        return self.o(self.attend(q, k, v, gate, attention).flatten(2))
 
-            gate = gate_proj(x).unflatten(-1, (heads, -1)).to(v.dtype)
-            out = video_sparse_attention_tiled(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention.tile_layout,
-                attention.topk, gate=gate.transpose(1, 2), implementation=attention.config.implementation,
-            ).transpose(1, 2)
-        return self.o(out.flatten(2))
+    def attend(self, q, k, v, gate, attention: "ResolvedAttention"):
+        """The attention kernel over the whole token sequence: q, k, v, gate [B, L, heads, head_dim]
+        (gate None for dense). Sequence parallelism wraps this call (training/distributed.py)."""
+        if attention.tile_layout is None:
+            return dense_attention(q, k, v)
+        from ..kernels.vsa import video_sparse_attention_tiled
+
+        return video_sparse_attention_tiled(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention.tile_layout,
+            attention.topk, gate=gate.transpose(1, 2), implementation=attention.config.implementation,
+        ).transpose(1, 2)
 
 
 class CrossAttention(Attention):

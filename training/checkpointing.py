@@ -1,28 +1,37 @@
-"""Resumable training checkpoints, written atomically, in safetensors + JSON (nothing pickled).
+"""Resumable training checkpoints: sharded, written by every process in parallel, atomic, nothing pickled.
 
 Layout of a run folder:
     config.toml                      the resolved config of the run
     metrics.jsonl                    one JSON object per logged step
     checkpoints/latest               text: the name of the newest complete checkpoint
     checkpoints/step-000250/
-        student.safetensors          WanDiT weights (fp32 masters) + config metadata: `load_dit` reads it
-        fake_score.safetensors       the same for the fake score
-        optimizer_student.safetensors / optimizer_fake_score.safetensors
-                                     AdamW moments as "<param name>/<state name>" tensors; the param
-                                     groups (lr, betas, ...) as JSON metadata
+        state/shard-00001-model-00001-of-00001.safetensors, shard-00002-..., ...
+                                     torch.distributed.checkpoint (DCP) in safetensors: each process
+                                     writes the shards it holds, with their offsets in the file's
+                                     metadata. Keys "<model>/<param>" (fp32 master weights) and
+                                     "optimizer_<model>/<param>/<state>" (AdamW moments, step)
         rng-rank00000.safetensors    each process's RNG states (trainer CPU generator, torch CPU, CUDA)
-        trainer_state.json           step, data position, world size
+        trainer_state.json           step, data position, world size, the optimizers' param groups,
+                                     the model config; written last
 
-A checkpoint is written to `checkpoints/.step-000250.tmp/` and renamed into place only once complete,
-then `latest` is replaced atomically; a crash mid-save leaves the previous checkpoint untouched.
-Under FSDP2 the full (unsharded) state dicts are gathered to rank 0, which writes them; every rank
-writes its own RNG file. Resuming loads them on rank 0 and broadcasts.
+A checkpoint is written into `checkpoints/.step-000250.tmp/` and renamed into place only once every
+process has finished writing (the folder must be on a filesystem all nodes share); then `latest`
+is replaced atomically. A crash or kill mid-save leaves only the hidden temp folder, which is never
+picked and is removed by the next save.
+
+DCP reshards on load, so a run resumes on any number of processes with the same weights and
+optimizer state (each process's data order and noise stream are per process: on a different
+number they continue from the data position but restart their noise from the seed and the step).
+`read_checkpoint` assembles the full tensors in one process (for `fastwan export` and tests).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -34,52 +43,16 @@ from ..fastwan_core.errors import CheckpointError
 
 LATEST_FILE = "latest"
 TRAINER_STATE_FILE = "trainer_state.json"
-MODEL_FILES = {"student": "student.safetensors", "fake_score": "fake_score.safetensors"}
+STATE_FOLDER = "state"
+FORMAT_VERSION = 2
 
 
 def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def _state_dict_options(distributed: bool, for_loading: bool = False):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    if for_loading:
-        return StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed)
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def _save_safetensors(tensors: dict, path: Path, metadata: Optional[dict] = None) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
-
-
-def _load_safetensors(path: Path) -> tuple[dict, dict]:
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing: the checkpoint folder {path.parent} is incomplete. Resume from "
-                              f"another checkpoint (edit {path.parent.parent / LATEST_FILE}) or start a new run.")
-    with safe_open(str(path), framework="pt") as handle:
-        return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
-
-
-def _flatten_optimizer(state: dict) -> tuple[dict, dict]:
-    tensors = {}
-    for param_name, entries in state["state"].items():
-        for key, value in entries.items():
-            tensors[f"{param_name}/{key}"] = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items()} for group in state["param_groups"]]
-    return tensors, {"param_groups": json.dumps(groups)}
-
-
-def _unflatten_optimizer(tensors: dict, metadata: dict) -> dict:
-    state: dict = {}
-    for name, value in tensors.items():
-        param_name, key = name.rsplit("/", 1)
-        state.setdefault(param_name, {})[key] = value
-    groups = json.loads(metadata["param_groups"])
-    for group in groups:
-        if "betas" in group:
-            group["betas"] = tuple(group["betas"])
-    return {"state": state, "param_groups": groups}
+def rng_file(rank: int) -> str:
+    return f"rng-rank{rank:05d}.safetensors"
 
 
 def rng_state(generator: torch.Generator) -> dict:
@@ -99,43 +72,77 @@ def restore_rng_state(generator: torch.Generator, state: dict) -> None:
         torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
 
 
-def save_checkpoint(run_dir, step: int, models: dict, optimizers: dict, generator: torch.Generator,
-                    trainer_state: dict, context, model_config_json: str, keep: int = 2,
-                    name: Optional[str] = None, update_latest: bool = True) -> Path:
-    """Write a complete checkpoint atomically; returns its folder. Collective under FSDP2.
+def _training_state(models: dict, optimizers: dict, started: set) -> tuple[dict, dict]:
+    """The flat {key: tensor or DTensor} that DCP writes/reads in place, and the optimizers' param groups.
 
-    models / optimizers: {"student": ..., "fake_score": ...}. trainer_state: JSON-able dict
-    (step, data position, ...). model_config_json: WanConfig.to_dict() as JSON, stored in each model
-    file's metadata so `load_dit` can read the file alone.
+    Optimizers not in `started` are left out: torch would create their state by taking a step with
+    zero gradients (which advances AdamW's step counter), and a fresh optimizer is their state anyway.
     """
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    from ..fastwan_core.checkpoint import CONFIG_METADATA_KEY
+    flat, groups = {}, {}
+    for key, model in models.items():
+        for name, value in get_model_state_dict(model).items():
+            flat[f"{key}/{name}"] = value
+        if key not in started:
+            continue
+        optimizer_state = get_optimizer_state_dict(model, optimizers[key])
+        for name, entries in optimizer_state["state"].items():
+            for entry, value in entries.items():
+                flat[f"optimizer_{key}/{name}/{entry}"] = value
+        groups[key] = optimizer_state["param_groups"]
+    return flat, groups
+
+
+@contextlib.contextmanager
+def _quiet_single_process(enabled: bool):
+    """DCP warns on every single-process save/load that it assumes a single process: that is the intent."""
+    with warnings.catch_warnings():
+        if enabled:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _json_groups(groups: list) -> list:
+    return [{k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items()} for group in groups]
+
+
+def save_checkpoint(run_dir, step: int, models: dict, optimizers: dict, generator: torch.Generator,
+                    trainer_state: dict, context, model_config: dict, keep: int = 2,
+                    name: Optional[str] = None, update_latest: bool = True) -> Path:
+    """Write a complete checkpoint atomically; returns its folder. Collective: every process calls it.
+
+    models / optimizers: {"student": ..., "fake_score": ...}. trainer_state: JSON-able dict (data
+    position, ...). model_config: WanConfig.to_dict(), so an export needs no other file.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
     checkpoints = Path(run_dir) / "checkpoints"
     name = name or checkpoint_name(step)
     final = checkpoints / name
     temporary = checkpoints / f".{name}.tmp"
-    options = _state_dict_options(context.enabled)
     if context.is_main:
         if temporary.exists():
             shutil.rmtree(temporary)  # the leftover of a crash during an earlier save
-        temporary.mkdir(parents=True)
+        (temporary / STATE_FOLDER).mkdir(parents=True)
     context.barrier()
-    _save_safetensors(rng_state(generator), temporary / f"rng-rank{context.rank:05d}.safetensors")
-    for key, model in models.items():
-        weights = get_model_state_dict(model, options=options)
-        optimizer_state = get_optimizer_state_dict(model, optimizers[key], options=options)
-        if context.is_main:
-            _save_safetensors(weights, temporary / MODEL_FILES[key],
-                              {"format": "pt", CONFIG_METADATA_KEY: model_config_json})
-            tensors, metadata = _flatten_optimizer(optimizer_state)
-            _save_safetensors(tensors, temporary / f"optimizer_{key}.safetensors", metadata)
-        del weights, optimizer_state
+    started = {key for key, optimizer in optimizers.items() if optimizer.state}
+    flat, groups = _training_state(models, optimizers, started)
+    with _quiet_single_process(not context.enabled):
+        dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(temporary / STATE_FOLDER), save_distributed=True),
+                 no_dist=not context.enabled)
+    save_file({k: v.contiguous() for k, v in rng_state(generator).items()}, str(temporary / rng_file(context.rank)))
     context.barrier()
     if context.is_main:
-        state = dict(trainer_state, step=step, world_size=context.world_size)
-        (temporary / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2))
+        state = dict(trainer_state, format=FORMAT_VERSION, step=step, world_size=context.world_size,
+                     optimizers_started=sorted(started),
+                     param_groups={key: _json_groups(value) for key, value in groups.items()},
+                     model_config=model_config)
+        with open(temporary / TRAINER_STATE_FILE, "w") as handle:
+            handle.write(json.dumps(state, indent=2))
+            handle.flush()
+            os.fsync(handle.fileno())
         if final.exists():
             shutil.rmtree(final)
         os.replace(temporary, final)
@@ -158,6 +165,20 @@ def _prune(checkpoints: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def check_writable(run_dir, where: str) -> None:
+    """Fail now, with one line, if the run folder cannot be created or written (not after the models load)."""
+    run_dir = Path(run_dir)
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        for folder in (run_dir, run_dir / "checkpoints"):
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+                pass
+    except OSError as error:
+        raise CheckpointError(f"{where}: [train] output_dir = {str(run_dir)!r} is not writable "
+                              f"({error.strerror or error}); choose a folder you can write to, e.g. "
+                              "--set train.output_dir=runs/my_run.") from None
+
+
 def latest_checkpoint(run_dir) -> Optional[Path]:
     """The newest complete checkpoint of a run folder, or None when there is none."""
     checkpoints = Path(run_dir) / "checkpoints"
@@ -171,26 +192,74 @@ def latest_checkpoint(run_dir) -> Optional[Path]:
     return folder
 
 
+def read_trainer_state(folder) -> dict:
+    folder = Path(folder)
+    path = folder / TRAINER_STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{folder} is not a complete checkpoint ({TRAINER_STATE_FILE} is missing); pick "
+                              f"another step-* folder of {folder.parent}.")
+    state = json.loads(path.read_text())
+    if state.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{folder} was written by an older trainer (checkpoint format "
+                              f"{state.get('format', 1)}, this one reads {FORMAT_VERSION}); resume it with that "
+                              "version, or export its student there and start a new run from it.")
+    return state
+
+
 def load_checkpoint(folder, models: dict, optimizers: dict, generator: torch.Generator, context) -> dict:
-    """Restore models, optimizers and RNG states in place; returns the trainer state dict."""
+    """Restore models and optimizers in place (resharded to this run's processes), and the RNG states
+    when the number of processes is the one that saved. Returns the trainer state, with
+    "rng_restored" telling whether the RNG states were restored."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     folder = Path(folder)
-    state = json.loads((folder / TRAINER_STATE_FILE).read_text())
-    if state.get("world_size", 1) != context.world_size:
-        raise CheckpointError(f"{folder} was written by {state.get('world_size')} processes but this run has "
-                              f"{context.world_size}; the data order and RNG streams are per process, so resume "
-                              "with the same number of processes (or export and start a new run).")
-    options = _state_dict_options(context.enabled, for_loading=True)
+    state = read_trainer_state(folder)
+    started = set(state["optimizers_started"])
+    flat, groups = _training_state(models, optimizers, started)
+    with _quiet_single_process(not context.enabled):
+        dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(folder / STATE_FOLDER)), no_dist=not context.enabled)
     for key, model in models.items():
-        weights, _ = _load_safetensors(folder / MODEL_FILES[key]) if context.is_main or not context.enabled else ({}, {})
-        set_model_state_dict(model, weights, options=options)
-        if context.is_main or not context.enabled:
-            tensors, metadata = _load_safetensors(folder / f"optimizer_{key}.safetensors")
-            optimizer_state = _unflatten_optimizer(tensors, metadata)
-        else:
-            optimizer_state = {}
-        set_optimizer_state_dict(model, optimizers[key], optimizer_state, options=options)
-    rng, _ = _load_safetensors(folder / f"rng-rank{context.rank:05d}.safetensors")
-    restore_rng_state(generator, rng)
+        prefix = f"{key}/"
+        set_model_state_dict(model, {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)})
+        if key not in started:
+            continue
+        entries: dict = {}
+        prefix = f"optimizer_{key}/"
+        for flat_key, value in flat.items():
+            if flat_key.startswith(prefix):
+                name, entry = flat_key[len(prefix):].rsplit("/", 1)
+                entries.setdefault(name, {})[entry] = value
+        saved_groups = state["param_groups"][key]
+        param_groups = [dict(current, **{k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k != "params"})
+                        for current, saved in zip(groups[key], saved_groups)]
+        set_optimizer_state_dict(model, optimizers[key], {"state": entries, "param_groups": param_groups})
+    state["rng_restored"] = state["world_size"] == context.world_size
+    if state["rng_restored"]:
+        rng = {}
+        with safe_open(str(folder / rng_file(context.rank)), framework="pt") as handle:
+            rng = {k: handle.get_tensor(k) for k in handle.keys()}
+        restore_rng_state(generator, rng)
     return state
+
+
+def read_checkpoint(folder, prefix: str = "") -> dict:
+    """The full (unsharded) CPU tensors of a checkpoint whose keys start with `prefix` ("student/": the
+    student's weights), plus "rng-rank<r>/<generator>" for an empty prefix. One process, no process group."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    folder = Path(folder)
+    read_trainer_state(folder)
+    reader = HuggingFaceStorageReader(str(folder / STATE_FOLDER))
+    metadata = reader.read_metadata()
+    out = {key: torch.empty(entry.size, dtype=entry.properties.dtype)
+           for key, entry in metadata.state_dict_metadata.items() if key.startswith(prefix)}
+    with _quiet_single_process(True):
+        dcp.load(out, storage_reader=HuggingFaceStorageReader(str(folder / STATE_FOLDER)), no_dist=True)
+    if not prefix:
+        for path in sorted(folder.glob("rng-rank*.safetensors")):
+            with safe_open(str(path), framework="pt") as handle:
+                out.update({f"{path.stem}/{k}": handle.get_tensor(k) for k in handle.keys()})
+    return out

@@ -40,6 +40,11 @@ def register(subparsers) -> None:
     distill.add_argument("--config", required=True, help="TOML file, e.g. training/configs/wan_1_3b_480p.toml")
     distill.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                          help="override one config value (TOML syntax), e.g. --set train.max_steps=10; repeatable")
+    distill.add_argument("--memory-plan", action="store_true",
+                         help="print the per-GPU memory plan of this config (from shapes only) and exit")
+    distill.add_argument("--gpus", type=int, default=1, help="with --memory-plan: GPUs of the run (default 1)")
+    distill.add_argument("--gpus-per-node", type=int, default=0,
+                         help="with --memory-plan: GPUs per node, the HSDP shard group (default: --gpus)")
     distill.set_defaults(run=_run_distill)
 
     export = subparsers.add_parser(

@@ -82,6 +82,14 @@ class TrainSection:
     device: str = "auto"  # "auto" (cuda if available) | "cuda" | "cpu"
 
 
+@dataclass
+class ParallelSection:
+    sharding: str = "full"  # "full": FSDP over all processes; "hybrid": HSDP, shard within a group, replicate across
+    shard_group_size: int = 0  # processes per shard group with "hybrid"; 0: one node's (torchrun's LOCAL_WORLD_SIZE)
+    offload_teacher: bool = False  # keep the frozen teacher's shards in CPU memory, moved to the GPU block by block
+    sequence_parallel: int = 1  # processes sharing one sample's video tokens (Ulysses); 1: off
+
+
 SECTIONS = {
     "model": ModelSection,
     "attention": AttentionSection,
@@ -89,6 +97,7 @@ SECTIONS = {
     "optimizer": OptimizerSection,
     "data": DataSection,
     "train": TrainSection,
+    "parallel": ParallelSection,
 }
 
 
@@ -100,6 +109,7 @@ class DistillConfig:
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
     source: str = "<defaults>"  # where it was read from, for error messages
 
     def to_dict(self) -> dict:
@@ -262,10 +272,18 @@ def validate(config: DistillConfig) -> None:
         fail("train", "mixed_precision", f"= {t.mixed_precision!r} must be \"bf16\" or \"no\".")
     if t.device not in ("auto", "cuda", "cpu"):
         fail("train", "device", f"= {t.device!r} must be \"auto\", \"cuda\" or \"cpu\".")
+    p = config.parallel
+    if p.sharding not in ("full", "hybrid"):
+        fail("parallel", "sharding", f"= {p.sharding!r} must be \"full\" (FSDP over all processes) or \"hybrid\" "
+             "(HSDP: shard within a node, replicate across nodes).")
+    if p.shard_group_size < 0:
+        fail("parallel", "shard_group_size", "must be >= 0 (0: the processes of one node).")
+    if p.sequence_parallel < 1:
+        fail("parallel", "sequence_parallel", "must be >= 1 (1: each process has its own samples).")
 
 
 # Random-weight models for smoke tests and benchmarks: name -> WanConfig preset name.
-RANDOM_MODELS = {"random:tiny": "tiny", "random:1.3b": "t2v_1_3b"}
+RANDOM_MODELS = {"random:tiny": "tiny", "random:1.3b": "t2v_1_3b", "random:14b": "t2v_14b"}
 
 
 def replace(config: DistillConfig, **sections) -> DistillConfig:

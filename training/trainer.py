@@ -29,7 +29,8 @@ from ..fastwan_core.schedule import student_sigmas
 from . import checkpointing, dmd
 from .config import RANDOM_MODELS, DistillConfig
 from .data import DataStream, ShardDataset
-from .distributed import DistributedContext, init_distributed, parallelize_dit
+from .distributed import (DistributedContext, build_mesh, divide_gradients_by, enable_sequence_parallel,
+                          init_distributed, parallelize_dit, sequence_parallel_groups, stream_blocks_from_cpu)
 
 
 class TrainingDiverged(FastWanError):
@@ -92,6 +93,8 @@ class Distiller:
         self.mixed_precision = t.mixed_precision == "bf16"
 
         # -- every check that needs no weights, before loading anything ---------------------------
+        checkpointing.check_writable(t.output_dir, config.source)
+        mesh = build_mesh(config.parallel, self.context, config.source)
         self.model_config = model_config_for(config.model.teacher)
         for key in ("student_init", "fake_score_init"):
             source = getattr(config.model, key)
@@ -101,8 +104,12 @@ class Distiller:
                     f"({model_config_for(source)} vs {self.model_config}); the student and fake score must be "
                     "the teacher's size.")
         self.dataset = ShardDataset(config.data.dir, self.model_config.text_dim, self.model_config.patch_size)
-        self.data = DataStream(self.dataset, config.data.batch_size, config.data.seed,
-                               self.context.rank, self.context.world_size)
+        latent = self.dataset.latent_shape
+        tokens = math.prod(n // p for n, p in zip(latent[1:], self.model_config.patch_size))
+        self.sequence_group, data_rank, data_size = sequence_parallel_groups(
+            self.context, config.parallel.sequence_parallel, self.model_config.num_heads, tokens, config.source)
+        # processes of one sequence-parallel group share their samples and their noise
+        self.data = DataStream(self.dataset, config.data.batch_size, config.data.seed, data_rank, data_size)
         self.settings = dmd.DMDSettings(
             student_timesteps=tuple(config.dmd.student_timesteps), shift=config.dmd.shift,
             dmd_min_ratio=config.dmd.dmd_min_ratio, dmd_max_ratio=config.dmd.dmd_max_ratio,
@@ -130,14 +137,25 @@ class Distiller:
             freeze_gates(student)
         student.set_activation_checkpointing(t.activation_checkpointing)
         fake_score.set_activation_checkpointing(t.activation_checkpointing)
-        self.teacher = parallelize_dit(teacher, self.context)
-        self.student = parallelize_dit(student, self.context)
-        self.fake_score = parallelize_dit(fake_score, self.context)
+        if self.sequence_group is not None:
+            for model in (teacher, student, fake_score):
+                enable_sequence_parallel(model, self.sequence_group)
+        # All three sharded alike; the frozen teacher optionally kept in CPU memory.
+        offload = config.parallel.offload_teacher
+        if offload and mesh is None:
+            self.teacher = stream_blocks_from_cpu(teacher, self.device)
+        else:
+            self.teacher = parallelize_dit(teacher, mesh, offload=offload)
+        self.student = parallelize_dit(student, mesh)
+        self.fake_score = parallelize_dit(fake_score, mesh)
+        if self.sequence_group is not None:
+            for model in (self.student, self.fake_score):
+                divide_gradients_by(model, data_size)
         o = config.optimizer
         adamw = dict(betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         self.student_optimizer = torch.optim.AdamW(trainable(self.student), lr=o.lr, **adamw)
         self.fake_optimizer = torch.optim.AdamW(trainable(self.fake_score), lr=o.fake_score_lr, **adamw)
-        self.generator = torch.Generator("cpu").manual_seed(t.seed * 1000003 + self.context.rank)
+        self.generator = torch.Generator("cpu").manual_seed(self.noise_seed())
         self.negative = self.dataset.negative_embedding.to(self.device)  # [1, L, D]
         self.step = 0
 
@@ -220,7 +238,7 @@ class Distiller:
             {"student": self.student, "fake_score": self.fake_score},
             {"student": self.student_optimizer, "fake_score": self.fake_optimizer},
             self.generator, {"data": self.data.state_dict()}, self.context,
-            json.dumps(self.model_config.to_dict()), keep=self.config.train.keep_checkpoints,
+            self.model_config.to_dict(), keep=self.config.train.keep_checkpoints,
             name=name, update_latest=update_latest)
 
     def resume(self, folder) -> int:
@@ -229,7 +247,18 @@ class Distiller:
             {"student": self.student_optimizer, "fake_score": self.fake_optimizer}, self.generator, self.context)
         self.data.load_state_dict(state["data"])
         self.step = int(state["step"])
+        if not state["rng_restored"]:
+            # Saved by another number of processes: the weights and optimizer states are resharded;
+            # each process's noise stream restarts from the seed and the step.
+            self.generator.manual_seed(self.noise_seed() * 1000003 + self.step)
+            self.log(f"{folder} was saved by {state['world_size']} processes, resumed on {self.context.world_size}: "
+                     f"same weights and optimizer states, data continues from the saved position, the global batch "
+                     f"is now {self.data.global_batch} (was {self.config.data.batch_size * state['world_size']}), "
+                     "noise streams restart from the seed and the step.")
         return self.step
+
+    def noise_seed(self) -> int:
+        return self.config.train.seed * 1000003 + self.data.rank
 
 
 class MetricsLog:
@@ -255,7 +284,8 @@ class MetricsLog:
             if key in metrics:
                 parts.append(f"{key} {metrics[key]:.5g}")
         parts += [f"sparsity {metrics['sparsity']:.2f}", f"step_time {metrics['step_time_s']:.3f}s",
-                  f"{metrics['samples_per_s']:.3g} samples/s"]
+                  f"{metrics['samples_per_s']:.3g} samples/s", f"{metrics['samples_per_s_per_gpu']:.3g} per GPU",
+                  f"global batch {metrics['global_batch']}"]
         self.log(" | ".join(parts))
         with open(self.jsonl, "a") as handle:
             handle.write(json.dumps(metrics) + "\n")
@@ -267,6 +297,25 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def drop_metrics_after(path: Path, step: int) -> None:
+    """Forget the logged steps after `step` (the checkpoint resumed from): they are about to be re-run."""
+    if not path.is_file():
+        return
+
+    def logged_step(line: str) -> float:
+        try:
+            return json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):  # half a line: the process was killed while writing it
+            return math.inf
+
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if logged_step(line) <= step]
+    if len(kept) != len(lines):
+        from ..fastwan_core.checkpoint import atomic_write_text
+
+        atomic_write_text(path, "".join(kept))
 
 
 def run_distill(config: DistillConfig, context: Optional[DistributedContext] = None, log=print,
@@ -290,6 +339,8 @@ def run_distill(config: DistillConfig, context: Optional[DistributedContext] = N
     if latest is not None:
         trainer.resume(latest)
         trainer.log(f"resumed from {latest} at step {trainer.step}")
+        if context.is_main:
+            drop_metrics_after(run_dir / "metrics.jsonl", trainer.step)
     metrics_log = MetricsLog(run_dir, context.is_main, t.tensorboard, trainer.log)
 
     stop = {"reason": None}
@@ -308,6 +359,9 @@ def run_distill(config: DistillConfig, context: Optional[DistributedContext] = N
     try:
         for step in range(trainer.step + 1, t.max_steps + 1):
             metrics = trainer.train_step(step)
+            metrics["global_batch"] = trainer.data.global_batch
+            metrics["samples_per_s"] = trainer.data.global_batch / metrics["step_time_s"]
+            metrics["samples_per_s_per_gpu"] = metrics["samples_per_s"] / context.world_size
             if step % t.log_every == 0 or step == t.max_steps:
                 metrics_log.write(metrics, t.max_steps)
             if stop_at_step is not None and step == stop_at_step:
@@ -332,6 +386,19 @@ def main_distill(args) -> int:
     from .distributed import shutdown
 
     config = load_config(args.config, args.set)
+    if getattr(args, "memory_plan", False):
+        from .data import ShardDataset
+        from .distributed import memory_plan
+
+        if args.gpus < 1 or args.gpus_per_node < 0:
+            from ..fastwan_core.errors import InputError
+
+            raise InputError(f"--gpus {args.gpus} --gpus-per-node {args.gpus_per_node}: give at least one GPU.")
+        model_config = model_config_for(config.model.teacher)
+        dataset = ShardDataset(config.data.dir, model_config.text_dim, model_config.patch_size)
+        gpus_per_node = args.gpus_per_node or args.gpus
+        print(json.dumps(memory_plan(model_config, config, args.gpus, gpus_per_node, dataset.latent_shape), indent=2))
+        return 0
     context = init_distributed(config.train.device)
     try:
         result = run_distill(config, context, log=lambda line: print(line, flush=True))
@@ -344,7 +411,7 @@ def main_distill(args) -> int:
 
 def main_export(args) -> int:
     """`fastwan export`: the student of a run's checkpoint -> one safetensors file via save_dit."""
-    from ..fastwan_core.checkpoint import load_dit, save_dit
+    from ..fastwan_core.checkpoint import save_dit
     from ..fastwan_core.errors import InputError
 
     run = Path(args.run_dir)
@@ -360,10 +427,14 @@ def main_export(args) -> int:
                              "`fastwan distill` run that has saved at least once.")
     if not str(args.out).endswith(".safetensors"):
         raise InputError(f"--out {args.out}: the export is one file; give a path ending in .safetensors.")
+    from ..fastwan_core.model import WanDiT
     from ..fastwan_core.pipeline import DTYPES
 
-    dtype = DTYPES[args.dtype]
-    student = load_dit(folder / checkpointing.MODEL_FILES["student"], dtype=dtype)
-    path = save_dit(student, args.out, layout=args.layout)
+    config = WanConfig.from_dict(checkpointing.read_trainer_state(folder)["model_config"])
+    weights = {k.split("/", 1)[1]: v for k, v in checkpointing.read_checkpoint(folder, "student/").items()}
+    with torch.device("meta"):
+        student = WanDiT(config)
+    student.load_state_dict(weights, assign=True)
+    path = save_dit(student.to(DTYPES[args.dtype]), args.out, layout=args.layout)
     print(json.dumps({"exported": str(path), "checkpoint": str(folder), "layout": args.layout, "dtype": args.dtype}))
     return 0
