@@ -27,7 +27,7 @@ CORE_WIDGETS = {
 }
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
 LOADER_FOLDERS = {"CLIPLoader": "text_encoders", "VAELoader": "vae", "FastWanModelLoader": "diffusion_models"}
-SOCKET_TYPES = {"FASTWAN_MODEL", "CONDITIONING", "LATENT", "IMAGE", "CLIP", "VAE", "MODEL"}
+SOCKET_TYPES = {"CONDITIONING", "LATENT", "IMAGE", "CLIP", "VAE", "MODEL"}
 
 
 def widget_inputs(node_type: str) -> list[tuple[str, object, dict]]:
