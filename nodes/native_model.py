@@ -190,10 +190,12 @@ def _patch_native_wan(patcher, config: AttentionConfig) -> None:
         out = video_sparse_attention(*split, grid, topk, gate=None, implementation=config.implementation)
         return out.transpose(1, 2).reshape(batch, tokens, channels)
 
-    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, _NATIVE_PATCH_KEY, record_grid)
     for index in range(len(native_wan_model(patcher).blocks)):
         patcher.set_model_patch_replace(first_attention_is_self, "dit", "double_block", index)
-    patcher.model_options["transformer_options"]["optimized_attention_override"] = override
+    options = patcher.model_options["transformer_options"]  # set_model_patch_replace replaced the dict
+    wrappers = options.setdefault("wrappers", {}).setdefault(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, {})
+    wrappers[_NATIVE_PATCH_KEY] = [record_grid]  # one grid recorder however often the model is patched
+    options["optimized_attention_override"] = override
 
 
 # ------------------------------------------------------------------------------------------------
