@@ -56,6 +56,7 @@ TINY = "fastwan_tiny.safetensors"
 NATIVE_CONFIG = WanConfig(dim=256, ffn_dim=384, num_heads=2, num_layers=2, text_dim=4096, freq_dim=256)
 NATIVE_TINY = "wan_native_tiny.safetensors"
 LORA_RANK = 4
+FP8_TINY = "fastwan_tiny_fp8_e4m3fn_scaled.safetensors"
 
 
 def random_dit(config: WanConfig, seed: int) -> WanDiT:
@@ -163,6 +164,9 @@ def comfyui(tmp_path_factory):
     save_dit(tiny, diffusion_models / TINY)
     save_dit(tiny, diffusion_models / WORKFLOW_FILES["diffusion_models"])  # Load FastWan validates the file
     save_dit(random_dit(NATIVE_CONFIG, seed=12), diffusion_models / NATIVE_TINY, layout="comfy")
+    from test_nodes import save_fp8_file
+
+    fp8_weights = save_fp8_file(tiny, diffusion_models / FP8_TINY, scaled=True)
     (base / "models" / "loras").mkdir()
     factors = lora_factors(tiny, seed=13)
     save_file(kohya_lora(factors, alpha=2.0), str(base / "models" / "loras" / "kohya.safetensors"))
@@ -194,7 +198,7 @@ def comfyui(tmp_path_factory):
             if time.time() > deadline:
                 pytest.fail(f"ComfyUI did not start within 300 s:\n{log_path.read_text()[-4000:]}")
             time.sleep(1)
-        yield {"base": base, "log": log_path, "tiny": tiny, "lora_factors": factors}
+        yield {"base": base, "log": log_path, "tiny": tiny, "lora_factors": factors, "fp8_weights": fp8_weights}
     finally:
         process.terminate()
         try:
@@ -486,6 +490,24 @@ def test_a_lora_applies_through_lora_loader_model_only(comfyui, lora_file, scale
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert (got - unpatched).abs().max() > 1e-2  # the LoRA changed the result
     assert "lora key not loaded" not in comfyui["log"].read_text()
+
+
+def test_an_fp8_file_samples_like_its_dequantized_weights(comfyui):
+    prompt = tiny_video_prompt("gif")
+    del prompt["5"], prompt["6"]
+    prompt["1"]["inputs"] = {"model_name": FP8_TINY, "weight_dtype": "auto"}
+    prompt["7"] = {"class_type": "FastWanTestSaveLatent", "inputs": {"samples": ["4", 0], "name": "fp8"}}
+    run_ok(prompt)
+    dequantized = WanDiT(WanConfig.tiny())
+    dequantized.load_state_dict(comfyui["fp8_weights"])
+    context = padded_context(12, WanConfig.tiny().text_dim)
+    attention = AttentionConfig("vsa", 0.8, "reference")
+    got = latent_of(comfyui, "fp8")
+    torch.testing.assert_close(got, dmd_oracle(dequantized, attention, context, (1, 16, 3, 6, 8), 123),
+                               rtol=1e-4, atol=1e-4)
+    # The whole 3-step run against the bf16 original: the cost of fp8 storage on this random tiny model.
+    original = dmd_oracle(comfyui["tiny"], attention, context, (1, 16, 3, 6, 8), 123)
+    assert (got - original).abs().max() / original.abs().max() < 0.05
 
 
 def test_vsa_patch_on_a_wan_model_from_comfyuis_own_loader(comfyui):

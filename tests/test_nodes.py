@@ -519,6 +519,75 @@ def test_lora_key_map_names_our_weights_in_diffusers_and_peft_form():
 
 
 # ------------------------------------------------------------------------------------------------
+# fp8 files
+
+
+def save_fp8_file(model: WanDiT, path: Path, scaled: bool) -> dict[str, torch.Tensor]:
+    """`model` as ComfyUI's fp8 repackaging stores it (comfy layout; every 2-D block weight float8
+    e4m3fn, scaled files with a per-tensor `scale_weight` and the `scaled_fp8` marker). Returns the
+    weights the file stands for (original names), the oracle of what a loader must compute with."""
+    from safetensors.torch import save_file
+
+    prefix = "model.diffusion_model."
+    state, dequantized = {}, {}
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.float()
+        if name.startswith("blocks.") and name.endswith(".weight") and tensor.ndim == 2:
+            scale = tensor.abs().max() / 448.0 if scaled else torch.tensor(1.0)
+            stored = (tensor / scale).to(torch.float8_e4m3fn)
+            state[prefix + name] = stored
+            if scaled:
+                state[prefix + name[: -len(".weight")] + ".scale_weight"] = scale.reshape(1)
+            dequantized[name] = stored.float() * scale
+        else:
+            state[prefix + name] = tensor.to(torch.bfloat16)
+            dequantized[name] = tensor.to(torch.bfloat16).float()
+    if scaled:
+        state["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    save_file(state, str(path))
+    return dequantized
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["fp8_e4m3fn", "fp8_e4m3fn_scaled"])
+def test_fp8_files_stay_fp8_and_compute_like_their_dequantized_weights(comfy_folders, scaled):
+    model = tiny_dit(seed=21, gates=True)
+    name = f"tiny_fp8_e4m3fn{'_scaled' if scaled else ''}.safetensors"
+    dequantized = save_fp8_file(model, Path(comfy_folders.models_dir) / "diffusion_models" / name, scaled)
+    assert NODE_CLASS_MAPPINGS["FastWanModelLoader"].VALIDATE_INPUTS(model_name=name) is True
+    dit = fastwan_dit(loaded(name, "fp32"))
+    assert dit.blocks[0].self_attn.q.weight.dtype == torch.float8_e4m3fn  # in memory
+    assert dit.blocks[1].ffn[2].weight.dtype == torch.float8_e4m3fn
+    assert dit.patch_embedding.weight.dtype == torch.float32 and dit.dtype == torch.float32
+
+    reference = WanDiT(WanConfig.tiny())
+    reference.load_state_dict(dequantized)
+    x = torch.randn(1, 16, 2, 4, 6)
+    t = torch.tensor([757.0])
+    context = torch.randn(1, 512, WanConfig.tiny().text_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(dit(x, t, context), reference(x, t, context), rtol=1e-5, atol=1e-5)
+        # Against the model before quantization: the error fp8 storage costs on this tiny model.
+        original = model(x, t, context)
+        error = (dit(x, t, context) - original).abs().max() / original.abs().max()
+    assert error < 0.05, float(error)
+
+
+def test_fp8_weights_take_a_patch_as_comfyuis_model_patcher_applies_it(comfy_folders):
+    """ModelPatcher reads a weight through convert_weight and writes it back with set_weight."""
+    model = tiny_dit(seed=22)
+    dequantized = save_fp8_file(model, Path(comfy_folders.models_dir) / "diffusion_models" / "s.safetensors", True)
+    layer = fastwan_dit(loaded("s.safetensors", "fp32")).blocks[0].self_attn.q
+    full = layer.convert_weight(layer.weight.float(), inplace=True)
+    torch.testing.assert_close(full, dequantized["blocks.0.self_attn.q.weight"], rtol=0, atol=0)
+    delta = -0.1 * full + torch.rand_like(full) * full.abs().max() * 0.05  # stays inside fp8's range
+    layer.set_weight(full + delta, inplace_update=True, seed=0)
+    assert layer.weight.dtype == torch.float8_e4m3fn
+    # fp8 e4m3 keeps 3 mantissa bits: a relative rounding error of at most 2^-4 per weight.
+    torch.testing.assert_close(layer.full_weight(torch.float32), full + delta,
+                               rtol=2**-4, atol=float(layer.scale_weight) * 2**-9)
+
+
+# ------------------------------------------------------------------------------------------------
 # Errors before the run: each node's VALIDATE_INPUTS (what ComfyUI calls at /prompt) refuses what
 # the node would refuse, with the same message.
 
