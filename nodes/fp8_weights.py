@@ -1,10 +1,14 @@
-"""fp8 DiT files (`*_fp8_e4m3fn`, `*_fp8_e4m3fn_scaled`): the block weights stay float8 in memory and
-are up-cast for each matmul to the compute dtype (bf16 / fp16 / fp32), times the per-tensor scale of
-scaled files.
+"""The DiT's Linear layers the way ComfyUI's model management expects them, and fp8 files.
 
-`Fp8Linear` also offers `convert_weight` / `set_weight`, the hooks ComfyUI's ModelPatcher calls to
-read a weight in full precision and write it back, so LoRAs patch fp8 weights as they patch ComfyUI's
-own fp8 models.
+`CastableLinear` follows ComfyUI's weight-casting protocol (`comfy_cast_weights`, `weight_function`,
+`bias_function`): when ComfyUI loads a model only partly onto the card (low VRAM), the layers left in
+system memory fetch their weights (with LoRA patches) for each call, as ComfyUI's own layers do.
+
+fp8 files (`*_fp8_e4m3fn`, `*_fp8_e4m3fn_scaled`): `Fp8Linear` keeps the block weights float8 in
+memory and up-casts them for each matmul to the compute dtype (bf16 / fp16 / fp32), times the
+per-tensor scale of scaled files. Its `convert_weight` / `set_weight` are the hooks ComfyUI's
+ModelPatcher calls to read a weight in full precision and write it back, so LoRAs patch fp8 weights
+as they patch ComfyUI's own fp8 models.
 """
 from __future__ import annotations
 
@@ -19,18 +23,47 @@ from ..fastwan_core.checkpoint import index_checkpoint
 FP8_FILE_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
-class Fp8Linear(torch.nn.Linear):
-    """A Linear whose weight is float8 (with an optional float32 `scale_weight`)."""
+class CastableLinear(torch.nn.Linear):
+    """nn.Linear that ComfyUI can leave in system memory and patch on the fly."""
 
-    scale_weight: torch.Tensor | None
-
-    def full_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        weight = self.weight.to(dtype)
-        return weight if self.scale_weight is None else weight * self.scale_weight.to(dtype)
+    def dequantize(self, stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The stored weight (or a fetched copy of it) -> the weight it stands for, in `dtype`."""
+        return stored.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.full_weight(x.dtype), bias)
+        weight, bias = self.weight, self.bias
+        if self.comfy_cast_weights or self.weight_function or self.bias_function:
+            weight = weight.to(x.device, non_blocking=True)
+            for patch in self.weight_function:
+                weight = patch(weight)
+            if bias is not None:
+                bias = bias.to(x.device, non_blocking=True)
+                for patch in self.bias_function:
+                    bias = patch(bias)
+        return F.linear(x, self.dequantize(weight, x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def make_castable(model: torch.nn.Module) -> torch.nn.Module:
+    """Every nn.Linear of `model` becomes a CastableLinear (same module, same weights)."""
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.__class__ = CastableLinear
+        if isinstance(module, CastableLinear) and "weight_function" not in module.__dict__:
+            module.comfy_cast_weights = False
+            module.weight_function = []
+            module.bias_function = []
+    return model
+
+
+class Fp8Linear(CastableLinear):
+    """A Linear whose weight is float8 (with an optional float32 `scale_weight`)."""
+
+    def dequantize(self, stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        weight = stored.to(dtype)
+        return weight if self.scale_weight is None else weight * self.scale_weight.to(device=weight.device, dtype=dtype)
+
+    def full_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.dequantize(self.weight, dtype)
 
     def convert_weight(self, weight: torch.Tensor, inplace: bool = False, **unused) -> torch.Tensor:
         """Stored (float8, or an up-cast copy of it) -> the weight it stands for, in weight's dtype."""
@@ -72,7 +105,7 @@ def keep_fp8_weights(dit: torch.nn.Module, path: Path) -> int:
             if ".to_gate_compress." in key:
                 continue  # the VSA gates (~5% of the weights) stay up-cast: WanDiT inspects them as numbers
             module = dit.get_submodule(key[: -len(".weight")])
-            if type(module) is not torch.nn.Linear:
+            if type(module) not in (torch.nn.Linear, CastableLinear):
                 continue
             if entry.file not in handles:
                 handles[entry.file] = safe_open(str(entry.file), framework="pt", device="cpu")

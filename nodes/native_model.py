@@ -25,6 +25,7 @@ from ..fastwan_core.model import WanDiT
 from ..fastwan_core.sampling import seeded_noise
 from ..fastwan_core.state_dict_adapter import original_to_diffusers_key
 from . import comfy_env
+from .fp8_weights import make_castable
 
 # transformer_options key holding the AttentionConfig a model samples with.
 ATTENTION_OPTION = "fastwan_attention"
@@ -48,7 +49,18 @@ class ComfyWanDiT(WanDiT):
                              "umt5_xxl_fp8_e4m3fn_scaled.safetensors, type wan.")
         if context.shape[1] < self.config.text_len:
             context = torch.nn.functional.pad(context, (0, 0, 0, self.config.text_len - context.shape[1]))
+        self._load_small_layers(x.device)
         return super().forward(x, timestep, context, attention=attention)
+
+    def _load_small_layers(self, device: torch.device) -> None:
+        """When ComfyUI loads the model partly (low VRAM), its Linear layers fetch their weights per
+        call; the few small layers without that ability (norms, modulation tables, the patch
+        embedding: a few MB) are moved to the compute device here."""
+        for module in self.modules():
+            if getattr(module, "comfy_cast_weights", None) is None:
+                for name, param in module.named_parameters(recurse=False):
+                    if param.device != device:
+                        param.data = param.data.to(device)
 
 
 def as_comfy_dit(dit: WanDiT) -> ComfyWanDiT:
@@ -88,7 +100,7 @@ def _native_model_class():
 def make_model(dit: WanDiT, source: str):
     """A MODEL around `dit`: a ModelPatcher over a native WAN21 inside ComfyUI, a PlainModelPatcher
     elsewhere."""
-    dit = as_comfy_dit(dit)
+    dit = make_castable(as_comfy_dit(dit))
     load_dev, offload_dev = comfy_env.load_device(), comfy_env.offload_device()
     if not comfy_env.in_comfyui():
         return comfy_env.PlainModelPatcher(FastWanDiffusionModel(dit, source), load_dev, offload_dev)
