@@ -136,7 +136,7 @@ def native_wan_model(model):
 
 def model_source(model) -> str:
     inner = getattr(model, "model", None)
-    return getattr(inner, "fastwan_source", None) or getattr(inner, "source", None) or "the model"
+    return getattr(inner, "fastwan_source", None) or getattr(inner, "source", None) or "this model"
 
 
 def attention_of(model) -> AttentionConfig:

@@ -510,6 +510,63 @@ def test_an_fp8_file_samples_like_its_dequantized_weights(comfyui):
     assert (got - original).abs().max() / original.abs().max() < 0.05
 
 
+WEBSOCKET_CLIENT = """
+import asyncio, json, struct, sys, uuid
+import aiohttp
+
+async def main(base_url, prompt):
+    client_id = uuid.uuid4().hex
+    events = {"previews": 0, "texts": []}
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(base_url.replace("http", "ws") + "/ws?clientId=" + client_id) as ws:
+            async with session.post(base_url + "/prompt", json={"prompt": prompt, "client_id": client_id}) as r:
+                prompt_id = (await r.json())["prompt_id"]
+            async for message in ws:
+                if message.type == aiohttp.WSMsgType.BINARY:
+                    kind = struct.unpack(">I", message.data[:4])[0]
+                    if kind in (1, 4):
+                        events["previews"] += 1
+                    elif kind == 3:
+                        length = struct.unpack(">I", message.data[4:8])[0]
+                        node = message.data[8:8 + length].decode()
+                        events["texts"].append([node, message.data[8 + length:].decode()])
+                elif message.type == aiohttp.WSMsgType.TEXT:
+                    data = json.loads(message.data)
+                    if data["type"] in ("executing", "execution_success", "execution_error"):
+                        done = data["data"].get("prompt_id") == prompt_id and (
+                            data["type"] != "executing" or data["data"].get("node") is None)
+                        if done:
+                            break
+    print(json.dumps(events))
+
+asyncio.run(main(sys.argv[1], json.loads(sys.stdin.read())))
+"""
+
+
+def run_watching_the_websocket(prompt: dict) -> dict:
+    """Queue `prompt` as the frontend does and collect what the UI receives over the websocket:
+    the number of latent preview images and the texts shown on nodes (run with ComfyUI's Python,
+    which has aiohttp)."""
+    python = os.environ.get("FASTWAN_COMFYUI_PYTHON", sys.executable)
+    done = subprocess.run([python, "-c", WEBSOCKET_CLIENT, BASE_URL], input=json.dumps(prompt), text=True,
+                          capture_output=True, timeout=300, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_ui_gets_latent_previews_and_the_dense_weights_warning(comfyui):
+    """With --preview-method auto, each of the 3 steps sends ComfyUI's Latent2RGB preview for Wan;
+    VSA Attention Patch on dense-trained weights (ComfyUI's own Wan loader) shows its warning on the
+    node."""
+    prompt = tiny_video_prompt("gif")
+    prompt["1"] = {"class_type": "UNETLoader", "inputs": {"unet_name": NATIVE_TINY, "weight_dtype": "default"}}
+    prompt["3"]["inputs"]["channels"] = 4096
+    prompt["4"]["inputs"]["seed"] = 99  # not cached from another test
+    events = run_watching_the_websocket(prompt)
+    assert events["previews"] == 3
+    assert [node for node, _ in events["texts"]] == ["2"]
+    assert events["texts"][0][1].startswith("VSA Attention Patch: this model has no trained VSA gates")
+
+
 def test_vsa_patch_on_a_wan_model_from_comfyuis_own_loader(comfyui):
     """Load Diffusion Model (ComfyUI's Wan network) -> VSA Attention Patch -> our sampler: equals our
     DiT with VSA on the same weights (no trained gates), and the node says so in the UI."""
