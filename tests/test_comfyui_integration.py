@@ -470,6 +470,21 @@ def test_native_samplers_drive_fastwan(comfyui):
     assert "latent preview" not in comfyui["log"].read_text()
 
 
+@pytest.mark.slow
+def test_torch_compile_model_compiles_fastwan(comfyui):
+    """TorchCompileModel (inductor) wraps our DiT like any diffusion model; the compiled run gives the
+    eager result."""
+    prompt = tiny_video_prompt("gif")
+    del prompt["2"], prompt["5"], prompt["6"]
+    prompt["30"] = {"class_type": "TorchCompileModel", "inputs": {"model": ["1", 0], "backend": "inductor"}}
+    prompt["4"]["inputs"].update(model=["30", 0], seed=7)
+    prompt["31"] = {"class_type": "FastWanTestSaveLatent", "inputs": {"samples": ["4", 0], "name": "compiled"}}
+    run_ok(prompt)
+    context = padded_context(12, WanConfig.tiny().text_dim)
+    expected = dmd_oracle(comfyui["tiny"], AttentionConfig(), context, (1, 16, 3, 6, 8), 7)
+    torch.testing.assert_close(latent_of(comfyui, "compiled"), expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("lora_file, scale", [("kohya.safetensors", 0.7 * 2.0 / LORA_RANK), ("peft.safetensors", 0.7)])
 def test_a_lora_applies_through_lora_loader_model_only(comfyui, lora_file, scale):
     """LoraLoaderModelOnly at strength 0.7 on FastWan equals sampling weights merged by hand
