@@ -1,8 +1,9 @@
 """The one place the nodes touch ComfyUI, always behind a guard.
 
-Inside ComfyUI these helpers use `folder_paths`, `comfy.model_management`, `comfy.utils`,
-`comfy.model_patcher` and `latent_preview`. Outside it (tests, headless use) each falls back to a
-plain equivalent, so the package imports and every node runs without ComfyUI.
+Inside ComfyUI these helpers use `folder_paths`, `comfy.model_management`, `comfy.cli_args` and the
+server (node texts). Outside it (tests, headless use) each falls back to a plain equivalent, so the
+package imports and every node runs without ComfyUI. The native model and sampling pieces that
+need more of ComfyUI live in `native_model` and import it only when called inside ComfyUI.
 
 Every lookup imports at call time, not at module import: ComfyUI has set up `sys.modules` long
 before a node runs, and tests inject a stub `folder_paths` after this package was imported.

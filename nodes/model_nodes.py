@@ -31,6 +31,19 @@ PATCH_NAME = "VSA Attention Patch"
 MAX_SPARSITY = 0.95
 
 
+def check_widget_ranges(node_class, node_name: str, values: dict) -> None:
+    """The min/max of each widget in `values` (ComfyUI skips its own range check for inputs a
+    VALIDATE_INPUTS hook names, so the hooks call this)."""
+    spec = node_class.INPUT_TYPES()
+    for name, value in values.items():
+        options = {**spec.get("required", {}), **spec.get("optional", {})}.get(name, (None, {}))[1]
+        if value is None or not isinstance(value, (int, float)):
+            continue
+        low, high = options.get("min"), options.get("max")
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise InputError(f"{node_name}: {name} {value} is outside {low}..{high}")
+
+
 def validation_result(check, *args, **kwargs):
     """Run `check`; True if it passes, else its message: what ComfyUI's VALIDATE_INPUTS hook wants,
     so /prompt refuses the value with the same words the node would raise."""

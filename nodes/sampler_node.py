@@ -22,7 +22,7 @@ from ..fastwan_core.sampling import sample_dmd
 from . import comfy_env
 from .fastwan_schedule import (FASTWAN_SHIFT, FASTWAN_TIMESTEPS_TEXT, check_shift, dmd_sigmas,
                                parse_timesteps)
-from .model_nodes import CATEGORY, MODEL, validation_result
+from .model_nodes import CATEGORY, MODEL, check_widget_ranges, validation_result
 from .native_model import attention_of, dmd_sampler, fastwan_dit, native_wan_model
 
 NODE_NAME = "3-Step DMD Sampler"
@@ -147,8 +147,17 @@ class FastWanDMDSampler:
     @classmethod
     def VALIDATE_INPUTS(cls, width=None, height=None, length=None, batch_size=None, seed=None, timesteps=None,
                         shift=None):
-        return validation_result(check_sampler_values, width=width, height=height, length=length, seed=seed,
-                                 timesteps=timesteps, shift=shift, batch_size=batch_size)
+        return validation_result(cls.check_values, width=width, height=height, length=length,
+                                 batch_size=batch_size, seed=seed, timesteps=timesteps, shift=shift)
+
+    @classmethod
+    def check_values(cls, width=None, height=None, length=None, batch_size=None, seed=None, timesteps=None,
+                     shift=None) -> None:
+        """What /prompt validation and the run both check, with the same messages."""
+        check_widget_ranges(cls, NODE_NAME, dict(width=width, height=height, length=length, batch_size=batch_size,
+                                                 seed=seed, shift=shift))
+        check_sampler_values(width=width, height=height, length=length, seed=seed, timesteps=timesteps,
+                             shift=shift, batch_size=batch_size)
 
     def sample(self, model, positive, width=832, height=480, length=81, batch_size=1, seed=0,
                timesteps=FASTWAN_TIMESTEPS_TEXT, shift=FASTWAN_SHIFT, latent=None):
@@ -158,7 +167,7 @@ class FastWanDMDSampler:
                              "Diffusion Model with a Wan2.1 T2V file.")
         if latent is not None:
             batch_size, width, height, length = size_from_latent(latent, NODE_NAME)
-        check_sampler_values(width, height, length, seed, timesteps, shift, batch_size)
+        self.check_values(width, height, length, batch_size, seed, timesteps, shift)
         student_timesteps = parse_timesteps(timesteps, NODE_NAME)
         shape = latent_shape(int(batch_size), int(width), int(height), int(length))
         check_conditioning(positive, shape[0])
@@ -212,6 +221,7 @@ class FastWanDMDSigmas:
     @classmethod
     def VALIDATE_INPUTS(cls, timesteps=None, shift=None):
         def check():
+            check_widget_ranges(cls, SIGMAS_NAME, dict(shift=shift))
             if timesteps is not None:
                 parse_timesteps(timesteps, SIGMAS_NAME)
             if shift is not None:
@@ -219,5 +229,6 @@ class FastWanDMDSigmas:
         return validation_result(check)
 
     def get_sigmas(self, timesteps=FASTWAN_TIMESTEPS_TEXT, shift=FASTWAN_SHIFT):
+        check_widget_ranges(type(self), SIGMAS_NAME, dict(shift=shift))
         values = parse_timesteps(timesteps, SIGMAS_NAME)
         return (torch.tensor(dmd_sigmas(values, check_shift(shift, SIGMAS_NAME)), dtype=torch.float32),)
