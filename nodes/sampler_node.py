@@ -145,10 +145,10 @@ class FastWanDMDSampler:
     DESCRIPTION = "Few-step DMD sampling of a FastWan model: a 5 s 480p clip in 3 model evaluations, no CFG."
 
     @classmethod
-    def VALIDATE_INPUTS(cls, width=None, height=None, length=None, batch_size=None, seed=None, timesteps=None,
-                        shift=None):
-        return validation_result(cls.check_values, width=width, height=height, length=length,
-                                 batch_size=batch_size, seed=seed, timesteps=timesteps, shift=shift)
+    def VALIDATE_INPUTS(cls, width=None, height=None, length=None, timesteps=None):
+        # ComfyUI attaches a failed hook's message to every input the hook names, and checks the
+        # min/max of the inputs it does not name itself: so the hook names only what needs it.
+        return validation_result(cls.check_values, width=width, height=height, length=length, timesteps=timesteps)
 
     @classmethod
     def check_values(cls, width=None, height=None, length=None, batch_size=None, seed=None, timesteps=None,
@@ -219,14 +219,8 @@ class FastWanDMDSigmas:
     DESCRIPTION = "The sigmas FastWan was distilled for, for SamplerCustomAdvanced."
 
     @classmethod
-    def VALIDATE_INPUTS(cls, timesteps=None, shift=None):
-        def check():
-            check_widget_ranges(cls, SIGMAS_NAME, dict(shift=shift))
-            if timesteps is not None:
-                parse_timesteps(timesteps, SIGMAS_NAME)
-            if shift is not None:
-                check_shift(shift, SIGMAS_NAME)
-        return validation_result(check)
+    def VALIDATE_INPUTS(cls, timesteps=None):
+        return True if timesteps is None else validation_result(parse_timesteps, timesteps, SIGMAS_NAME)
 
     def get_sigmas(self, timesteps=FASTWAN_TIMESTEPS_TEXT, shift=FASTWAN_SHIFT):
         check_widget_ranges(type(self), SIGMAS_NAME, dict(shift=shift))

@@ -114,9 +114,7 @@ class FastWanVideoSave:
                    "and previews it.")
 
     @classmethod
-    def VALIDATE_INPUTS(cls, filename_prefix=None, format=None):
-        if format is not None and format not in VIDEO_FORMATS:
-            return f"{NODE_NAME}: format {format!r} is not one of {', '.join(VIDEO_FORMATS)}"
+    def VALIDATE_INPUTS(cls, filename_prefix=None):
         paths = comfy_env.folder_paths()
         if filename_prefix is None or paths is None:
             return True
