@@ -586,6 +586,28 @@ def test_fp8_weights_take_a_patch_as_comfyuis_model_patcher_applies_it(comfy_fol
                                rtol=2**-4, atol=float(layer.scale_weight) * 2**-9)
 
 
+def test_linear_layers_follow_comfyuis_weight_casting_protocol(comfy_folders):
+    """What ComfyUI does to a layer it leaves in system memory (low VRAM): turn on comfy_cast_weights
+    and hang its LoRA patch into weight_function; the layer then computes with the patched weight."""
+    from fastwan.nodes.fp8_weights import CastableLinear
+
+    model = tiny_dit(seed=23)
+    save_fp8_file(model, Path(comfy_folders.models_dir) / "diffusion_models" / "s.safetensors", True)
+    for name in ("fastwan_tiny.safetensors", "s.safetensors"):
+        if name == "fastwan_tiny.safetensors":
+            save_dit(model, Path(comfy_folders.models_dir) / "diffusion_models" / name)
+        layer = fastwan_dit(loaded(name, "fp32")).blocks[1].cross_attn.k
+        assert isinstance(layer, CastableLinear) and layer.comfy_cast_weights is False
+        x = torch.randn(3, layer.in_features)
+        full = layer.dequantize(layer.weight, torch.float32)
+        torch.testing.assert_close(layer(x), x @ full.T + layer.bias, rtol=1e-5, atol=1e-5)
+        layer.comfy_cast_weights = True
+        layer.weight_function = [lambda stored: stored.flip(0)]  # any patch of the stored weight
+        layer.bias_function = [lambda bias: bias * 2]
+        expected = x @ layer.dequantize(layer.weight.flip(0), torch.float32).T + 2 * layer.bias
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------
 # Errors before the run: each node's VALIDATE_INPUTS (what ComfyUI calls at /prompt) refuses what
 # the node would refuse, with the same message.
