@@ -86,7 +86,8 @@ def kohya_lora(factors, alpha: float) -> dict:
     state = {}
     for name, (down, up) in factors.items():
         key = "lora_unet_" + name.replace(".", "_")
-        state.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(alpha)})
+        state.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                      f"{key}.alpha": torch.tensor(alpha)})
     return state
 
 

@@ -632,7 +632,8 @@ def test_sampler_refuses_at_prompt_time_what_it_refuses_at_run_time(tiny_checkpo
     assert sampler.VALIDATE_INPUTS(width=64, height=48, length=9, timesteps="1000,757,522") is True
     assert sampler.VALIDATE_INPUTS() is True  # every value linked from another node: nothing to check yet
     # ComfyUI skips its own min/max check for inputs the hook names, so the hook checks them.
-    assert sampler.VALIDATE_INPUTS(width=4112, height=48, length=9) == "3-Step DMD Sampler: width 4112 is outside 16..4096"
+    assert sampler.VALIDATE_INPUTS(width=4112, height=48, length=9) == (
+        "3-Step DMD Sampler: width 4112 is outside 16..4096")
 
 
 def test_loader_refuses_files_that_are_not_a_wan_dit_at_prompt_time(tiny_checkpoint, comfy_folders):
