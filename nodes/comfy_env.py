@@ -1,8 +1,9 @@
 """The one place the nodes touch ComfyUI, always behind a guard.
 
-Inside ComfyUI these helpers use `folder_paths`, `comfy.model_management`, `comfy.utils`,
-`comfy.model_patcher` and `latent_preview`. Outside it (tests, headless use) each falls back to a
-plain equivalent, so the package imports and every node runs without ComfyUI.
+Inside ComfyUI these helpers use `folder_paths`, `comfy.model_management`, `comfy.cli_args` and the
+server (node texts). Outside it (tests, headless use) each falls back to a plain equivalent, so the
+package imports and every node runs without ComfyUI. The native model and sampling pieces that
+need more of ComfyUI live in `native_model` and import it only when called inside ComfyUI.
 
 Every lookup imports at call time, not at module import: ComfyUI has set up `sys.modules` long
 before a node runs, and tests inject a stub `folder_paths` after this package was imported.
@@ -104,85 +105,16 @@ class PlainModelPatcher:
         return other
 
 
-def make_patcher(model: torch.nn.Module, load_dev: torch.device, offload_dev: torch.device):
-    """Wrap `model` so ComfyUI can move it: a `comfy.model_patcher.ModelPatcher` inside ComfyUI,
-    a `PlainModelPatcher` elsewhere."""
-    patcher_module = optional_module("comfy.model_patcher")
-    if patcher_module is not None and in_comfyui():
-        return patcher_module.ModelPatcher(model, load_device=load_dev, offload_device=offload_dev)
-    return PlainModelPatcher(model, load_dev, offload_dev)
-
-
-def load_for_sampling(patcher, memory_required: int = 0) -> torch.device:
-    """Bring the patcher's weights onto its load device; returns that device.
-
-    Inside ComfyUI this asks model management to load it (evicting other models, e.g. the VAE or
-    text encoder, if the card is short of memory) with `memory_required` bytes reserved for
-    activations. Our layers are plain torch modules that ComfyUI cannot run half-offloaded, so the
-    model is loaded completely.
-    """
-    device = torch.device(patcher.load_device)
-    mm = model_management()
-    if mm is not None and not isinstance(patcher, PlainModelPatcher):
-        mm.load_models_gpu([patcher], memory_required=memory_required, force_full_load=True)
-        # --novram asks for partial loading even with force_full_load; modules left behind would
-        # fail with a device mismatch, so move any stragglers (costs memory, keeps it working).
-        stray = [p for p in patcher.model.parameters() if p.device != device]
-        if stray:
-            log.warning("FastWan: %d weight tensors were left on %s by ComfyUI's low-VRAM mode; moving the "
-                        "whole model to %s.", len(stray), stray[0].device, device)
-            patcher.model.to(device)
-        return device
-    patcher.model.to(device)
-    return device
-
-
-def throw_if_interrupted() -> None:
-    """Raise ComfyUI's interrupt exception if the user pressed Cancel (no-op outside ComfyUI)."""
-    mm = model_management()
-    if mm is not None:
-        mm.throw_exception_if_processing_interrupted()
-
-
-# ------------------------------------------------------------------------------------------------
-# Progress and previews
-
-
-class StepProgress:
-    """One progress-bar tick per sampling step, with a latent preview image when ComfyUI's
-    previews are on (--preview-method). Outside ComfyUI it does nothing."""
-
-    def __init__(self, total_steps: int, device: torch.device):
-        utils = optional_module("comfy.utils")
-        self.bar = utils.ProgressBar(total_steps) if utils is not None and in_comfyui() else None
-        self.total = total_steps
-        self.previewer = self._previewer(device) if self.bar is not None else None
-
-    @staticmethod
-    def _previewer(device):
-        preview = optional_module("latent_preview")
-        formats = optional_module("comfy.latent_formats")
-        if preview is None or formats is None or not hasattr(formats, "Wan21"):
-            return None
-        try:
-            return preview.get_previewer(device, formats.Wan21())
-        except Exception as error:  # a preview must never stop a generation
-            log.warning("FastWan: latent previews unavailable: %s", error)
-            return None
-
-    def step(self, index: int, x0_normalized: torch.Tensor) -> None:
-        """Report step `index` (0-based) done; `x0_normalized` is the current [B,16,T,H,W] estimate
-        in the DiT's normalized space, which is what ComfyUI's Wan previewers expect."""
-        if self.bar is None:
-            return
-        preview_image = None
-        if self.previewer is not None:
-            try:
-                preview_image = self.previewer.decode_latent_to_preview_image("JPEG", x0_normalized)
-            except Exception as error:
-                log.warning("FastWan: latent preview failed: %s", error)
-                self.previewer = None
-        self.bar.update_absolute(index + 1, self.total, preview_image)
+def show_node_text(node_id, text: str) -> None:
+    """Show `text` on node `node_id` in ComfyUI's UI (the node's progress text), not only in the log."""
+    server = optional_module("server")
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    if instance is None or node_id is None or not hasattr(instance, "send_progress_text"):
+        return
+    try:
+        instance.send_progress_text(text, str(node_id))
+    except Exception as error:  # a message must never stop a generation
+        log.warning("FastWan: could not show a message in the UI: %s", error)
 
 
 def metadata_disabled() -> bool:

@@ -1,9 +1,9 @@
-"""Load FastWan and VSA Attention Patch: the nodes that produce a FASTWAN_MODEL.
+"""Load FastWan and VSA Attention Patch: the nodes that produce a FastWan MODEL.
 
-A FASTWAN_MODEL is a ComfyUI ModelPatcher (outside ComfyUI: `comfy_env.PlainModelPatcher`) around a
-`FastWanDiffusionModel`, which holds the `WanDiT`. The patcher lets ComfyUI move the weights between
-the card and system memory like any core model; its `model_options` carry the attention setting
-that the sampler passes to `WanDiT.forward`, so patching never touches the shared weights.
+Load FastWan returns ComfyUI's own MODEL type (see `native_model`): KSampler, SamplerCustomAdvanced,
+LoRA loaders and model patches take it like any Wan2.1 model. VSA Attention Patch takes any Wan2.1
+MODEL (FastWan's, or ComfyUI's own from Load Diffusion Model) and returns a clone that samples with
+video sparse attention.
 """
 from __future__ import annotations
 
@@ -15,57 +15,53 @@ from pathlib import Path
 import torch
 
 from ..fastwan_core.attention import AttentionConfig
-from ..fastwan_core.checkpoint import load_dit
-from ..fastwan_core.errors import InputError
-from ..fastwan_core.model import WanDiT
+from ..fastwan_core.checkpoint import index_checkpoint, infer_config, load_dit
+from ..fastwan_core.errors import FastWanError, InputError
 from . import comfy_env
+from .fp8_weights import is_fp8_file, keep_fp8_weights
+from .native_model import fastwan_dit, make_model, model_source, native_wan_model, set_attention
 
-FASTWAN_MODEL = "FASTWAN_MODEL"
 CATEGORY = "FastWan"
-# Key of the AttentionConfig in the patcher's model_options.
-ATTENTION_OPTION = "fastwan_attention"
+MODEL = "MODEL"
 
 WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODEL_FILE_SUFFIXES = (".safetensors", ".sft")
+LOADER_NAME = "Load FastWan"
+PATCH_NAME = "VSA Attention Patch"
+MAX_SPARSITY = 0.95
 
 
-class FastWanDiffusionModel(torch.nn.Module):
-    """The module ComfyUI's model management moves around: the DiT plus what ModelPatcher expects
-    of a model (`get_dtype`, a writable `device`). `WanDiT.device` is a read-only property, so the
-    DiT cannot be handed to ModelPatcher directly."""
-
-    def __init__(self, dit: WanDiT, source: str):
-        super().__init__()
-        self.diffusion_model = dit
-        self.source = source
-        self.device = dit.device
-
-    def get_dtype(self) -> torch.dtype:
-        return self.diffusion_model.dtype
+def check_widget_ranges(node_class, node_name: str, values: dict) -> None:
+    """The min/max of each widget in `values` (ComfyUI skips its own range check for inputs a
+    VALIDATE_INPUTS hook names, so the hooks call this)."""
+    spec = node_class.INPUT_TYPES()
+    for name, value in values.items():
+        options = {**spec.get("required", {}), **spec.get("optional", {})}.get(name, (None, {}))[1]
+        if value is None or not isinstance(value, (int, float)):
+            continue
+        low, high = options.get("min"), options.get("max")
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise InputError(f"{node_name}: {name} {value} is outside {low}..{high}")
 
 
-def dit_of(model) -> WanDiT:
-    """The WanDiT inside a FASTWAN_MODEL; a clear error for anything else."""
-    inner = getattr(model, "model", None)
-    if not isinstance(inner, FastWanDiffusionModel):
-        raise InputError(f"expected a FASTWAN_MODEL from the 'Load FastWan' node, got {type(model).__name__}. "
-                         "Connect Load FastWan (optionally through VSA Attention Patch) to this input; core "
-                         "MODEL outputs (Load Diffusion Model) cannot be used here.")
-    return inner.diffusion_model
-
-
-def attention_of(model) -> AttentionConfig:
-    """The attention setting a FASTWAN_MODEL samples with (dense unless VSA Attention Patch set it)."""
-    config = model.model_options.get(ATTENTION_OPTION)
-    return config if config is not None else dit_of(model).attention
+def validation_result(check, *args, **kwargs):
+    """Run `check`; True if it passes, else its message: what ComfyUI's VALIDATE_INPUTS hook wants,
+    so /prompt refuses the value with the same words the node would raise."""
+    try:
+        check(*args, **kwargs)
+    except FastWanError as error:
+        return str(error)
+    return True
 
 
 # ------------------------------------------------------------------------------------------------
 # Loading, with a cache so one file is read once however many handles use it
 
-# (real path, mtime, size, dtype) -> the loaded module. Weak values: an entry lives exactly as long
-# as some FASTWAN_MODEL still uses it, so the cache never keeps a model alive that ComfyUI dropped.
-_loaded_models: "weakref.WeakValueDictionary[tuple, FastWanDiffusionModel]" = weakref.WeakValueDictionary()
+# (real path, mtime, size, dtype) -> the loaded DiT. Weak values: an entry lives exactly as long as
+# some MODEL still uses it, so the cache never keeps a model alive that ComfyUI dropped.
+_loaded_dits: "weakref.WeakValueDictionary[tuple, torch.nn.Module]" = weakref.WeakValueDictionary()
+# (real path, mtime, size) -> None if the file is a loadable Wan2.1 T2V DiT, else the error message.
+_checked_files: dict[tuple, str | None] = {}
 
 
 def resolve_checkpoint_path(path: Path) -> Path:
@@ -81,68 +77,136 @@ def resolve_checkpoint_path(path: Path) -> Path:
     return path
 
 
-def load_fastwan_model(path: str | os.PathLike, dtype: torch.dtype) -> FastWanDiffusionModel:
-    """Load (or reuse) the DiT in `path` with weights of `dtype`, kept on the offload device."""
-    path = resolve_checkpoint_path(Path(path))
+def _file_key(path: Path) -> tuple:
     stat = path.stat()
-    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, str(dtype))
-    cached = _loaded_models.get(key)
+    return (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+def model_path(model_name: str) -> Path:
+    """The checkpoint file of `model_name` in the diffusion_models folder (headless: a plain path)."""
+    path = comfy_env.full_path("diffusion_models", model_name)
+    if path is None and comfy_env.folder_paths() is None and os.path.isfile(str(model_name)):
+        path = model_name
+    if path is None:
+        raise InputError(f"{LOADER_NAME}: model_name {model_name!r} was not found in the diffusion_models model "
+                         "folder. Put the FastWan .safetensors file into ComfyUI/models/diffusion_models and press "
+                         "R in the UI to refresh the list.")
+    return resolve_checkpoint_path(Path(path))
+
+
+def check_model_file(model_name: str) -> None:
+    """Refuse, from the file's header alone, anything that is not a Wan2.1 T2V DiT (a VAE, a text
+    encoder, an I2V model, a LoRA, a pickle)."""
+    if not str(model_name).lower().endswith(MODEL_FILE_SUFFIXES):
+        raise InputError(f"{LOADER_NAME}: {model_name!r} is not a .safetensors file; FastWan loads safetensors DiT "
+                         "files only (pickled .pt/.ckpt files can run code when opened).")
+    path = model_path(model_name)
+    key = _file_key(path)
+    if key not in _checked_files:
+        try:
+            infer_config(index_checkpoint(path))
+            _checked_files[key] = None
+        except FastWanError as error:
+            _checked_files[key] = f"{LOADER_NAME}: {error}"
+    if _checked_files[key] is not None:
+        raise InputError(_checked_files[key])
+
+
+def load_fastwan_dit(path: Path, dtype: torch.dtype):
+    """Load (or reuse) the DiT in `path` computing in `dtype`, kept on the offload device. The block
+    weights of fp8 files stay fp8 (up-cast per matmul)."""
+    key = _file_key(path) + (str(dtype),)
+    cached = _loaded_dits.get(key)
     if cached is not None:
         return cached
     dit = load_dit(path, dtype=dtype, device=comfy_env.offload_device())
-    module = FastWanDiffusionModel(dit, str(path))
-    _loaded_models[key] = module
-    return module
+    if is_fp8_file(path):
+        keep_fp8_weights(dit, path)
+    _loaded_dits[key] = dit
+    return dit
 
 
 class FastWanModelLoader:
-    """Load FastWan: a FastWan (or any Wan2.1 T2V) DiT from the diffusion_models folder."""
+    """Load FastWan: a FastWan (or any Wan2.1 T2V) DiT from the diffusion_models folder, as a MODEL."""
 
     @classmethod
     def INPUT_TYPES(cls):
-        names = [name for name in comfy_env.filename_list("diffusion_models")
-                 if name.lower().endswith(MODEL_FILE_SUFFIXES)]
         return {
             "required": {
-                "model_name": (names, {
+                "model_name": (cls.model_names(), {
                     "tooltip": "The FastWan DiT file in models/diffusion_models (e.g. "
                                "fastwan2.1_t2v_1.3B_bf16.safetensors). ComfyUI's own Wan2.1 T2V files and "
-                               "diffusers transformer folders load too, but only FastWan is trained for 3 steps "
+                               "diffusers transformer files load too, but only FastWan is trained for 3 steps "
                                "with sparse attention.",
                 }),
                 "weight_dtype": (["auto", "bf16", "fp16", "fp32"], {
                     "default": "auto",
-                    "tooltip": "Precision of the weights. auto: what ComfyUI picks for diffusion models on your "
-                               "card (bf16 on recent NVIDIA cards, fp32 on CPU). fp32 doubles memory.",
+                    "tooltip": "Precision the model computes in. auto: what ComfyUI picks for diffusion models on "
+                               "your card (bf16 on recent NVIDIA cards, fp32 on CPU). fp32 doubles memory. The "
+                               "block weights of fp8 files (*_fp8_e4m3fn, *_fp8_e4m3fn_scaled) stay fp8 in memory "
+                               "and are up-cast for each matmul.",
                 }),
             }
         }
 
-    RETURN_TYPES = (FASTWAN_MODEL,)
+    @staticmethod
+    def model_names() -> list[str]:
+        return [name for name in comfy_env.filename_list("diffusion_models")
+                if name.lower().endswith(MODEL_FILE_SUFFIXES)]
+
+    RETURN_TYPES = (MODEL,)
     RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The FastWan DiT, managed by ComfyUI (moved to the card only while sampling).",)
+    OUTPUT_TOOLTIPS = ("The FastWan DiT as a ComfyUI MODEL: use it with the 3-Step DMD Sampler, KSampler or "
+                       "SamplerCustomAdvanced, LoRA loaders and model patches.",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
-    DESCRIPTION = "Loads a FastWan Wan2.1 T2V DiT (safetensors) for the 3-Step DMD Sampler."
+    DESCRIPTION = "Loads a FastWan Wan2.1 T2V DiT (safetensors) as a MODEL."
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, model_name=None, weight_dtype=None):
+        # Naming an input here turns off ComfyUI's own list check for it, so it is done here too.
+        if model_name is not None and not str(model_name).lower().endswith(MODEL_FILE_SUFFIXES):
+            return validation_result(check_model_file, model_name)
+        if model_name is not None and comfy_env.folder_paths() is not None and model_name not in cls.model_names():
+            return (f"{LOADER_NAME}: model_name {model_name!r} is not in models/diffusion_models. Put the file "
+                    "there and press R in the UI to refresh the list.")
+        if weight_dtype is not None and weight_dtype not in ("auto", *WEIGHT_DTYPES):
+            return f"{LOADER_NAME}: weight_dtype {weight_dtype!r} is not one of auto, bf16, fp16, fp32"
+        if model_name is not None:
+            return validation_result(check_model_file, model_name)
+        return True
 
     def load(self, model_name: str, weight_dtype: str = "auto"):
-        path = comfy_env.full_path("diffusion_models", model_name)
-        if path is None and comfy_env.folder_paths() is None and os.path.isfile(model_name):
-            path = model_name  # headless use: a plain file path
-        if path is None:
-            raise InputError(f"Load FastWan: model_name {model_name!r} was not found in the diffusion_models "
-                             "model folder. Put the FastWan .safetensors file into ComfyUI/models/diffusion_models "
-                             "and press R in the UI to refresh the list.")
-        load_dev, offload_dev = comfy_env.load_device(), comfy_env.offload_device()
+        check_model_file(model_name)
+        path = model_path(model_name)
         if weight_dtype == "auto":
             # bf16 files hold two bytes per weight; ComfyUI only uses this as a rough size.
-            dtype = comfy_env.auto_weight_dtype(load_dev, os.path.getsize(path) // 2)
+            dtype = comfy_env.auto_weight_dtype(comfy_env.load_device(), os.path.getsize(path) // 2)
         elif weight_dtype in WEIGHT_DTYPES:
             dtype = WEIGHT_DTYPES[weight_dtype]
         else:
-            raise InputError(f"Load FastWan: weight_dtype {weight_dtype!r} is not one of auto, bf16, fp16, fp32")
-        module = load_fastwan_model(path, dtype)
-        return (comfy_env.make_patcher(module, load_dev, offload_dev),)
+            raise InputError(f"{LOADER_NAME}: weight_dtype {weight_dtype!r} is not one of auto, bf16, fp16, fp32")
+        return (make_model(load_fastwan_dit(path, dtype), str(path)),)
+
+
+def check_sparsity(sparsity) -> float:
+    sparsity = float(sparsity)
+    if not 0.0 <= sparsity <= MAX_SPARSITY:
+        raise InputError(f"{PATCH_NAME}: sparsity {sparsity} is outside 0..{MAX_SPARSITY}; FastWan was trained at 0.8 "
+                         "(0 means dense attention)")
+    return sparsity
+
+
+def dense_weights_warning(model, sparsity: float) -> str | None:
+    """The warning for sparse attention on weights that were not trained for it, or None."""
+    if sparsity <= 0:
+        return None
+    dit = fastwan_dit(model)
+    if dit is not None and dit.has_trained_gates():
+        return None
+    return (f"{PATCH_NAME}: {os.path.basename(model_source(model))} has no trained VSA gates (a dense Wan2.1 "
+            f"model?). Sparse attention at {sparsity:.2f} will lose detail; use a FastWan checkpoint, or set "
+            "sparsity to 0.")
 
 
 class FastWanVSAPatch:
@@ -152,10 +216,11 @@ class FastWanVSAPatch:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": (FASTWAN_MODEL, {"tooltip": "The model from Load FastWan. It is not changed; the patch "
-                                                     "applies to the copy this node outputs."}),
+                "model": (MODEL, {"tooltip": "A Wan2.1 text-to-video MODEL: Load FastWan, or ComfyUI's Load "
+                                             "Diffusion Model with a Wan2.1 T2V file. It is not changed; the "
+                                             "patch applies to the copy this node outputs."}),
                 "sparsity": ("FLOAT", {
-                    "default": 0.8, "min": 0.0, "max": 0.95, "step": 0.05,
+                    "default": 0.8, "min": 0.0, "max": MAX_SPARSITY, "step": 0.05,
                     "tooltip": "Fraction of key tiles each query tile skips. FastWan was trained at 0.8. "
                                "0 means dense attention. Higher is faster but blurrier.",
                 }),
@@ -164,28 +229,32 @@ class FastWanVSAPatch:
                     "tooltip": "auto: the Triton kernel on NVIDIA cards, the PyTorch reference elsewhere. "
                                "reference: the PyTorch implementation (slow; for checking).",
                 }),
-            }
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    RETURN_TYPES = (FASTWAN_MODEL,)
+    RETURN_TYPES = (MODEL,)
     RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = ("A copy of the model that uses video sparse attention at the chosen sparsity.",)
     FUNCTION = "patch"
     CATEGORY = CATEGORY
-    DESCRIPTION = "Switches a FastWan model to Video Sparse Attention (VSA) for sampling."
+    DESCRIPTION = "Switches a Wan2.1 model to Video Sparse Attention (VSA) for sampling."
 
-    def patch(self, model, sparsity: float = 0.8, backend: str = "auto"):
-        dit = dit_of(model)
-        sparsity = float(sparsity)
-        if not 0.0 <= sparsity < 1.0:
-            raise InputError(f"VSA Attention Patch: sparsity {sparsity} is outside 0..0.95; FastWan was trained at 0.8")
-        config = AttentionConfig(backend="vsa" if sparsity > 0 else "dense",
-                                 sparsity=sparsity if sparsity > 0 else 0.0, implementation=backend)
-        if sparsity > 0 and not dit.has_trained_gates():
-            comfy_env.log.warning(
-                "VSA Attention Patch: %s has no trained VSA gates (a dense Wan2.1 checkpoint?). Sparse attention at "
-                "%.2f will lose detail; use a FastWan checkpoint, or set sparsity to 0.",
-                getattr(model.model, "source", "the model"), sparsity)
-        patched = model.clone()
-        patched.model_options[ATTENTION_OPTION] = config
-        return (patched,)
+    @classmethod
+    def VALIDATE_INPUTS(cls, sparsity=None):
+        return True if sparsity is None else validation_result(check_sparsity, sparsity)
+
+    def patch(self, model, sparsity: float = 0.8, backend: str = "auto", unique_id=None):
+        sparsity = check_sparsity(sparsity)
+        if fastwan_dit(model) is None and native_wan_model(model) is None:
+            raise InputError(f"{PATCH_NAME}: the model is not a Wan2.1 text-to-video model "
+                             f"({type(getattr(model, 'model', model)).__name__}). Connect Load FastWan, or Load "
+                             "Diffusion Model with a Wan2.1 T2V file.")
+        config = AttentionConfig(backend="vsa" if sparsity > 0 else "dense", sparsity=sparsity, implementation=backend)
+        patched = set_attention(model, config)
+        warning = dense_weights_warning(model, sparsity)
+        if warning is None:
+            return (patched,)
+        comfy_env.log.warning(warning)
+        comfy_env.show_node_text(unique_id, warning)
+        return {"ui": {"text": [warning]}, "result": (patched,)}

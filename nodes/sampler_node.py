@@ -1,18 +1,17 @@
-"""3-Step DMD Sampler: text conditioning + FASTWAN_MODEL -> a LATENT that core VAEDecode decodes.
+"""3-Step DMD Sampler and its native pieces (a SAMPLER and SIGMAS for SamplerCustomAdvanced).
 
 Interop with core nodes:
-- `positive` is core CLIPTextEncode's CONDITIONING with the umT5 encoder (CLIPLoader type "wan"):
-  a list of [embeddings [B, L, 4096], {...}]. ComfyUI pads the umT5 tokens to at least 512 and
-  zeroes the padded rows (attention mask applied to the output), which is exactly Wan's own
-  context: the prompt's embeddings followed by zero rows up to 512. Shorter contexts (other
-  encoders, hand-made conditioning) are zero-padded to the model's `text_len` (512) the same way;
-  longer ones (prompts over 512 tokens) are kept whole, as ComfyUI's own Wan model does.
+- `positive` is core CLIPTextEncode's CONDITIONING with the umT5 encoder (CLIPLoader type "wan").
+  ComfyUI pads the umT5 tokens to at least 512 and zeroes the padded rows, which is exactly Wan's
+  own context; shorter contexts are zero-padded to the model's 512 rows the same way.
 - The output LATENT holds un-normalized Wan latents [B, 16, (F-1)/4+1, H/8, W/8], what core
   VAEDecode with wan_2.1_vae.safetensors expects (core samplers return the same).
+
+Inside ComfyUI the node runs ComfyUI's own sampling (`comfy.sample.sample_custom`) with the DMD
+SAMPLER and SIGMAS below, so memory management, model patches, LoRAs, progress, latent previews
+and Cancel behave as with KSampler. Outside ComfyUI it calls `fastwan_core.sampling.sample_dmd`.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -20,42 +19,46 @@ from ..fastwan_core.errors import InputError
 from ..fastwan_core.latents import (LATENT_CHANNELS, VAE_SPATIAL_STRIDE, VAE_TEMPORAL_STRIDE,
                                     denormalize_latents, latent_shape, validate_video_size)
 from ..fastwan_core.sampling import sample_dmd
-from ..fastwan_core.schedule import FASTWAN_SHIFT, FASTWAN_TIMESTEPS_TEXT, parse_timesteps
 from . import comfy_env
-from .model_nodes import CATEGORY, FASTWAN_MODEL, attention_of, dit_of
+from .fastwan_schedule import (FASTWAN_SHIFT, FASTWAN_TIMESTEPS_TEXT, check_shift, dmd_sigmas,
+                               parse_timesteps)
+from .model_nodes import CATEGORY, MODEL, check_widget_ranges, validation_result
+from .native_model import attention_of, dmd_sampler, fastwan_dit, native_wan_model
 
 NODE_NAME = "3-Step DMD Sampler"
+SIGMAS_NAME = "FastWan DMD Sigmas"
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
+TIMESTEPS_TOOLTIP = ("Student timesteps (0..1000, decreasing), one model call each. FastWan was distilled for "
+                     f"{FASTWAN_TIMESTEPS_TEXT}.")
+SHIFT_TOOLTIP = f"Flow-matching shift of the timestep grid ({FASTWAN_SHIFT} for FastWan)."
 
 
-def conditioning_context(positive, text_dim: int, text_len: int, batch: int) -> torch.Tensor:
-    """CONDITIONING -> context [batch, max(L, text_len), text_dim] float32 (zero rows appended).
+def check_sampler_values(width=None, height=None, length=None, seed=None, timesteps=None, shift=None,
+                         batch_size=None) -> None:
+    """Every widget value checkable without running; values that are links (None here) are skipped."""
+    if None not in (width, height, length):
+        validate_video_size(int(width), int(height), int(length), where=NODE_NAME)
+    if batch_size is not None and not 1 <= int(batch_size) <= 64:
+        raise InputError(f"{NODE_NAME}: batch_size {batch_size} is outside 1..64")
+    if seed is not None and not 0 <= int(seed) <= MAX_SEED:
+        raise InputError(f"{NODE_NAME}: seed {seed} is outside 0..{MAX_SEED}")
+    if timesteps is not None:
+        parse_timesteps(timesteps, NODE_NAME)
+    if shift is not None:
+        check_shift(shift, NODE_NAME)
 
-    Only the first entry is used: area/timestep-combined conditioning has no meaning for this
-    sampler.
-    """
+
+def check_conditioning(positive, batch: int) -> None:
     if not isinstance(positive, (list, tuple)) or not positive or not isinstance(positive[0], (list, tuple)):
         raise InputError(f"{NODE_NAME}: 'positive' is not CONDITIONING. Connect a CLIPTextEncode node whose "
                          "clip comes from CLIPLoader with umt5_xxl_fp8_e4m3fn_scaled.safetensors, type wan.")
-    if len(positive) > 1:
-        comfy_env.log.warning("%s: the positive conditioning has %d entries (combined conditioning); only the "
-                              "first is used.", NODE_NAME, len(positive))
     embeddings = positive[0][0]
     if not isinstance(embeddings, torch.Tensor) or embeddings.ndim != 3:
         raise InputError(f"{NODE_NAME}: 'positive' holds no [batch, tokens, channels] text embeddings. Use "
                          "CLIPTextEncode with the umT5 text encoder (CLIPLoader type wan).")
-    cond_batch, tokens, channels = embeddings.shape
-    if channels != text_dim:
-        raise InputError(f"{NODE_NAME}: the text embeddings have {channels} channels but the model expects "
-                         f"{text_dim} (umT5-XXL). Load umt5_xxl_fp8_e4m3fn_scaled.safetensors with CLIPLoader "
-                         "type wan; CLIP-L/G or T5 encoders of other models do not fit.")
-    if cond_batch not in (1, batch):
-        raise InputError(f"{NODE_NAME}: the conditioning has batch {cond_batch} but batch_size is {batch}; "
+    if embeddings.shape[0] not in (1, batch):
+        raise InputError(f"{NODE_NAME}: the conditioning has batch {embeddings.shape[0]} but batch_size is {batch}; "
                          "encode one prompt (batch 1) or set batch_size to the conditioning's batch.")
-    context = embeddings.float()
-    if tokens < text_len:
-        context = torch.nn.functional.pad(context, (0, 0, 0, text_len - tokens))
-    return context.expand(batch, -1, -1)
 
 
 def size_from_latent(latent, where: str) -> tuple[int, int, int, int]:
@@ -70,13 +73,33 @@ def size_from_latent(latent, where: str) -> tuple[int, int, int, int]:
     return (batch, width * VAE_SPATIAL_STRIDE, height * VAE_SPATIAL_STRIDE, (frames - 1) * VAE_TEMPORAL_STRIDE + 1)
 
 
-def activation_bytes(dit, shape, dtype: torch.dtype) -> int:
-    """Rough peak activation memory of one DiT forward, so ComfyUI frees that much before loading."""
-    batch, _, frames, height, width = shape
-    pt, ph, pw = dit.config.patch_size
-    tokens = (frames // pt) * (height // ph) * (width // pw)
-    per_token = dit.config.ffn_dim + 6 * dit.config.dim
-    return int(batch * tokens * per_token * torch.finfo(dtype).bits // 8 * 1.5)
+def sample_outside_comfyui(model, positive, shape, seed: int, timesteps, shift: float) -> torch.Tensor:
+    """Headless / tests: `sample_dmd` on the MODEL's DiT, un-normalized latents on the CPU."""
+    dit = fastwan_dit(model)
+    embeddings = positive[0][0].float()
+    device = torch.device(model.load_device)
+    dit.to(device)
+    context = embeddings.expand(shape[0], -1, -1).to(device)
+    attention = attention_of(model)
+
+    def velocity(x, t, ctx):
+        return dit(x, t, ctx, attention=attention)
+
+    x0 = sample_dmd(velocity, context, shape, seed, timesteps=timesteps, shift=shift, device=device)
+    return denormalize_latents(x0.float()).to(comfy_env.intermediate_device())
+
+
+def sample_in_comfyui(model, positive, shape, seed: int, sigmas: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's own sampling with the DMD SAMPLER: what SamplerCustomAdvanced with RandomNoise(seed),
+    BasicGuider(positive), FastWan DMD Sampler and FastWan DMD Sigmas does."""
+    import comfy.sample
+    import latent_preview
+
+    latent_image = torch.zeros(shape)
+    noise = comfy.sample.prepare_noise(latent_image, seed)
+    callback = latent_preview.prepare_callback(model, len(sigmas) - 1)
+    return comfy.sample.sample_custom(model, noise, 1.0, dmd_sampler(), sigmas, positive, [], latent_image,
+                                      callback=callback, seed=seed)
 
 
 class FastWanDMDSampler:
@@ -86,8 +109,8 @@ class FastWanDMDSampler:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": (FASTWAN_MODEL, {"tooltip": "FastWan model from Load FastWan, usually through VSA "
-                                                     "Attention Patch."}),
+                "model": (MODEL, {"tooltip": "FastWan model from Load FastWan, usually through VSA Attention "
+                                             "Patch (LoRA loaders and model patches in between work too)."}),
                 "positive": ("CONDITIONING", {"tooltip": "The prompt: CLIPTextEncode with the umT5 text encoder "
                                                          "(CLIPLoader, type wan). No negative prompt: the "
                                                          "distilled model runs without CFG."}),
@@ -100,14 +123,12 @@ class FastWanDMDSampler:
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
                                        "tooltip": "Videos generated at once (each with its own noise)."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
-                                 "tooltip": "Seed of the noise; the same seed gives the same video on any device."}),
-                "timesteps": ("STRING", {"default": FASTWAN_TIMESTEPS_TEXT,
-                                         "advanced": True,
-                                         "tooltip": "Student timesteps (0..1000, decreasing), one model call each. "
-                                                    "FastWan was distilled for 1000,757,522."}),
+                                 "tooltip": "Seed of the noise; the same seed gives the same video on any device "
+                                            "and the same result as SamplerCustomAdvanced with RandomNoise."}),
+                "timesteps": ("STRING", {"default": FASTWAN_TIMESTEPS_TEXT, "advanced": True,
+                                         "tooltip": TIMESTEPS_TOOLTIP}),
                 "shift": ("FLOAT", {"default": FASTWAN_SHIFT, "min": 0.1, "max": 100.0, "step": 0.1,
-                                    "advanced": True,
-                                    "tooltip": "Flow-matching shift of the timestep grid (8.0 for FastWan)."}),
+                                    "advanced": True, "tooltip": SHIFT_TOOLTIP}),
             },
             "optional": {
                 "latent": ("LATENT", {"tooltip": "Optional: take batch, width, height and length from this video "
@@ -123,33 +144,85 @@ class FastWanDMDSampler:
     CATEGORY = CATEGORY
     DESCRIPTION = "Few-step DMD sampling of a FastWan model: a 5 s 480p clip in 3 model evaluations, no CFG."
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, width=None, height=None, length=None, timesteps=None):
+        # ComfyUI attaches a failed hook's message to every input the hook names, and checks the
+        # min/max of the inputs it does not name itself: so the hook names only what needs it.
+        return validation_result(cls.check_values, width=width, height=height, length=length, timesteps=timesteps)
+
+    @classmethod
+    def check_values(cls, width=None, height=None, length=None, batch_size=None, seed=None, timesteps=None,
+                     shift=None) -> None:
+        """What /prompt validation and the run both check, with the same messages."""
+        check_widget_ranges(cls, NODE_NAME, dict(width=width, height=height, length=length, batch_size=batch_size,
+                                                 seed=seed, shift=shift))
+        check_sampler_values(width=width, height=height, length=length, seed=seed, timesteps=timesteps,
+                             shift=shift, batch_size=batch_size)
+
     def sample(self, model, positive, width=832, height=480, length=81, batch_size=1, seed=0,
                timesteps=FASTWAN_TIMESTEPS_TEXT, shift=FASTWAN_SHIFT, latent=None):
-        dit = dit_of(model)
+        if fastwan_dit(model) is None and native_wan_model(model) is None:
+            raise InputError(f"{NODE_NAME}: the model is not a Wan2.1 text-to-video model "
+                             f"({type(getattr(model, 'model', model)).__name__}). Connect Load FastWan, or Load "
+                             "Diffusion Model with a Wan2.1 T2V file.")
         if latent is not None:
             batch_size, width, height, length = size_from_latent(latent, NODE_NAME)
-        validate_video_size(int(width), int(height), int(length), where=NODE_NAME)
-        student_timesteps = parse_timesteps(timesteps, where=f"{NODE_NAME}: timesteps")
-        if not (float(shift) > 0 and math.isfinite(float(shift))):
-            raise InputError(f"{NODE_NAME}: shift {shift} must be a positive number (FastWan uses 8.0)")
-        if not 0 <= int(seed) <= MAX_SEED:
-            raise InputError(f"{NODE_NAME}: seed {seed} is outside 0..{MAX_SEED}")
+        self.check_values(width, height, length, batch_size, seed, timesteps, shift)
+        student_timesteps = parse_timesteps(timesteps, NODE_NAME)
         shape = latent_shape(int(batch_size), int(width), int(height), int(length))
-        context = conditioning_context(positive, dit.config.text_dim, dit.config.text_len, shape[0])
-        sampling_dit = dit.with_attention(attention_of(model))
-
-        device = comfy_env.load_for_sampling(model, activation_bytes(dit, shape, dit.dtype))
-        progress = comfy_env.StepProgress(len(student_timesteps), device)
-        comfy_env.throw_if_interrupted()
-
-        def velocity(x, t, ctx):
-            return sampling_dit(x, t, ctx)
-
-        def after_step(step, total, x0):
-            progress.step(step, x0)
-            comfy_env.throw_if_interrupted()  # stops between steps when the user cancels
-
-        x0 = sample_dmd(velocity, context.to(device), shape, int(seed), timesteps=student_timesteps,
-                        shift=float(shift), callback=after_step, device=device)
-        samples = denormalize_latents(x0.float()).to(comfy_env.intermediate_device())
+        check_conditioning(positive, shape[0])
+        if comfy_env.in_comfyui():
+            sigmas = torch.tensor(dmd_sigmas(student_timesteps, float(shift)), dtype=torch.float32)
+            samples = sample_in_comfyui(model, positive, shape, int(seed), sigmas)
+        else:
+            samples = sample_outside_comfyui(model, positive, shape, int(seed), student_timesteps, float(shift))
         return ({"samples": samples},)
+
+
+class FastWanDMDSamplerSelect:
+    """FastWan DMD Sampler: the DMD step rule as a SAMPLER for SamplerCustomAdvanced / SamplerCustom."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    RETURN_TYPES = ("SAMPLER",)
+    RETURN_NAMES = ("sampler",)
+    OUTPUT_TOOLTIPS = ("Each step predicts the clean latent and re-noises it to the next sigma with fresh noise of "
+                       "the run's seed (FastWan's DMD sampler). Use with FastWan DMD Sigmas, BasicGuider and "
+                       "RandomNoise.",)
+    FUNCTION = "get_sampler"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "FastWan's few-step DMD sampler for SamplerCustomAdvanced."
+
+    def get_sampler(self):
+        return (dmd_sampler(),)
+
+
+class FastWanDMDSigmas:
+    """FastWan DMD Sigmas: the student's sigma schedule (1.0, 0.7568, 0.5217, 0) as SIGMAS."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "timesteps": ("STRING", {"default": FASTWAN_TIMESTEPS_TEXT, "tooltip": TIMESTEPS_TOOLTIP}),
+                "shift": ("FLOAT", {"default": FASTWAN_SHIFT, "min": 0.1, "max": 100.0, "step": 0.1,
+                                    "tooltip": SHIFT_TOOLTIP}),
+            }
+        }
+
+    RETURN_TYPES = ("SIGMAS",)
+    RETURN_NAMES = ("sigmas",)
+    FUNCTION = "get_sigmas"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "The sigmas FastWan was distilled for, for SamplerCustomAdvanced."
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, timesteps=None):
+        return True if timesteps is None else validation_result(parse_timesteps, timesteps, SIGMAS_NAME)
+
+    def get_sigmas(self, timesteps=FASTWAN_TIMESTEPS_TEXT, shift=FASTWAN_SHIFT):
+        check_widget_ranges(type(self), SIGMAS_NAME, dict(shift=shift))
+        values = parse_timesteps(timesteps, SIGMAS_NAME)
+        return (torch.tensor(dmd_sigmas(values, check_shift(shift, SIGMAS_NAME)), dtype=torch.float32),)

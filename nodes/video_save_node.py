@@ -1,4 +1,4 @@
-"""Video Save: IMAGE frames -> a video file in ComfyUI's output folder, with a preview in the UI.
+"""FastWan Video File Save: IMAGE frames -> a video file in ComfyUI's output folder, with a preview in the UI.
 
 Like core's animated savers it embeds the prompt and the workflow (ComfyUI's hidden PROMPT and
 EXTRA_PNGINFO inputs) in the file, so dragging the video back into ComfyUI restores the graph;
@@ -6,21 +6,57 @@ EXTRA_PNGINFO inputs) in the file, so dragging the video back into ComfyUI resto
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import re
 
 from ..fastwan_core.errors import InputError
 from ..fastwan_core.video_io import DEFAULT_QUALITY, VIDEO_FORMATS, write_video
 from . import comfy_env
 from .model_nodes import CATEGORY
 
-NODE_NAME = "Video Save"
+NODE_NAME = "FastWan Video File Save"
+
+# ComfyUI's own placeholders (folder_paths.get_save_image_path expands them) ...
+COMFY_PLACEHOLDERS = ("%width%", "%height%", "%year%", "%month%", "%day%", "%hour%", "%minute%", "%second%")
+# ... and %date:FORMAT%, which ComfyUI's frontend expands only for its own save nodes, so we expand it
+# here with the frontend's tokens (hh is the 24-hour clock there).
+_DATE_PLACEHOLDER = re.compile(r"%date:([^%]*)%")
+_DATE_TOKENS = re.compile(r"yyyy|yy|MM|M|dd|d|hh|h|mm|m|ss|s")
+_PLACEHOLDER = re.compile(r"%[^%/\\]*%")
+PLACEHOLDER_HELP = ("%date:yyyy-MM-dd% (tokens yyyy yy MM M dd d hh h mm m ss s), %year% %month% %day% %hour% "
+                    "%minute% %second% %width% %height%")
+
+
+def _format_date(pattern: str, now: datetime.datetime) -> str:
+    values = {"yyyy": f"{now.year:04d}", "yy": f"{now.year % 100:02d}", "MM": f"{now.month:02d}", "M": str(now.month),
+              "dd": f"{now.day:02d}", "d": str(now.day), "hh": f"{now.hour:02d}", "h": str(now.hour),
+              "mm": f"{now.minute:02d}", "m": str(now.minute), "ss": f"{now.second:02d}", "s": str(now.second)}
+    return _DATE_TOKENS.sub(lambda match: values[match.group(0)], pattern)
+
+
+def expand_date_placeholders(prefix: str, now: datetime.datetime | None = None) -> str:
+    """Expand %date:FORMAT% (e.g. %date:yyyy-MM-dd% -> 2026-12-07); other text unchanged."""
+    now = now or datetime.datetime.now()
+    return _DATE_PLACEHOLDER.sub(lambda match: _format_date(match.group(1), now), prefix)
+
+
+def check_placeholders(prefix: str) -> None:
+    """Refuse placeholders that nothing would expand (they would become literal folder names)."""
+    unknown = [p for p in _PLACEHOLDER.findall(expand_date_placeholders(prefix)) if p not in COMFY_PLACEHOLDERS]
+    if unknown:
+        raise InputError(f"{NODE_NAME}: filename_prefix {prefix!r} has placeholders this node does not expand: "
+                         f"{', '.join(unknown)}. Supported: {PLACEHOLDER_HELP}.")
 
 
 def check_filename_prefix(prefix: str, output_dir: str) -> None:
-    """Refuse prefixes that would write outside `output_dir` (absolute paths, `..`)."""
+    """Refuse prefixes that would write outside `output_dir` (absolute paths, `..`) and placeholders
+    nothing expands."""
     if not isinstance(prefix, str) or not prefix.strip():
         raise InputError(f"{NODE_NAME}: filename_prefix is empty; use a name such as FastWan or videos/FastWan")
+    check_placeholders(prefix)
+    prefix = expand_date_placeholders(prefix)
     output_dir = os.path.abspath(output_dir)
     normalized = os.path.normpath(prefix)
     target_folder = os.path.abspath(os.path.join(output_dir, os.path.dirname(normalized)))
@@ -45,7 +81,7 @@ def workflow_metadata(prompt, extra_pnginfo) -> dict[str, str]:
 
 
 class FastWanVideoSave:
-    """Video Save: writes the frames as mp4 / webm / animated webp / gif and shows it in the UI."""
+    """FastWan Video File Save: writes the frames as mp4 / webm / animated webp / gif and shows it in the UI."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -63,8 +99,9 @@ class FastWanVideoSave:
                                                "100 is lossless; gif ignores it."}),
                 "filename_prefix": ("STRING", {"default": "FastWan",
                                                "tooltip": "File name prefix inside ComfyUI's output folder; may "
-                                                          "contain subfolders (videos/FastWan) and %date% style "
-                                                          "fields, but not '..' or absolute paths."}),
+                                                          "contain subfolders (videos/FastWan) and the "
+                                                          f"placeholders {PLACEHOLDER_HELP}, but not '..' or "
+                                                          "absolute paths."}),
             },
             "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
         }
@@ -73,7 +110,19 @@ class FastWanVideoSave:
     FUNCTION = "save"
     OUTPUT_NODE = True
     CATEGORY = CATEGORY
-    DESCRIPTION = "Saves frames as a video in the output folder, with the workflow embedded, and previews it."
+    DESCRIPTION = ("Saves frames as an mp4/webm/webp/gif file in the output folder, with the workflow embedded, "
+                   "and previews it.")
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix=None):
+        paths = comfy_env.folder_paths()
+        if filename_prefix is None or paths is None:
+            return True
+        try:
+            check_filename_prefix(filename_prefix, paths.get_output_directory())
+        except InputError as error:
+            return str(error)
+        return True
 
     def save(self, images, fps=16.0, format="mp4", quality=DEFAULT_QUALITY, filename_prefix="FastWan",
              prompt=None, extra_pnginfo=None):
@@ -90,7 +139,8 @@ class FastWanVideoSave:
         output_dir = paths.get_output_directory()
         check_filename_prefix(filename_prefix, output_dir)
         height, width = int(images.shape[1]), int(images.shape[2])
-        folder, filename, counter, subfolder, _ = paths.get_save_image_path(filename_prefix, output_dir, width, height)
+        folder, filename, counter, subfolder, _ = paths.get_save_image_path(
+            expand_date_placeholders(filename_prefix), output_dir, width, height)
         file = f"{filename}_{counter:05}_.{format}"
         write_video(images, os.path.join(folder, file), fps=float(fps), format=format, quality=int(quality),
                     metadata=workflow_metadata(prompt, extra_pnginfo))

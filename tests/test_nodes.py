@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -23,14 +24,17 @@ from fastwan.fastwan_core.config import WanConfig
 from fastwan.fastwan_core.errors import InputError
 from fastwan.fastwan_core.model import WanDiT
 from fastwan.fastwan_core.video_io import read_video_info, read_video_metadata
-from fastwan.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, comfy_env, model_nodes
+from fastwan.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, comfy_env, model_nodes, native_model
+from fastwan.nodes.native_model import attention_of, fastwan_dit
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED_NODES = {
     "FastWanModelLoader": "Load FastWan",
     "FastWanVSAPatch": "VSA Attention Patch",
     "FastWanDMDSampler": "3-Step DMD Sampler",
-    "FastWanVideoSave": "Video Save",
+    "FastWanDMDSamplerSelect": "FastWan DMD Sampler (SAMPLER)",
+    "FastWanDMDSigmas": "FastWan DMD Sigmas",
+    "FastWanVideoSave": "FastWan Video File Save",
 }
 # Wan2.1 VAE latent statistics, copied from the reference release (DESIGN §5), as an oracle
 # independent of fastwan_core.latents.
@@ -113,6 +117,14 @@ def tiny_checkpoint(comfy_folders):
 
 def loaded(name="fastwan_tiny.safetensors", dtype="fp32"):
     return NODE_CLASS_MAPPINGS["FastWanModelLoader"]().load(name, dtype)[0]
+
+
+def vsa_patch(model, sparsity, backend="reference"):
+    """VSA Attention Patch -> (patched model, the warning shown on the node or None)."""
+    out = NODE_CLASS_MAPPINGS["FastWanVSAPatch"]().patch(model, sparsity, backend)
+    if isinstance(out, dict):
+        return out["result"][0], out["ui"]["text"][0]
+    return out[0], None
 
 
 def conditioning(batch=1, tokens=20, channels=None, seed=None):
@@ -208,7 +220,7 @@ def test_loader_lists_safetensors_and_loads_the_weights(tiny_checkpoint, comfy_f
     assert names == ["fastwan_tiny.safetensors"]
 
     patcher = loaded()
-    dit = model_nodes.dit_of(patcher)
+    dit = fastwan_dit(patcher)
     assert isinstance(patcher, comfy_env.PlainModelPatcher)
     reference = model.state_dict()
     for name, tensor in dit.state_dict().items():
@@ -219,7 +231,7 @@ def test_loader_weight_dtype_and_comfy_layout(comfy_folders):
     model = tiny_dit(seed=3)
     path = Path(comfy_folders.models_dir) / "diffusion_models" / "wan_comfy_layout.safetensors"
     save_dit(model, path, layout="comfy")
-    dit = model_nodes.dit_of(loaded("wan_comfy_layout.safetensors", "bf16"))
+    dit = fastwan_dit(loaded("wan_comfy_layout.safetensors", "bf16"))
     assert dit.blocks[0].ffn[0].weight.dtype == torch.bfloat16
     assert dit.blocks[0].modulation.dtype == torch.float32  # modulation tables stay fp32
     torch.testing.assert_close(dit.blocks[1].ffn[2].weight.float(), model.blocks[1].ffn[2].weight.bfloat16().float(),
@@ -233,14 +245,14 @@ def test_loader_reads_a_file_once_while_it_is_in_use(tiny_checkpoint, monkeypatc
     monkeypatch.setattr(model_nodes, "load_dit", lambda *a, **k: reads.append(a[0]) or real_load(*a, **k))
     first = loaded()
     second = loaded()
-    assert len(reads) == 1 and first.model is second.model
+    assert len(reads) == 1 and fastwan_dit(first) is fastwan_dit(second)
     # Another dtype is another model; a changed file is read again.
     loaded(dtype="bf16")
     assert len(reads) == 2
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     third = loaded()
-    assert len(reads) == 3 and third.model is not first.model
+    assert len(reads) == 3 and fastwan_dit(third) is not fastwan_dit(first)
 
 
 def test_loader_missing_file_names_the_folder(comfy_folders):
@@ -270,7 +282,7 @@ def test_loader_loads_a_sharded_checkpoint_from_any_shard(comfy_folders):
     listed = NODE_CLASS_MAPPINGS["FastWanModelLoader"].INPUT_TYPES()["required"]["model_name"][0]
     shard_name = "sharded/diffusion_pytorch_model-00002-of-00002.safetensors"
     assert shard_name in listed
-    dit = model_nodes.dit_of(loaded(shard_name))
+    dit = fastwan_dit(loaded(shard_name))
     for name, tensor in dit.state_dict().items():
         torch.testing.assert_close(tensor, state[name], rtol=0, atol=0, msg=name)
 
@@ -283,23 +295,25 @@ def test_vsa_patch_returns_a_patched_copy(tiny_checkpoint, caplog):
     base = loaded()
     options_before = json.dumps(base.model_options, default=str)
     with caplog.at_level(logging.WARNING, logger="FastWan"):
-        (patched,) = NODE_CLASS_MAPPINGS["FastWanVSAPatch"]().patch(base, 0.8, "reference")
+        patched, warning = vsa_patch(base, 0.8, "reference")
     assert patched is not base and patched.model is base.model  # shared weights, separate options
     assert json.dumps(base.model_options, default=str) == options_before
-    assert model_nodes.attention_of(base) == AttentionConfig()
-    assert model_nodes.attention_of(patched) == AttentionConfig("vsa", 0.8, "reference")
+    assert attention_of(base) == AttentionConfig()
+    assert attention_of(patched) == AttentionConfig("vsa", 0.8, "reference")
     assert "no trained VSA gates" in caplog.text and "sparsity" in caplog.text
+    assert "no trained VSA gates" in warning and "fastwan_tiny.safetensors" in warning  # shown on the node
 
-    (dense,) = NODE_CLASS_MAPPINGS["FastWanVSAPatch"]().patch(patched, 0.0, "auto")
-    assert model_nodes.attention_of(dense) == AttentionConfig("dense", 0.0, "auto")
-    assert model_nodes.attention_of(patched) == AttentionConfig("vsa", 0.8, "reference")
+    dense, warning = vsa_patch(patched, 0.0, "auto")
+    assert warning is None
+    assert attention_of(dense) == AttentionConfig("dense", 0.0, "auto")
+    assert attention_of(patched) == AttentionConfig("vsa", 0.8, "reference")
 
 
 def test_vsa_patch_is_quiet_for_a_model_with_trained_gates(comfy_folders, caplog):
     save_dit(tiny_dit(seed=7, gates=True), Path(comfy_folders.models_dir) / "diffusion_models" / "gated.safetensors")
     with caplog.at_level(logging.WARNING, logger="FastWan"):
-        NODE_CLASS_MAPPINGS["FastWanVSAPatch"]().patch(loaded("gated.safetensors"), 0.8, "auto")
-    assert "gates" not in caplog.text
+        _, warning = vsa_patch(loaded("gated.safetensors"), 0.8, "auto")
+    assert "gates" not in caplog.text and warning is None
 
 
 def test_vsa_patch_refuses_a_core_model():
@@ -331,14 +345,14 @@ def oracle_dmd(dit, attention, context, shape, seed):
 
 
 def test_sampler_matches_the_written_out_recipe(tiny_checkpoint):
-    (patched,) = NODE_CLASS_MAPPINGS["FastWanVSAPatch"]().patch(loaded(), 0.5, "reference")
+    patched, _ = vsa_patch(loaded(), 0.5, "reference")
     positive = conditioning(batch=1, tokens=20)
     seed = int(time.time_ns() % 10**9)
     (latent,) = NODE_CLASS_MAPPINGS["FastWanDMDSampler"]().sample(
         patched, positive, width=64, height=48, length=9, batch_size=2, seed=seed)
     samples = latent["samples"]
     assert samples.shape == (2, 16, 3, 6, 8) and samples.dtype == torch.float32
-    dit = model_nodes.dit_of(patched)
+    dit = fastwan_dit(patched)
     context = torch.zeros(2, 512, WanConfig.tiny().text_dim)
     context[:, :20] = positive[0][0]
     expected = oracle_dmd(dit, AttentionConfig("vsa", 0.5, "reference"), context, (2, 16, 3, 6, 8), seed)
@@ -358,7 +372,7 @@ def test_sampler_passes_attention_and_padded_context_to_the_model(tiny_checkpoin
         return real_forward(self, x, timestep, context)
 
     monkeypatch.setattr(WanDiT, "forward", recording_forward)
-    (patched,) = NODE_CLASS_MAPPINGS["FastWanVSAPatch"]().patch(loaded(), 0.8, "reference")
+    patched, _ = vsa_patch(loaded(), 0.8, "reference")
     positive = conditioning(tokens=7)
     NODE_CLASS_MAPPINGS["FastWanDMDSampler"]().sample(patched, positive, width=32, height=32, length=5,
                                                       batch_size=1, seed=1)
@@ -437,98 +451,211 @@ def test_sampler_latent_decodes_with_the_wan_vae_to_the_requested_size(tiny_chec
 
 
 # ------------------------------------------------------------------------------------------------
-# The ComfyUI code paths, with stand-in comfy modules that record what the nodes ask of them
+# The native pieces: DMD as a SAMPLER + SIGMAS for ComfyUI's own sampling, LoRA key names
 
 
-@pytest.fixture
-def fake_comfy(monkeypatch):
-    record = types.SimpleNamespace(loads=[], progress=[], interrupt_checks=0, interrupt_after=None)
-    comfy = types.ModuleType("comfy")
-    mm = types.ModuleType("comfy.model_management")
-    mm.get_torch_device = lambda: torch.device("cpu")
-    mm.unet_offload_device = lambda: torch.device("cpu")
-    mm.intermediate_device = lambda: torch.device("cpu")
-    mm.unet_dtype = lambda device=None, model_params=0, supported_dtypes=(), weight_dtype=None: torch.float32
+class FlowModelSampling:
+    """ComfyUI's flow-matching (CONST) noise scaling, written out: x = sigma*noise + (1-sigma)*x0."""
 
-    def load_models_gpu(models, memory_required=0, force_full_load=False, **kwargs):
-        record.loads.append((models, memory_required, force_full_load))
-
-    def throw_exception_if_processing_interrupted():
-        record.interrupt_checks += 1
-        if record.interrupt_after is not None and len(record.progress) >= record.interrupt_after:
-            raise KeyboardInterrupt("interrupted")
-
-    mm.load_models_gpu = load_models_gpu
-    mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
-    patcher_module = types.ModuleType("comfy.model_patcher")
-
-    class ModelPatcher:
-        def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
-            self.model, self.load_device, self.offload_device = model, load_device, offload_device
-            self.model_options = {"transformer_options": {}}
-
-        def clone(self):
-            import copy
-
-            other = ModelPatcher(self.model, self.load_device, self.offload_device)
-            other.model_options = copy.deepcopy(self.model_options)
-            return other
-
-    patcher_module.ModelPatcher = ModelPatcher
-    utils = types.ModuleType("comfy.utils")
-
-    class ProgressBar:
-        def __init__(self, total, node_id=None):
-            self.total = total
-
-        def update_absolute(self, value, total=None, preview=None):
-            record.progress.append((value, total, preview))
-
-    utils.ProgressBar = ProgressBar
-    formats = types.ModuleType("comfy.latent_formats")
-    formats.Wan21 = type("Wan21", (), {})
-    preview = types.ModuleType("latent_preview")
-
-    class Previewer:
-        def decode_latent_to_preview_image(self, preview_format, x0):
-            record.previewed.append(x0.shape)
-            return (preview_format, f"preview {len(record.previewed)}", 512)
-
-    preview.get_previewer = lambda device, latent_format: Previewer()
-    record.previewed = []
-    for name, module in {"comfy": comfy, "comfy.model_management": mm, "comfy.model_patcher": patcher_module,
-                         "comfy.utils": utils, "comfy.latent_formats": formats, "latent_preview": preview}.items():
-        monkeypatch.setitem(sys.modules, name, module)
-    record.ModelPatcher = ModelPatcher
-    return record
+    def noise_scaling(self, sigma, noise, latent_image, max_denoise=False):
+        return sigma * noise + (1.0 - sigma) * latent_image
 
 
-def test_inside_comfyui_the_model_is_managed_and_progress_reported(tiny_checkpoint, fake_comfy):
-    patcher = loaded()
-    assert isinstance(patcher, fake_comfy.ModelPatcher)
-    (patched,) = NODE_CLASS_MAPPINGS["FastWanVSAPatch"]().patch(patcher, 0.8, "reference")
-    assert isinstance(patched, fake_comfy.ModelPatcher) and patched.model is patcher.model
-    NODE_CLASS_MAPPINGS["FastWanDMDSampler"]().sample(patched, conditioning(), width=32, height=32, length=5,
-                                                      batch_size=1, seed=0)
-    assert len(fake_comfy.loads) == 1
-    models, memory_required, force_full_load = fake_comfy.loads[0]
-    assert models == [patched] and memory_required > 0 and force_full_load
-    assert fake_comfy.progress == [(1, 3, ("JPEG", "preview 1", 512)), (2, 3, ("JPEG", "preview 2", 512)),
-                                   (3, 3, ("JPEG", "preview 3", 512))]
-    assert fake_comfy.previewed == [(1, 16, 2, 4, 4)] * 3  # the normalized x0 estimate of each step
-    assert fake_comfy.interrupt_checks >= 3
+class DenoiserLikeComfyUI:
+    """What ComfyUI hands a sampler function: model(x, sigma) -> denoised x0 = x - sigma * v, with
+    the model sampling at .inner_model.inner_model.model_sampling."""
+
+    def __init__(self, dit, context, attention):
+        self.dit, self.context, self.attention = dit, context, attention
+        self.inner_model = types.SimpleNamespace(inner_model=types.SimpleNamespace(model_sampling=FlowModelSampling()))
+
+    def __call__(self, x, sigma, **extra_args):
+        v = self.dit(x, sigma * 1000.0, self.context, attention=self.attention).float()
+        return x - sigma.view(-1, 1, 1, 1, 1) * v
 
 
-def test_an_interrupt_stops_sampling_between_steps(tiny_checkpoint, fake_comfy, monkeypatch):
-    steps = []
-    real_forward = WanDiT.forward
-    monkeypatch.setattr(WanDiT, "forward", lambda self, *a, **k: steps.append(1) or real_forward(self, *a, **k))
-    fake_comfy.interrupt_after = 1
-    with pytest.raises(KeyboardInterrupt):
-        NODE_CLASS_MAPPINGS["FastWanDMDSampler"]().sample(loaded(), conditioning(), width=32, height=32,
-                                                          length=5, batch_size=1, seed=0)
-    assert len(steps) == 1
+def test_dmd_sigmas_are_fastwans_student_sigmas():
+    (sigmas,) = NODE_CLASS_MAPPINGS["FastWanDMDSigmas"]().get_sigmas("1000,757,522", 8.0)
+    torch.testing.assert_close(sigmas, torch.tensor([1.0, 0.7568, 0.5217, 0.0]), atol=1e-4, rtol=0)  # DESIGN §5
+    assert NODE_CLASS_MAPPINGS["FastWanDMDSigmas"].VALIDATE_INPUTS(timesteps="522,757").endswith(
+        "must decrease from noise to clean (e.g. 1000,757,522)")
 
+
+def test_dmd_sampler_function_equals_the_written_out_recipe(tiny_checkpoint):
+    """The SAMPLER given to SamplerCustomAdvanced, fed the way ComfyUI feeds it (initial noise from
+    the seed as RandomNoise draws it), gives the recipe's latents for that seed."""
+    dit = fastwan_dit(loaded())
+    attention = AttentionConfig("vsa", 0.5, "reference")
+    context = torch.zeros(2, 512, WanConfig.tiny().text_dim)
+    context[:, :9] = conditioning(tokens=9)[0][0]
+    seed = int(time.time_ns() % 10**9)
+    shape = (2, 16, 3, 6, 8)
+    noise = torch.randn(shape, generator=torch.manual_seed(seed))  # comfy.sample.prepare_noise
+    (sigmas,) = NODE_CLASS_MAPPINGS["FastWanDMDSigmas"]().get_sigmas("1000,757,522", 8.0)
+    x0 = native_model.sample_dmd_native(DenoiserLikeComfyUI(dit, context, attention), noise * sigmas[0], sigmas,
+                                        extra_args={"seed": seed})
+    mean = torch.tensor(WAN_MEAN).view(1, 16, 1, 1, 1)
+    std = torch.tensor(WAN_STD).view(1, 16, 1, 1, 1)
+    torch.testing.assert_close(x0 * std + mean, oracle_dmd(dit, attention, context, shape, seed), rtol=1e-4, atol=1e-4)
+
+
+def test_lora_key_map_names_our_weights_in_diffusers_and_peft_form():
+    model = types.SimpleNamespace(state_dict=lambda: {f"diffusion_model.{k}": v
+                                                      for k, v in tiny_dit(seed=1).state_dict().items()})
+    key_map = native_model.diffusers_lora_keys(model, {})
+    # Names written out from diffusers' WanTransformer3DModel (independent of our rename table).
+    expected = {
+        "transformer.blocks.0.attn1.to_q": "diffusion_model.blocks.0.self_attn.q.weight",
+        "transformer.blocks.1.attn1.to_out.0": "diffusion_model.blocks.1.self_attn.o.weight",
+        "transformer.blocks.0.attn2.to_k": "diffusion_model.blocks.0.cross_attn.k.weight",
+        "blocks.1.ffn.net.0.proj": "diffusion_model.blocks.1.ffn.0.weight",
+        "base_model.model.blocks.0.ffn.net.2": "diffusion_model.blocks.0.ffn.2.weight",
+        "transformer.condition_embedder.time_proj": "diffusion_model.time_projection.1.weight",
+        "transformer.proj_out": "diffusion_model.head.head.weight",
+        "lora_transformer_blocks_0_attn1_to_v": "diffusion_model.blocks.0.self_attn.v.weight",
+    }
+    assert {name: key_map.get(name) for name in expected} == expected
+
+
+# ------------------------------------------------------------------------------------------------
+# fp8 files
+
+
+def save_fp8_file(model: WanDiT, path: Path, scaled: bool) -> dict[str, torch.Tensor]:
+    """`model` as ComfyUI's fp8 repackaging stores it (comfy layout; every 2-D block weight float8
+    e4m3fn, scaled files with a per-tensor `scale_weight` and the `scaled_fp8` marker). Returns the
+    weights the file stands for (original names), the oracle of what a loader must compute with."""
+    from safetensors.torch import save_file
+
+    prefix = "model.diffusion_model."
+    state, dequantized = {}, {}
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.float()
+        if name.startswith("blocks.") and name.endswith(".weight") and tensor.ndim == 2:
+            scale = tensor.abs().max() / 448.0 if scaled else torch.tensor(1.0)
+            stored = (tensor / scale).to(torch.float8_e4m3fn)
+            state[prefix + name] = stored
+            if scaled:
+                state[prefix + name[: -len(".weight")] + ".scale_weight"] = scale.reshape(1)
+            dequantized[name] = stored.float() * scale
+        else:
+            state[prefix + name] = tensor.to(torch.bfloat16)
+            dequantized[name] = tensor.to(torch.bfloat16).float()
+    if scaled:
+        state["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    save_file(state, str(path))
+    return dequantized
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["fp8_e4m3fn", "fp8_e4m3fn_scaled"])
+def test_fp8_files_stay_fp8_and_compute_like_their_dequantized_weights(comfy_folders, scaled):
+    model = tiny_dit(seed=21, gates=True)
+    name = f"tiny_fp8_e4m3fn{'_scaled' if scaled else ''}.safetensors"
+    dequantized = save_fp8_file(model, Path(comfy_folders.models_dir) / "diffusion_models" / name, scaled)
+    assert NODE_CLASS_MAPPINGS["FastWanModelLoader"].VALIDATE_INPUTS(model_name=name) is True
+    dit = fastwan_dit(loaded(name, "fp32"))
+    assert dit.blocks[0].self_attn.q.weight.dtype == torch.float8_e4m3fn  # in memory
+    assert dit.blocks[1].ffn[2].weight.dtype == torch.float8_e4m3fn
+    assert dit.patch_embedding.weight.dtype == torch.float32 and dit.dtype == torch.float32
+
+    reference = WanDiT(WanConfig.tiny())
+    reference.load_state_dict(dequantized)
+    x = torch.randn(1, 16, 2, 4, 6)
+    t = torch.tensor([757.0])
+    context = torch.randn(1, 512, WanConfig.tiny().text_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(dit(x, t, context), reference(x, t, context), rtol=1e-5, atol=1e-5)
+        # Against the model before quantization: the error fp8 storage costs on this tiny model.
+        original = model(x, t, context)
+        error = (dit(x, t, context) - original).abs().max() / original.abs().max()
+    assert error < 0.05, float(error)
+
+
+def test_fp8_weights_take_a_patch_as_comfyuis_model_patcher_applies_it(comfy_folders):
+    """ModelPatcher reads a weight through convert_weight and writes it back with set_weight."""
+    model = tiny_dit(seed=22)
+    dequantized = save_fp8_file(model, Path(comfy_folders.models_dir) / "diffusion_models" / "s.safetensors", True)
+    layer = fastwan_dit(loaded("s.safetensors", "fp32")).blocks[0].self_attn.q
+    full = layer.convert_weight(layer.weight.float(), inplace=True)
+    torch.testing.assert_close(full, dequantized["blocks.0.self_attn.q.weight"], rtol=0, atol=0)
+    delta = -0.1 * full + torch.rand_like(full) * full.abs().max() * 0.05  # stays inside fp8's range
+    layer.set_weight(full + delta, inplace_update=True, seed=0)
+    assert layer.weight.dtype == torch.float8_e4m3fn
+    # fp8 e4m3 keeps 3 mantissa bits: a relative rounding error of at most 2^-4 per weight.
+    torch.testing.assert_close(layer.full_weight(torch.float32), full + delta,
+                               rtol=2**-4, atol=float(layer.scale_weight) * 2**-9)
+
+
+def test_linear_layers_follow_comfyuis_weight_casting_protocol(comfy_folders):
+    """What ComfyUI does to a layer it leaves in system memory (low VRAM): turn on comfy_cast_weights
+    and hang its LoRA patch into weight_function; the layer then computes with the patched weight."""
+    from fastwan.nodes.fp8_weights import CastableLinear
+
+    model = tiny_dit(seed=23)
+    save_fp8_file(model, Path(comfy_folders.models_dir) / "diffusion_models" / "s.safetensors", True)
+    for name in ("fastwan_tiny.safetensors", "s.safetensors"):
+        if name == "fastwan_tiny.safetensors":
+            save_dit(model, Path(comfy_folders.models_dir) / "diffusion_models" / name)
+        layer = fastwan_dit(loaded(name, "fp32")).blocks[1].cross_attn.k
+        assert isinstance(layer, CastableLinear) and layer.comfy_cast_weights is False
+        x = torch.randn(3, layer.in_features)
+        full = layer.dequantize(layer.weight, torch.float32)
+        torch.testing.assert_close(layer(x), x @ full.T + layer.bias, rtol=1e-5, atol=1e-5)
+        layer.comfy_cast_weights = True
+        layer.weight_function = [lambda stored: stored.flip(0)]  # any patch of the stored weight
+        layer.bias_function = [lambda bias: bias * 2]
+        expected = x @ layer.dequantize(layer.weight.flip(0), torch.float32).T + 2 * layer.bias
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors before the run: each node's VALIDATE_INPUTS (what ComfyUI calls at /prompt) refuses what
+# the node would refuse, with the same message.
+
+
+def runtime_message(call) -> str:
+    with pytest.raises(InputError) as info:
+        call()
+    return str(info.value)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(width=830), dict(height=470), dict(length=80), dict(width=4112), dict(timesteps="1000,abc"),
+    dict(timesteps="1000,1200"), dict(timesteps="522,757,1000"),
+])
+def test_sampler_refuses_at_prompt_time_what_it_refuses_at_run_time(tiny_checkpoint, kwargs):
+    values = dict(width=64, height=48, length=9, timesteps="1000,757,522")
+    values.update(kwargs)
+    sampler = NODE_CLASS_MAPPINGS["FastWanDMDSampler"]
+    assert sampler.VALIDATE_INPUTS(**values) == runtime_message(
+        lambda: sampler().sample(loaded(), conditioning(), batch_size=1, seed=0, shift=8.0, **values))
+    assert sampler.VALIDATE_INPUTS(width=64, height=48, length=9, timesteps="1000,757,522") is True
+    assert sampler.VALIDATE_INPUTS() is True  # every value linked from another node: nothing to check yet
+    # ComfyUI skips its own min/max check for inputs the hook names, so the hook checks them.
+    assert sampler.VALIDATE_INPUTS(width=4112, height=48, length=9) == (
+        "3-Step DMD Sampler: width 4112 is outside 16..4096")
+
+
+def test_loader_refuses_files_that_are_not_a_wan_dit_at_prompt_time(tiny_checkpoint, comfy_folders):
+    from safetensors.torch import save_file
+
+    folder = Path(comfy_folders.models_dir) / "diffusion_models"
+    save_file({"decoder.conv_in.weight": torch.zeros(4, 4)}, str(folder / "a_vae.safetensors"))
+    (folder / "old.ckpt").write_bytes(b"pickle")
+    loader = NODE_CLASS_MAPPINGS["FastWanModelLoader"]
+    assert loader.VALIDATE_INPUTS(model_name="fastwan_tiny.safetensors", weight_dtype="fp32") is True
+    message = loader.VALIDATE_INPUTS(model_name="a_vae.safetensors", weight_dtype="auto")
+    assert "unknown key layout" in message and "vae/" in message
+    assert message == runtime_message(lambda: loaded("a_vae.safetensors"))
+    assert "not a .safetensors file" in loader.VALIDATE_INPUTS(model_name="old.ckpt")
+    assert "not in models/diffusion_models" in loader.VALIDATE_INPUTS(model_name="gone.safetensors")
+    assert "weight_dtype" in loader.VALIDATE_INPUTS(weight_dtype="fp8")
+
+
+def test_vsa_patch_refuses_sparsity_at_prompt_time(tiny_checkpoint):
+    patch = NODE_CLASS_MAPPINGS["FastWanVSAPatch"]
+    assert patch.VALIDATE_INPUTS(sparsity=0.8) is True
+    assert patch.VALIDATE_INPUTS(sparsity=0.99) == runtime_message(lambda: vsa_patch(loaded(), 0.99))
 
 # ------------------------------------------------------------------------------------------------
 # Video Save
@@ -585,6 +712,37 @@ def test_video_save_refuses_prefixes_outside_the_output_folder(comfy_folders, pr
     assert str(output) in str(info.value) and "relative name" in str(info.value)
     assert list(output.iterdir()) == []
     assert not (output.parent / "escape.gif").exists()
+
+
+def test_video_save_expands_date_placeholders_and_refuses_unknown_ones(comfy_folders):
+    save = NODE_CLASS_MAPPINGS["FastWanVideoSave"]
+    before = time.strftime("%Y-%m-%d")
+    result = save().save(frames(count=1), 16.0, "gif", 80, "clips/%date:yyyy-MM-dd%/FastWan_%date:hhmm%")
+    after = time.strftime("%Y-%m-%d")
+    (saved,) = result["ui"]["images"]
+    assert saved["subfolder"] in (f"clips/{before}", f"clips/{after}")
+    assert re.fullmatch(r"FastWan_\d{4}_00001_\.gif", saved["filename"])
+    assert save.VALIDATE_INPUTS(filename_prefix="clips/%date:yyyy%/%year%-%width%x%height%") is True
+    message = save.VALIDATE_INPUTS(filename_prefix="%KSampler.seed%/clip")
+    assert "%KSampler.seed%" in message and "%date:yyyy-MM-dd%" in message
+    assert message == runtime_message(lambda: save().save(frames(count=1), 16.0, "gif", 80, "%KSampler.seed%/clip"))
+
+
+@pytest.mark.parametrize("prefix", ["../escape", "/tmp/escape", "", "%date:yyyy%/../../x"])
+def test_video_save_refuses_bad_prefixes_at_prompt_time(comfy_folders, prefix):
+    save = NODE_CLASS_MAPPINGS["FastWanVideoSave"]
+    message = save.VALIDATE_INPUTS(filename_prefix=prefix)
+    assert message == runtime_message(lambda: save().save(frames(count=1), 16.0, "mp4", 80, prefix))
+
+
+def test_video_save_writes_files_readable_by_everyone_like_comfyuis_savers(comfy_folders):
+    """ComfyUI's savers create files with the default mode (0644 under the usual umask 022).
+    Passes once fastwan_core.video_io creates the file with the umask's mode."""
+    result = NODE_CLASS_MAPPINGS["FastWanVideoSave"]().save(frames(count=1), 16.0, "gif", 80, "FastWan")
+    path = Path(comfy_folders.get_output_directory()) / result["ui"]["images"][0]["filename"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_video_save_honours_disable_metadata(comfy_folders, monkeypatch):

@@ -27,7 +27,7 @@ CORE_WIDGETS = {
 }
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
 LOADER_FOLDERS = {"CLIPLoader": "text_encoders", "VAELoader": "vae", "FastWanModelLoader": "diffusion_models"}
-SOCKET_TYPES = {"FASTWAN_MODEL", "CONDITIONING", "LATENT", "IMAGE", "CLIP", "VAE", "MODEL"}
+SOCKET_TYPES = {"CONDITIONING", "LATENT", "IMAGE", "CLIP", "VAE", "MODEL"}
 
 
 def widget_inputs(node_type: str) -> list[tuple[str, object, dict]]:
@@ -179,3 +179,25 @@ def test_api_twin_is_the_same_graph(path):
         if node["type"] in NODE_CLASS_MAPPINGS:
             spec = NODE_CLASS_MAPPINGS[node["type"]].INPUT_TYPES()
             assert set(spec["required"]) <= set(entry["inputs"]), node["type"]
+
+
+def test_a_workflow_saved_with_the_old_model_type_still_connects():
+    """Until Load FastWan returned ComfyUI's MODEL, its links were typed FASTWAN_MODEL (the shipped
+    workflow then differed from today's only in that type name). The frontend restores links by
+    slot, so such a workflow still connects when every FASTWAN_MODEL link joins an output and an
+    input that today carry MODEL under the same name and slot."""
+    current = (REPO / "workflows" / "fastwan_t2v_480p.json").read_text(encoding="utf-8")
+    old = json.loads(current.replace('"MODEL"', '"FASTWAN_MODEL"'))
+    nodes = {node["id"]: node for node in old["nodes"]}
+    old_links = [link for link in old["links"] if link[5] == "FASTWAN_MODEL"]
+    assert len(old_links) == 2  # Load FastWan -> VSA Attention Patch -> 3-Step DMD Sampler
+    for _, origin, origin_slot, target, target_slot, _ in old_links:
+        origin_class = NODE_CLASS_MAPPINGS[nodes[origin]["type"]]
+        target_class = NODE_CLASS_MAPPINGS[nodes[target]["type"]]
+        assert origin_class.RETURN_TYPES[origin_slot] == "MODEL"
+        assert origin_class.RETURN_NAMES[origin_slot] == nodes[origin]["outputs"][origin_slot]["name"]
+        sockets = [name for name, (kind, _) in target_class.INPUT_TYPES()["required"].items()
+                   if isinstance(kind, str) and kind in SOCKET_TYPES]
+        input_name = nodes[target]["inputs"][target_slot]["name"]
+        assert sockets.index(input_name) == target_slot
+        assert target_class.INPUT_TYPES()["required"][input_name][0] == "MODEL"

@@ -1,6 +1,6 @@
 """Test-only ComfyUI nodes for tests/test_comfyui_integration.py; never shipped or loaded by users.
 
-They stand in for the heavy core models so a real ComfyUI can run our four nodes on a CPU in
+They stand in for the heavy core models (and hand latents back to the test) so a real ComfyUI can run our four nodes on a CPU in
 seconds: random umT5-shaped CONDITIONING instead of CLIPTextEncode, and a cheap LATENT -> IMAGE
 map instead of the Wan VAE.
 """
@@ -44,7 +44,31 @@ class FastWanTestLatentToImage:
         return (rgb.permute(0, 2, 3, 4, 1).reshape(-1, 8 * height, 8 * width, 3).contiguous(),)
 
 
+class FastWanTestSaveLatent:
+    """Writes LATENT samples to output/<name>.safetensors, for the test to compare with an oracle."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",), "name": ("STRING", {"default": "latent"})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    CATEGORY = "FastWan/testing"
+
+    def save(self, samples, name):
+        import os
+
+        import folder_paths
+        from safetensors.torch import save_file
+
+        save_file({"samples": samples["samples"].float().contiguous()},
+                  os.path.join(folder_paths.get_output_directory(), f"{name}.safetensors"))
+        return {}
+
+
 NODE_CLASS_MAPPINGS = {
     "FastWanTestConditioning": FastWanTestConditioning,
     "FastWanTestLatentToImage": FastWanTestLatentToImage,
+    "FastWanTestSaveLatent": FastWanTestSaveLatent,
 }
