@@ -71,8 +71,8 @@ TILE_MEANS_LAUNCH = Launch(num_warps=4)
 SELECT_ROWS_PER_PROGRAM = 1
 
 
-def select_warps(num_tiles: int) -> int:
-    return min(8, max(1, _next_power_of_2(num_tiles) // 1024))
+def select_launch(num_tiles: int) -> Launch:
+    return Launch(num_warps=min(8, max(1, _next_power_of_2(num_tiles) // 1024)))
 
 
 def select_lanes(num_tiles: int) -> dict:

@@ -31,8 +31,8 @@ from .launches import (
     Device,
     device_of,
     dkdv_query_major,
+    select_launch,
     select_lanes,
-    select_warps,
 )
 from .layout import TileLayout, block_rows, from_tile_order, to_tile_order
 from .reference import video_sparse_attention_reference
@@ -202,7 +202,7 @@ def _select_key_tiles(scores: Tensor, tile_offsets: Tensor, topk: int, device: D
     tv.select_kernel[(triton_cdiv(num_rows, rows_per_program),)](
         scores.contiguous(), key_tiles, key_entries, key_counts, tile_offsets, num_rows, n, topk,
         ENTRY_SIZE_BITS=_ENTRY_SIZE_BITS, ROWS=rows_per_program, **select_lanes(n),
-        **({} if device.interpreted else dict(num_warps=select_warps(n))),
+        **device.launch(select_launch(n)),
     )
     return key_tiles, key_entries, key_counts
 
