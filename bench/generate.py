@@ -159,6 +159,8 @@ def bench_denoise(args, device, dtype, shape, result):
             seconds, peak = timed(run, device, args.repeats, warmup=0)
             stage.update({f"ours_{label}_compiled_s": round(seconds, 4),
                           f"ours_{label}_compiled_peak_gib": peak and round(peak, 2)})
+            if "diffusers_dense_s" in stage:
+                stage[f"speedup_{label}_compiled_vs_diffusers"] = round(stage["diffusers_dense_s"] / seconds, 3)
     result["denoise"] = stage
 
 

@@ -1,13 +1,13 @@
-"""User-facing errors. Each message says what is wrong, where, and how to fix it."""
+"""User-facing errors. Each message says what is wrong, where, and how to fix it.
 
+The base types live in ``kernels.errors`` (the lowest layer, which imports nothing of ours); they are
+re-exported here so that the rest of the package has one place to import errors from.
+"""
 
-class FastWanError(Exception):
-    """Base class for errors a user of FastWan can hit and fix."""
+from ..kernels.errors import FastWanError, InputError
+
+__all__ = ["CheckpointError", "FastWanError", "InputError"]
 
 
 class CheckpointError(FastWanError):
     """A model file or folder cannot be read as a Wan DiT checkpoint."""
-
-
-class InputError(FastWanError, ValueError):
-    """A user-supplied value (size, frame count, prompt, option) is invalid."""

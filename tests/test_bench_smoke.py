@@ -1,7 +1,7 @@
-"""The VSA benchmarks keep running: their --smoke modes (CPU, Triton interpreter, tiny shapes) end to end.
+"""The VSA benchmark keeps running: its --smoke mode (CPU, Triton interpreter, tiny shapes) end to end.
 
-The GPU numbers in bench/results come from these scripts; a script that no longer runs would leave
-them unreproducible. Each must print one JSON object whose checks hold at the tiny shape.
+The GPU figures in docs/performance.md come from these scripts; a script that no longer runs would
+leave them unreproducible. It must print one JSON object whose checks hold at the tiny shape.
 """
 import json
 import os
@@ -25,27 +25,15 @@ def _run(script: str, *flags: str) -> dict:
 
 
 def test_vsa_attention_bench_smoke_checks_against_the_reference():
-    report = _run("vsa_attention.py", "--compare-settings")
+    report = _run("vsa_attention.py")
     check = report["check_smoke"]
     assert "error" not in check, check
-    assert check["fwd_rel_err"] < 2e-3 and check["selection_agreement"] == 1.0, check
+    assert check["fwd_rel_err"] < 2e-3 and check["fwd_finite"], check
     for name in ("dq", "dk", "dv", "dgate"):
         assert check[f"{name}_rel_err"] < 5e-3, check
-    assert report["time_smoke"]["sparsity_0.8"]["ours_fwd_ms"] > 0
-    # Every alternative setting gives the same outputs, gradients and lists, and gets timed.
-    compared = report["compare_settings"]
-    assert "error" not in compared, compared
-    assert [key for key in compared if key.endswith("_max_rel_diff") and compared[key] != 0.0] == []
-    assert all(compared[key] for key in compared if key.endswith("_same_lists") or key.endswith("_same"))
-    assert any(key.endswith("_same") for key in compared)
-    assert all(compared[key] > 0 for key in compared if key.endswith("_ms"))
-
-
-def test_vsa_roofline_bench_smoke_times_every_part():
-    report = _run("vsa_roofline.py")
-    for part in ("fwd_fine", "loads_only_tma", "loads_only_masked", "loads_only_production_blocks", "compute_only",
-                 "bwd_preprocess", "bwd_dq", "bwd_dkdv"):
-        assert report[f"{part}_ms"] > 0, part
-    assert 0 < report["kept_over_block_flops"] <= 1
-    # The production blocks (64, 32 or 16 rows) lie between the valid rows and whole 64-row tiles.
-    assert report["kv_bytes_valid_rows_gb"] <= report["kv_bytes_production_blocks_gb"] < report["kv_bytes_tma_gb"]
+    timed = report["time_smoke"]
+    assert "error" not in timed, timed
+    for sparsity in ("0.8", "0.9"):
+        row = timed[f"sparsity_{sparsity}"]
+        assert row["ours_fwd_ms"] > 0 and row["ours_fwd_bwd_ms"] > 0, row
+        assert 0 < row["ours_fwd_tflops"] <= row["ours_fwd_tflops_blocks"], row

@@ -2,14 +2,13 @@
 
 Most FastWan users run Ada GPUs: no bulk tensor copies (TMA), no wgmma, and 99 KB of shared memory
 per block where the H200 the benchmarks run on has 227 KB. No such GPU is lent to us, so this
-compiles every launch production makes on one (``ops._launch_config`` with small shared memory,
-``ops._list_flags``, head dims 64 and 128, bf16) with Triton's own compiler for target sm_89, on the
+compiles every launch production makes on one (``launches.ATTENTION_LAUNCHES`` for small shared
+memory, ``ops._list_flags``, head dims 64 and 128, bf16) with Triton's own compiler for target sm_89, on the
 CPU, and checks each kernel's shared memory against the limit. A launch configuration that only fits
 a Hopper GPU fails here instead of with "out of resources" in a user's ComfyUI.
 
-The compiles run in a child process without TRITON_INTERPRET: the suite runs under the interpreter,
-and Triton's own jitted helpers (tl.sum's combine function) are interpreter functions in any
-process that imported triton with it set.
+The compiles run in a child process without TRITON_INTERPRET: without a GPU the suite runs under
+the interpreter (tests/conftest.py), and kernels jitted there are interpreter functions.
 """
 
 from __future__ import annotations
@@ -63,19 +62,19 @@ def _production_launches():
 
 def compile_for_ada() -> dict:
     """{launch: shared memory bytes, or the compile error} for every production launch on sm_89."""
-    import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from fastwan.kernels.vsa import ops as vsa_ops
     from fastwan.kernels.vsa import triton_vsa
+    from fastwan.kernels.vsa.launches import Device
 
-    vsa_ops._large_shared_memory = lambda device: False  # an RTX 4090: < 160 KB per block
+    rtx_4090 = Device(interpreted=False, tensor_descriptors=False, large_shared_memory=False)  # < 160 KB per block
     results = {}
     for kernel, D, rows, partial in _production_launches():
         groups = [(64, 0, 1)] + ([(32, 1, 1), (16, 2, 1)] if partial else [])
-        config = vsa_ops._launch_config(kernel, D, torch.device("cuda"), rows)
+        config = rtx_4090.attention_launch(kernel, D, rows)
         constexprs = dict(D=D, ENTRY_SIZE_BITS=vsa_ops._ENTRY_SIZE_BITS, USE_TMA=False,
                           **vsa_ops._list_flags(kernel, rows, groups))
         if kernel == "bwd_dkdv":
@@ -84,7 +83,7 @@ def compile_for_ada() -> dict:
             constexprs.update(HAS_COARSE=True, BLOCK_M=rows)
         else:
             constexprs.update(HAS_GATE=True, BLOCK_M=rows)
-        fn = triton_vsa.kernels()[kernel]
+        fn = getattr(triton_vsa, f"{kernel}_kernel")
         name = f"{kernel} D={D} {rows} rows{' (grid with partial tiles)' if partial else ''} {config}"
         try:
             compiled = triton.compile(ASTSource(fn=fn, signature=_signature(fn, constexprs), constexprs=constexprs),

@@ -30,20 +30,6 @@ def test_triton_on_gpu_matches_reference(D, dtype, with_gate):
     check_triton_against_reference(grid, D, dtype, topk, with_gate, B=2, heads=3, tol=tol, device="cuda")
 
 
-@pytest.mark.parametrize("with_gate", [True, False])
-@pytest.mark.parametrize("schedule", ["partials_first", "dq_first"])
-def test_triton_on_gpu_in_each_backward_launch_order_matches_reference(schedule, with_gate, monkeypatch):
-    # With the second stream live, each of the backward's launch orders (ops.BACKWARD_SCHEDULE). A
-    # missing wait between the streams can only show up here, as wrong gradients (or, by luck, not:
-    # bench/vsa_attention.py --compare-settings also checks each order at 480p).
-    from fastwan.kernels.vsa import ops as vsa_ops
-
-    monkeypatch.setattr(vsa_ops, "BACKWARD_SCHEDULE", schedule)
-    grid = (9, 14, 22)
-    topk = topk_for_sparsity(TileLayout.for_grid(grid).num_tiles, 0.8)
-    check_triton_against_reference(grid, 128, torch.bfloat16, topk, with_gate, B=2, heads=3, tol=1e-2, device="cuda")
-
-
 def test_triton_on_gpu_never_waits_for_the_gpu():
     # A host sync in the op (a .item(), a bincount sizing its output) would stall the host once per
     # attention layer and pass, so its launches could no longer run ahead of the GPU. (The sync

@@ -1,11 +1,16 @@
 """VSA Triton kernels under Triton's CPU interpreter (TRITON_INTERPRET=1) against the PyTorch reference.
 
-Tiny shapes; the interpreter runs every program in numpy. Note: Triton 3.9's interpreter computes
+Tiny shapes; the interpreter runs every program in numpy. tests/conftest.py turns the interpreter on
+without a CUDA GPU; with one, these skip (test_vsa_gpu.py runs the compiled kernels). Note: Triton 3.9's interpreter computes
 bf16 ``tl.dot`` wrongly on CPU (garbage values even for a plain 16x16 product), so bf16 runs on the
 GPU only (bench/vsa_attention.py checks it); here fp32 (exact dots) and fp16 cover the kernels.
 """
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -19,14 +24,12 @@ from fastwan.kernels.vsa import (  # noqa: E402
     video_sparse_attention_tiled,
 )
 from fastwan.kernels.vsa import ops as vsa_ops  # noqa: E402
-import triton.language as tl  # noqa: E402
+from fastwan.kernels.vsa import triton_vsa  # noqa: E402
+from fastwan.kernels.vsa.launches import ATTENTION_LAUNCHES, Device  # noqa: E402
 from vsa_checks import check_compile_traces_as_one_op, check_triton_against_reference, rel_err  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def triton_interpreter(monkeypatch):
-    # The kernels are jitted per mode on first use, so setting the variable here is enough.
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+pytestmark = pytest.mark.skipif(not triton_vsa.INTERPRETED, reason="runs the kernels in Triton's CPU interpreter")
+INTERPRETER = Device(interpreted=True, tensor_descriptors=True, large_shared_memory=True)
 
 
 @pytest.mark.parametrize(
@@ -40,48 +43,29 @@ def triton_interpreter(monkeypatch):
         ((6, 7, 3), 3, True),
     ],
 )
-@pytest.mark.parametrize("use_tma", [False, True])
-def test_triton_fp32_matches_reference(grid, topk, with_gate, use_tma, monkeypatch):
-    # Masked pointer loads and tensor-descriptor (TMA) loads, which read whole 64-row blocks past
-    # partial tiles (and past the sequence end, zero-filled) and rely on masking the scores.
-    monkeypatch.setattr(vsa_ops, "USE_TMA", dict.fromkeys(("fwd", "bwd_dq", "bwd_dkdv"), use_tma))
+@pytest.mark.parametrize("aligned", [False, True])
+def test_triton_fp32_matches_reference(grid, topk, with_gate, aligned):
+    # Aligned projections take tensor-descriptor (TMA) loads, which read whole 64-row blocks past
+    # partial tiles (and past the sequence end, zero-filled) and rely on masking the scores;
+    # misaligned views take masked pointer loads (as every view does on GPUs without TMA).
     torch.manual_seed(sum(grid) + topk)
-    check_triton_against_reference(grid, 64, torch.float32, topk, with_gate, tol=1e-5)
+    check_triton_against_reference(grid, 64, torch.float32, topk, with_gate, tol=1e-5, aligned=aligned)
 
 
-@pytest.mark.parametrize("topk, use_tma", [(27, False), (13, True), (6, False)])
-def test_triton_packs_partial_key_tiles(topk, use_tma, monkeypatch):
+@pytest.mark.parametrize("topk, aligned", [(27, False), (13, True), (6, False), (21, True)])
+def test_triton_packs_partial_key_tiles(topk, aligned):
     # Grid 9x10x11 has tiles of 64, 48 | 32, 24 | 16, 12, 8 and 6 tokens, so the forward's three
     # loops (one tile per step, two of 17..32 tokens, four of up to 16) all run, with odd tails.
-    monkeypatch.setattr(vsa_ops, "USE_TMA", dict.fromkeys(("fwd", "bwd_dq", "bwd_dkdv"), use_tma))
     torch.manual_seed(topk)
-    check_triton_against_reference((9, 10, 11), 64, torch.float32, topk, True, B=1, heads=2, tol=1e-5)
-
-
-def test_triton_small_key_tiles_two_per_step_match_reference(monkeypatch):
-    # The forward's key tiles of up to 16 tokens two per step (ops.SMALL_KEY_TILES_PER_STEP = 2; the
-    # other tests run the default, four), with lists whose small tiles leave every remainder of a step
-    # (topk 21 over 9x10x11's tiles).
-    monkeypatch.setattr(vsa_ops, "SMALL_KEY_TILES_PER_STEP", 2)
-    torch.manual_seed(2)
-    check_triton_against_reference((9, 10, 11), 64, torch.float32, 21, True, B=1, heads=2, tol=1e-5)
+    check_triton_against_reference((9, 10, 11), 64, torch.float32, topk, True, B=1, heads=2, tol=1e-5,
+                                   aligned=aligned)
 
 
 @pytest.mark.parametrize("D", [64, 128])
-def test_triton_fp16_matches_reference(D, monkeypatch):
+def test_triton_fp16_matches_reference(D):
     # Also the tensor-descriptor (TMA) loads, which read whole 64-row blocks past partial tiles.
-    monkeypatch.setattr(vsa_ops, "USE_TMA", {"fwd": True, "bwd_dq": True, "bwd_dkdv": True})
     torch.manual_seed(D)
     check_triton_against_reference((5, 6, 7) if D == 64 else (3, 5, 6), D, torch.float16, 3, True, B=1, tol=3e-3)
-
-
-@pytest.mark.parametrize("with_gate", [True, False])
-def test_triton_backward_in_the_other_launch_order_matches_reference(with_gate, monkeypatch):
-    # The backward's other launch order (ops.BACKWARD_SCHEDULE; the default runs in the tests above).
-    # Under the interpreter the streams are one sequence, so this checks what the order computes.
-    monkeypatch.setattr(vsa_ops, "BACKWARD_SCHEDULE", "dq_first")
-    torch.manual_seed(8)
-    check_triton_against_reference((5, 6, 7), 64, torch.float32, 3, with_gate, B=1, heads=2, tol=1e-5)
 
 
 def test_triton_token_order_api_matches_reference():
@@ -93,15 +77,12 @@ def test_triton_token_order_api_matches_reference():
     assert rel_err(out, expected) < 1e-5
 
 
-@pytest.mark.parametrize("rows_per_program", [1, 4])
 @pytest.mark.parametrize("n, topk", [(7, 3), (16, 16), (20, 1), (33, 12), (40, 36), (624, 125)])
-def test_triton_selection_is_exact_topk_with_size_sorted_lists(n, topk, rows_per_program, monkeypatch):
+def test_triton_selection_is_exact_topk_with_size_sorted_lists(n, topk):
     # The selection kernel writes each row's top-k tile indices directly, ascending (ties go to the
     # lowest index), and the same tiles as packed entries grouped whole tiles / 17..32 tokens / up to 16
-    # (ascending within a group) with the first two counts. With several rows per program, rows
-    # straddle program boundaries; a row's lanes come in two blocks (40 tiles: 32 + 16, 624: 512 + 128),
-    # padded at the end; tile sizes are random, so every group and order occurs.
-    monkeypatch.setattr(vsa_ops, "SELECT_LAUNCH", dict(vsa_ops.SELECT_LAUNCH, rows=rows_per_program))
+    # (ascending within a group) with the first two counts. A row's lanes come in two blocks (40 tiles:
+    # 32 + 16, 624: 512 + 128), padded at the end; tile sizes are random, so every group and order occurs.
     rows = 10
     sizes = torch.randint(1, 65, (n,))
     offsets = torch.zeros(n + 1, dtype=torch.int32)
@@ -111,7 +92,7 @@ def test_triton_selection_is_exact_topk_with_size_sorted_lists(n, topk, rows_per
     scores[1] = -scores[1].abs()  # all negative
     scores[2] = 0.5  # all tied: the lowest indices win, across both lane blocks when topk needs them
     scores[3, n // 2:] = scores[3].max() + 1.0  # ties at the top that straddle the blocks (40: lanes 20..39)
-    key_tiles, entries, counts = vsa_ops._select_key_tiles(scores, offsets, topk)
+    key_tiles, entries, counts = vsa_ops._select_key_tiles(scores, offsets, topk, INTERPRETER)
     bits = vsa_ops._ENTRY_SIZE_BITS
     for r in range(rows):
         values = scores[r]
@@ -150,23 +131,6 @@ def test_transposed_query_lists_match_brute_force():
             assert counts[bh * n + kt].tolist() == [len(whole), len(half)]
 
 
-def test_kernels_keep_their_constexpr_parameters_when_jitted_per_mode():
-    # kernels() jits copies of the kernel functions bound to per-mode globals; compiled-mode Triton
-    # learns which parameters are tl.constexpr from the copies' annotations (the interpreter does
-    # not need them, so only this catches their loss before a GPU does).
-    from triton.runtime.jit import JITFunction
-
-    from fastwan.kernels.vsa import triton_vsa
-
-    for name, fn in {**triton_vsa._RAW, **triton_vsa._HELPERS}.items():
-        # Annotations are strings in that module (from __future__ import annotations).
-        wanted = [p for p, note in fn.__annotations__.items() if note is tl.constexpr or note == "tl.constexpr"]
-        assert wanted or name in ("_program", "_rows", "_dq_block", "_select_keys", "_count_at_least",
-                                  "_exclusive_scan", "_select_chosen", "_select_store"), name
-        compiled = JITFunction(triton_vsa._rebound(fn, dict(vars(triton_vsa))))
-        assert [p.name for p in compiled.params if p.is_constexpr] == wanted, name
-
-
 def test_packed_tile_entries_hold_each_tiles_first_token_and_size():
     layout = TileLayout.for_grid((5, 6, 7))  # partial tiles of every size class
     tiles = torch.randint(0, layout.num_tiles, (3, 11), dtype=torch.int32)
@@ -197,17 +161,15 @@ def test_triton_refuses_what_its_packed_fields_cannot_hold(limit, value, grid, t
 
 
 @pytest.mark.parametrize("large_shared_memory", [True, False])
-def test_dkdv_launches_are_always_pipelined(large_shared_memory, monkeypatch):
+def test_dkdv_launches_are_always_pipelined(large_shared_memory):
     # Query-major dk/dv programs (the 16/32-row key tiles) computed wrong dk/dv at num_stages=1 with
-    # Triton 3.6 on an H200 (bench/NOTES_vsa.md, v10): no configuration may launch them unpipelined,
-    # nor with fewer than the 4 warps (one warpgroup) their 128-row MMAs are written for.
-    from fastwan.kernels.vsa import triton_vsa
-
-    monkeypatch.setattr(triton_vsa, "interpreting", lambda: False)
-    monkeypatch.setattr(vsa_ops, "_large_shared_memory", lambda device: large_shared_memory)
+    # Triton 3.6 on an H200: no configuration may launch them unpipelined, nor with fewer than the
+    # 4 warps (one warpgroup) their 128-row MMAs are written for.
+    gpu = Device(interpreted=False, tensor_descriptors=False, large_shared_memory=large_shared_memory)
+    assert any(kernel == "bwd_dkdv" for kernel, _, _ in ATTENTION_LAUNCHES)
     for D in vsa_ops._TRITON_HEAD_DIMS:
         for rows in (64, 32, 16):
-            config = vsa_ops._launch_config("bwd_dkdv", D, torch.device("cpu"), rows)
+            config = gpu.attention_launch("bwd_dkdv", D, rows)
             assert config["num_stages"] >= 2 and config["num_warps"] >= 4, (D, rows, config)
 
 
@@ -221,15 +183,29 @@ def test_triton_custom_op_passes_opcheck():
     )
 
 
-def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    layout = TileLayout.for_grid((2, 4, 4))
-    q = torch.randn(1, 1, 32, 64)
-    with pytest.raises(InputError, match=r"implementation='triton' needs.*CUDA tensors.*implementation='auto'"):
-        video_sparse_attention_tiled(q, q, q, layout, 1, implementation="triton")
-    # 'auto' quietly uses the reference on CPU.
-    out = video_sparse_attention_tiled(q, q, q, layout, 1, implementation="auto")
-    assert torch.isfinite(out).all()
+_WITHOUT_INTERPRETER = """
+import re, torch
+from fastwan.fastwan_core.errors import InputError
+from fastwan.kernels.vsa import TileLayout, video_sparse_attention_tiled
+layout = TileLayout.for_grid((2, 4, 4))
+q = torch.randn(1, 1, 32, 64)
+try:
+    video_sparse_attention_tiled(q, q, q, layout, 1, implementation="triton")
+    raise SystemExit("no error")
+except InputError as error:
+    assert re.search(r"implementation='triton' needs.*CUDA tensors.*implementation='auto'", str(error)), error
+# 'auto' quietly uses the reference on CPU.
+assert torch.isfinite(video_sparse_attention_tiled(q, q, q, layout, 1, implementation="auto")).all()
+"""
+
+
+def test_triton_on_cpu_without_interpreter_is_refused():
+    # Compiled kernels (TRITON_INTERPRET unset when triton is imported) cannot take CPU tensors; in a
+    # child process, since this one runs the interpreter.
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    child = subprocess.run([sys.executable, "-c", _WITHOUT_INTERPRETER], capture_output=True, text=True, env=env,
+                           timeout=600)
+    assert child.returncode == 0, child.stderr[-3000:]
 
 
 def test_triton_op_under_torch_compile():

@@ -13,20 +13,27 @@ def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def projection_views(B, heads, L, D, dtype, count, device="cpu"):
-    """Fresh random [B, heads, L, D] views of [B, L, heads, D] buffers, as the DiT hands them over."""
-    return [torch.randn(B, L, heads, D, dtype=dtype, device=device).transpose(1, 2).requires_grad_(True)
-            for _ in range(count)]
+def projection_views(B, heads, L, D, dtype, count, device="cpu", aligned=True):
+    """Fresh random [B, heads, L, D] views of [B, L, heads, D] buffers, as the DiT hands them over.
+
+    aligned=False: views one element into [B, L, heads, D + 1] buffers, so neither their base nor their
+    row stride is 16-byte aligned (the kernels then load with masked pointers instead of TMA)."""
+    if aligned:
+        buffers = [torch.randn(B, L, heads, D, dtype=dtype, device=device) for _ in range(count)]
+    else:
+        buffers = [torch.randn(B, L, heads, D + 1, dtype=dtype, device=device)[..., 1:] for _ in range(count)]
+    return [x.transpose(1, 2).requires_grad_(True) for x in buffers]
 
 
-def check_triton_against_reference(grid, D, dtype, topk, with_gate, B=2, heads=2, tol=1e-5, device="cpu"):
+def check_triton_against_reference(grid, D, dtype, topk, with_gate, B=2, heads=2, tol=1e-5, device="cpu",
+                                   aligned=True):
     """Forward and all gradients of the Triton path against the fp32 reference, fresh inputs."""
     layout = TileLayout.for_grid(grid, device)
-    inputs = projection_views(B, heads, layout.num_tokens, D, dtype, 4 if with_gate else 3, device)
+    inputs = projection_views(B, heads, layout.num_tokens, D, dtype, 4 if with_gate else 3, device, aligned)
     gate = inputs[3] if with_gate else None
     out = video_sparse_attention_tiled(*inputs[:3], layout, topk, gate=gate, implementation="triton")
     assert out.dtype == dtype and out.shape == inputs[0].shape
-    assert out.transpose(1, 2).is_contiguous()
+    assert out.transpose(1, 2).is_contiguous()  # fresh [B, L, heads, D] memory, whatever the inputs' strides
     assert torch.isfinite(out).all()
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, inputs, grad_out)

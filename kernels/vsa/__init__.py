@@ -1,7 +1,8 @@
 """Video Sparse Attention (VSA): trainable block-sparse attention over 4x4x4 video tiles.
 
 Triton kernels on CUDA (``triton-windows`` provides Triton on Windows), a PyTorch reference
-everywhere else; see ``ops.py`` for the API and ``reference.py`` for the exact semantics.
+everywhere else; see ``ops.py`` for the API, ``reference.py`` for the exact semantics,
+``triton_vsa.py`` for the kernels and ``launches.py`` for how they are launched.
 """
 
 from .layout import TileLayout, from_tile_order, to_tile_order, topk_for_sparsity

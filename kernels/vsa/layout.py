@@ -16,7 +16,7 @@ from functools import lru_cache
 
 import torch
 
-from ...fastwan_core.errors import InputError
+from ..errors import InputError
 
 TILE_SIDE = 4
 TILE_TOKENS = TILE_SIDE**3  # 64: the most tokens one tile can hold

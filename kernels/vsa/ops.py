@@ -11,7 +11,8 @@ Two implementations share one semantics (``reference.py`` is the specification):
 
 Each implementation is a ``torch.library`` custom op with a fake (meta) implementation and
 autograd registered through ``register_autograd``; backward passes are custom ops too, so
-``torch.compile`` and FSDP see one opaque op each way.
+``torch.compile`` and FSDP see one opaque op each way. Every launch takes its options from the
+table in ``launches.py``, looked up for the tensors' device.
 """
 
 from __future__ import annotations
@@ -22,7 +23,17 @@ import math
 
 import torch
 
-from ...fastwan_core.errors import InputError
+from ..errors import InputError
+from .launches import (
+    SELECT_ROWS_PER_PROGRAM,
+    SIDE_STREAM_PRIORITY,
+    TILE_MEANS_LAUNCH,
+    Device,
+    device_of,
+    dkdv_query_major,
+    select_launch,
+    select_lanes,
+)
 from .layout import TileLayout, block_rows, from_tile_order, to_tile_order
 from .reference import video_sparse_attention_reference
 
@@ -64,99 +75,21 @@ def _strides(x: Tensor) -> tuple[int, int, int]:
 # Triton implementation (host side)
 # --------------------------------------------------------------------------------------------
 
-# Block shapes, warps and pipeline depth, chosen from the H200 sweeps recorded in
-# bench/NOTES_vsa.md (bench/vsa_attention.py --sweep rewrites these while it measures).
-# USE_TMA: per kernel, load whole 64-row tiles with Hopper bulk tensor copies (device-side tensor
-# descriptors) instead of masked pointer loads.
-# Used only on Hopper or newer (the bulk tensor copy engine) with a Triton that has descriptors.
-USE_TMA = {"fwd": True, "bwd_dq": True, "bwd_dkdv": True}
-LAUNCH_CONFIG = {
-    ("fwd", 64): dict(num_warps=4, num_stages=3),
-    ("fwd", 128): dict(num_warps=4, num_stages=3),
-    ("bwd_dq", 64): dict(num_warps=4, num_stages=2),
-    ("bwd_dq", 128): dict(num_warps=4, num_stages=2),
-    ("bwd_dkdv", 64): dict(num_warps=4, num_stages=2),
-    ("bwd_dkdv", 128): dict(num_warps=4, num_stages=2),
-}
-# The 32- and 16-row programs of partial tiles at D=128, where another configuration than the 64-row
-# one measured faster on the H200 at 480p, 0.8, per launch (ms; ``bench/vsa_roofline.py --launch-variants``,
-# bench/results/vsa_roofline_v9_configs_h200_2026-11-29.json, single runs that move by up to ±4%):
-# forward 0.47 (32 rows) and 0.48 (16 rows) against 0.56 and 0.59 at 4 warps / 2 stages; dq 0.47 and
-# 0.52 against 0.51 and 0.65. One stage (no prefetch) was slower everywhere. dk/dv's query-major
-# small-tile programs (bench/results/vsa_roofline_v10_dkdv_h200_2026-11-29.json) keep the 64-row
-# configuration, 4 warps (one warpgroup for their 128-row MMAs) and 2 stages: at 1 stage, Triton 3.6
-# for sm_90 computed wrong dk/dv (relative difference ~2e2), so never launch them unpipelined.
-# dk/dv's 16-row key programs (query-major) take 199 registers and 76 KB of shared memory: 2 CTAs per
-# SM. Capped at 168 registers (no spills, offline sm_90 compile) 3 fit in an H200 SM's 228 KB, and
-# fwd+bwd measured 15.19 against 15.36-15.38 ms in the same run (v13; a cap of 128 spills: 15.49).
-SMALL_TILE_LAUNCH_CONFIG = {
-    ("fwd", 128, 32): dict(num_warps=2, num_stages=2),
-    ("fwd", 128, 16): dict(num_warps=1, num_stages=2),
-    ("bwd_dq", 128, 32): dict(num_warps=4, num_stages=3),
-    ("bwd_dq", 128, 16): dict(num_warps=2, num_stages=3),
-    ("bwd_dkdv", 128, 16): dict(num_warps=4, num_stages=2, maxnreg=168),
-}
+def _device(x: Tensor) -> Device:
+    """The launch choices of x's device (``launches.py``); the interpreter runs on the CPU."""
+    return device_of(x.device, _triton_module().INTERPRETED)
 
 
-# Key tiles of up to 16 tokens that the forward takes per step (2 or 4), sharing one softmax update
-# and one rescale of the accumulator. On the bench's inputs these tiles are selected ~2x as often as
-# whole ones (bench/NOTES_vsa.md, v18): a quarter of each query tile's list. H200, 480p, 0.8, the fine
-# forward's three launches (bench/vsa_roofline.py, two runs): 3.53 / 3.55 ms with 4 against 3.68 /
-# 3.63 with 2. In the whole op, where the partial query tiles' launches run beside the whole ones, most
-# of that gain goes: fwd 3.78 / 3.79 against 3.81 / 3.81 ms, fwd+bwd unchanged (two runs' settings
-# comparisons, bench/NOTES_vsa.md v19). dq (one _dq_block per tile, no shared update) measured 4.19 /
-# 4.21 against 4.22 / 4.21 ms with 4 and keeps 2; dk/dv's 16-row query tiles four per step were slower
-# (4.46 against 4.30 ms: spills).
-SMALL_KEY_TILES_PER_STEP = 4
-
-# dk/dv's key-tile sizes whose programs run query-major (triton_vsa._dkdv_entry): their MMAs are
-# then 128 rows tall (wgmma) instead of 16 or 32.
-DKDV_QUERY_MAJOR_ROWS = (16, 32)
-
-# The selection kernel: score rows per program, and warps per 1024 lanes of a row (at least one).
-# One row per program measured 0.165 ms at 480p on the H200 against 0.255 ms for four (which need 185
-# registers a thread: one program per SM); one warp for 480p's 624 tiles (its reductions and scans
-# stay within the warp), with 32-bit keys, measured 0.116-0.15 ms against 0.159-0.167 at 8 warps
-# with int64 keys (bench/vsa_attention.py, coarse_select_ms, v10-v13 runs).
-# split_lanes: a row's lanes in two power-of-two blocks, 624 tiles as 512 + 128 lanes rather than
-# 1024: 0.069 against 0.131 ms at 480p (v16 run, settings comparison).
-SELECT_LAUNCH = dict(rows=1, num_warps=1, split_lanes=True)
-
-# The tile means: one program per (tile, batch*head, q/k/v), reading up to 64 rows. 2 / 4 / 8 / 16
-# warps measured 0.104 / 0.107 / 0.115 / 0.132 ms at 480p (v16 run): no reason to move from 4. With
-# (batch, head) on grid axis 0 instead, so that programs launched together read whole token rows of
-# the [B, L, h, D] buffers: 0.110 against 0.107 ms (v17 run), not kept.
-TILE_MEANS_LAUNCH = dict(num_warps=4)
-
-# Launches that do not depend on each other run on two CUDA streams: the forward's partial query
-# tiles beside its whole ones, the backward's dq beside dk/dv (and beside building dk/dv's lists), so
-# that one launch's last wave does not idle SMs the other could use. H200, 480p, 0.8, two runs
-# (bench/vsa_attention.py --compare-settings, v11/v12): fwd 3.95/3.93 ms on one stream, 3.91/3.86
-# beside, 3.82/3.80 with the side stream at high priority; fwd+bwd 15.70/15.79, 15.43/15.48,
-# 15.58/15.45 (later runs agree: one stream 15.67-15.93, high priority 15.29-15.59). "off" runs
-# everything on the caller's stream.
-OVERLAP_LAUNCHES = "side_high_priority"  # "side_high_priority" | "side" | "off"
-# The backward's order of launches. dk/dv's partial key tiles always run on the second stream beside
-# its whole key tiles' launch (v15: 14.61 against 14.74 ms, and 14.63 against 14.79, with them after
-# it on the caller's stream). "dq_first" (v11-v16): the coarse gradients, then dq's three launches on
-# the second stream, beside dk/dv's lists, then dk/dv. "partials_first" (v17): dq's whole query tiles
-# start right after the preprocessing pass, while the second stream runs the coarse gradients, dq's
-# partial query tiles and dk/dv's lists beside them; fwd+bwd 14.44 / 14.41 against 14.60 / 14.62 ms
-# (two runs, 480p 0.8; bench/NOTES_vsa.md).
-BACKWARD_SCHEDULE = "partials_first"  # "partials_first" | "dq_first"
-
-
-def _use_tma(kernel: str, *tensors: Tensor) -> bool:
-    """Tensor descriptors need 16-byte aligned bases and row strides (true for [B, L, h, D] projections)."""
-    if not USE_TMA.get(kernel, False):
-        return False
-    if not _triton_module().interpreting() and not _hopper_or_newer(tensors[0].device):
+def _use_tma(device: Device, *tensors: Tensor) -> bool:
+    """Tensor descriptors need the device's bulk copies and 16-byte aligned bases and row strides
+    (true for [B, L, h, D] projections); other views take masked pointer loads."""
+    if not device.tensor_descriptors:
         return False
     for t in tensors:
         size = t.element_size()
         if t.data_ptr() % 16 or any((st * size) % 16 for st in t.stride()[:3]):
             return False
-    if not _triton_module().interpreting():
+    if not device.interpreted:
         import triton
 
         # Device-side descriptors live in a small global scratch buffer that Triton asks us for.
@@ -165,42 +98,14 @@ def _use_tma(kernel: str, *tensors: Tensor) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _hopper_or_newer(device: torch.device) -> bool:
-    import triton.language as tl
-
-    return torch.cuda.get_device_capability(device)[0] >= 9 and hasattr(tl, "make_tensor_descriptor")
-
-
-@functools.lru_cache(maxsize=None)
-def _large_shared_memory(device: torch.device) -> bool:
-    # Three pipeline stages of 64x128 K and V tiles need ~112 KB of shared memory: fine on
-    # A100/H100/H200 (160+ KB per block), too much for consumer GPUs (~100 KB, e.g. RTX 4090).
-    props = torch.cuda.get_device_properties(device)
-    return getattr(props, "shared_memory_per_block_optin", 0) >= 160 * 1024
-
-
-def _launch_config(kernel: str, D: int, device: torch.device, rows: int = 64) -> dict:
-    if _triton_module().interpreting():
-        return {}
-    config = dict(SMALL_TILE_LAUNCH_CONFIG.get((kernel, D, rows))
-                  or LAUNCH_CONFIG.get((kernel, D), dict(num_warps=4, num_stages=2)))
-    if not _large_shared_memory(device):
-        if config["num_stages"] > 2 and D * config["num_stages"] > 256:
-            config["num_stages"] = 2
-        # Register caps buy a third CTA per SM only where the shared memory holds three.
-        config.pop("maxnreg", None)
-    return config
-
-
-@functools.lru_cache(maxsize=None)
-def _side_stream(device: torch.device, high_priority: bool) -> "torch.cuda.Stream":
-    return torch.cuda.Stream(device, priority=-1 if high_priority else 0)
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    return torch.cuda.Stream(device, priority=SIDE_STREAM_PRIORITY)
 
 
 class _TwoStreams:
     """Fork/join of launches that do not depend on each other::
 
-        with _TwoStreams(x.device) as streams:
+        with _TwoStreams(x.device, device) as streams:
             with streams.beside():
                 ...  # launched on a second stream, after everything already on the caller's stream
             ...      # launched on the caller's stream, concurrently
@@ -211,18 +116,17 @@ class _TwoStreams:
     ``beside()`` come from the second stream's pool; that stream is private to this module and every
     use of it starts by waiting for the caller's stream, so a reuse of their memory is ordered after
     any use the caller enqueued before freeing them (no ``record_stream`` needed). A plain sequence
-    on CPU, in the Triton interpreter and with ``OVERLAP_LAUNCHES = "off"``.
+    on CPU and in the Triton interpreter.
     """
 
-    def __init__(self, device: torch.device):
-        self.active = (device.type == "cuda" and OVERLAP_LAUNCHES != "off"
-                       and not _triton_module().interpreting())
-        self.device = device
+    def __init__(self, torch_device: torch.device, device: Device):
+        self.active = torch_device.type == "cuda" and device.overlaps_launches
+        self.device = torch_device
 
     def __enter__(self):
         if self.active:
             self.caller = torch.cuda.current_stream(self.device)
-            self.side = _side_stream(self.device, OVERLAP_LAUNCHES == "side_high_priority")
+            self.side = _side_stream(self.device)
             self.side.wait_stream(self.caller)
         return self
 
@@ -244,7 +148,7 @@ class _TwoStreams:
         return False
 
 
-def _coarse_forward(q, k, v, tile_offsets, topk):
+def _coarse_forward(q, k, v, tile_offsets, topk, device: Device):
     """Tile means and top-k selection (Triton), tile-level scores, softmax and coarse output (PyTorch,
     fp32, tiny).
 
@@ -252,34 +156,34 @@ def _coarse_forward(q, k, v, tile_offsets, topk):
     and the coarse branch's tile outputs fp32 [B, h, n, D].
     """
     D = q.shape[-1]
-    means = _tile_means(q, k, v, tile_offsets)
+    means = _tile_means(q, k, v, tile_offsets, device)
     # fp32 even under bf16 autocast: the selection kernel ranks exact fp32 score keys.
     with torch.autocast(device_type=q.device.type, enabled=False):
         scores = torch.matmul(means[0], means[1].transpose(-1, -2)).mul_(1.0 / math.sqrt(D))
         # The softmax and the coarse output do not wait for the selection (one warp per score row,
-        # latency-bound): they run beside it. (The means of v beside it too measured the same: 3.79
-        # against 3.80 ms fwd, bench/NOTES_vsa.md v19.)
-        with _TwoStreams(q.device) as streams:
+        # latency-bound): they run beside it.
+        with _TwoStreams(q.device, device) as streams:
             with streams.beside():
                 probs = torch.softmax(scores, dim=-1)
                 coarse = torch.matmul(probs, means[2])
-            key_tiles, key_entries, key_counts = _select_key_tiles(scores, tile_offsets, topk)
+            key_tiles, key_entries, key_counts = _select_key_tiles(scores, tile_offsets, topk, device)
     return means, probs, key_tiles, key_entries, key_counts, coarse
 
 
-def _tile_means(q: Tensor, k: Tensor, v: Tensor, tile_offsets: Tensor) -> Tensor:
+def _tile_means(q: Tensor, k: Tensor, v: Tensor, tile_offsets: Tensor, device: Device) -> Tensor:
     """Per-tile means of q, k and v [B, h, L, D] (one launch) -> fp32 [3, B, h, n, D]."""
     B, heads, L, D = q.shape
     n = tile_offsets.numel() - 1
     means = torch.empty(3, B, heads, n, D, dtype=torch.float32, device=q.device)
-    _triton_module().kernels()["tile_means"][(n, B * heads, 3)](
+    _triton_module().tile_means_kernel[(n, B * heads, 3)](
         q, k, v, means, tile_offsets, *_strides(q), *_strides(k), *_strides(v), heads, n, B * heads * n,
-        BLOCK=64, D=D, **({} if _triton_module().interpreting() else TILE_MEANS_LAUNCH),
+        BLOCK=64, D=D, **device.launch(TILE_MEANS_LAUNCH),
     )
     return means
 
 
-def _select_key_tiles(scores: Tensor, tile_offsets: Tensor, topk: int) -> tuple[Tensor, Tensor, Tensor]:
+def _select_key_tiles(scores: Tensor, tile_offsets: Tensor, topk: int, device: Device
+                      ) -> tuple[Tensor, Tensor, Tensor]:
     """Exact top-k key tiles of each row of fp32 scores [..., n] (ties to the lower index), one kernel.
 
     Returns key_tiles int32 [..., topk] (ascending tile indices: what the backward transposes), and
@@ -294,29 +198,13 @@ def _select_key_tiles(scores: Tensor, tile_offsets: Tensor, topk: int) -> tuple[
     key_tiles = scores.new_empty(*scores.shape[:-1], topk, dtype=torch.int32)
     key_entries = torch.empty_like(key_tiles)
     key_counts = scores.new_empty(*scores.shape[:-1], 2, dtype=torch.int32)
-    rows_per_program = SELECT_LAUNCH["rows"]
-    tv.kernels()["select"][(triton_cdiv(num_rows, rows_per_program),)](
+    rows_per_program = SELECT_ROWS_PER_PROGRAM
+    tv.select_kernel[(triton_cdiv(num_rows, rows_per_program),)](
         scores.contiguous(), key_tiles, key_entries, key_counts, tile_offsets, num_rows, n, topk,
-        ENTRY_SIZE_BITS=_ENTRY_SIZE_BITS, ROWS=rows_per_program, **_select_lanes(n),
-        **({} if tv.interpreting() else dict(num_warps=_select_warps(n))),
+        ENTRY_SIZE_BITS=_ENTRY_SIZE_BITS, ROWS=rows_per_program, **select_lanes(n),
+        **device.launch(select_launch(n)),
     )
     return key_tiles, key_entries, key_counts
-
-
-def _select_lanes(n: int) -> dict:
-    """The selection kernel's two lane blocks for a row of n tiles: the largest power of two up to n
-    (at least 16), then the smallest that holds the rest (16 when nothing is left). Without
-    ``SELECT_LAUNCH["split_lanes"]``: one block of the next power of two (and an empty tail)."""
-    head = max(16, 1 << (int(n).bit_length() - 1) if SELECT_LAUNCH["split_lanes"] else _next_power_of_2(n))
-    return dict(BLOCK_T=head, BLOCK_TAIL=max(16, _next_power_of_2(max(1, n - head))))
-
-
-def _select_warps(n: int) -> int:
-    return min(8, SELECT_LAUNCH["num_warps"] * max(1, _next_power_of_2(n) // 1024))
-
-
-def _next_power_of_2(n: int) -> int:
-    return 1 << (int(n) - 1).bit_length()
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -332,27 +220,27 @@ def _groups(block_groups) -> list[tuple[int, int, int]]:
     return result
 
 
-def _triton_forward(q, k, v, gate, tile_offsets, tiles_by_block, block_groups, topk):
+def _triton_forward(q, k, v, gate, tile_offsets, tiles_by_block, block_groups, topk, device: Device):
     tv = _triton_module()
     B, heads, L, D = q.shape
     n = tile_offsets.numel() - 1
-    means, probs, key_tiles, key_entries, key_counts, coarse = _coarse_forward(q, k, v, tile_offsets, topk)
+    means, probs, key_tiles, key_entries, key_counts, coarse = _coarse_forward(q, k, v, tile_offsets, topk, device)
     out = _out_like_projection(q)
     lse = torch.empty(B, heads, L, dtype=torch.float32, device=q.device)
     g = gate if gate is not None else q  # dummy pointer when HAS_GATE is False
-    use_tma = _use_tma("fwd", k, v)
+    use_tma = _use_tma(device, k, v)
     groups = _groups(block_groups)
 
     def launch(rows, first, count):  # one launch per query-tile size group
-        tv.kernels()["fwd"][(count, B * heads)](
+        tv.fwd_kernel[(count, B * heads)](
             q, k, v, g, coarse, out, lse, key_entries, key_counts, tile_offsets, tiles_by_block[first:],
             *_strides(q), *_strides(k), *_strides(v), *_strides(g), *_strides(out),
             heads, n, topk, L, math.log2(math.e) / math.sqrt(D),
             HAS_GATE=gate is not None, BLOCK_M=rows, D=D, ENTRY_SIZE_BITS=_ENTRY_SIZE_BITS,
-            USE_TMA=use_tma, **_list_flags("fwd", rows, groups), **_launch_config("fwd", D, q.device, rows),
+            USE_TMA=use_tma, **_list_flags("fwd", rows, groups), **device.attention_launch("fwd", D, rows),
         )
 
-    with _TwoStreams(q.device) as streams:
+    with _TwoStreams(q.device, device) as streams:
         _partial_tiles_beside(streams, groups, launch)
     return out, lse, key_tiles, key_entries, key_counts, means, probs, coarse
 
@@ -367,18 +255,15 @@ def _partial_tiles_beside(streams: _TwoStreams, groups, launch) -> None:
 
 
 def _list_flags(kernel: str, rows: int, groups) -> dict:
-    """The constexprs of how one size group's launch walks its lists (also used by bench/vsa_roofline.py).
+    """The constexprs of how one size group's launch walks its lists.
 
     HAS_PARTIAL_KEYS / HAS_PARTIAL_QUERIES: whether the grid has tiles of <= 32 tokens (exactly the 32-
     and 16-row groups); without them the kernels compile without their partial-tile loops and never
-    read the per-row counts. SMALL_KEYS_PER_STEP (forward): ``SMALL_KEY_TILES_PER_STEP``. QUERY_MAJOR
-    (dk/dv): the 16/32-row key tiles run with queries as the MMAs' rows (triton_vsa._dkdv_entry).
+    read the per-row counts. QUERY_MAJOR (dk/dv): ``launches.dkdv_query_major``.
     """
     partial = any(group_rows < 64 for group_rows, _, _ in groups)
     if kernel == "bwd_dkdv":
-        return dict(HAS_PARTIAL_QUERIES=partial, QUERY_MAJOR=rows in DKDV_QUERY_MAJOR_ROWS)
-    if kernel == "fwd":
-        return dict(HAS_PARTIAL_KEYS=partial, SMALL_KEYS_PER_STEP=SMALL_KEY_TILES_PER_STEP)
+        return dict(HAS_PARTIAL_QUERIES=partial, QUERY_MAJOR=dkdv_query_major(rows))
     return dict(HAS_PARTIAL_KEYS=partial)
 
 
@@ -414,7 +299,7 @@ def _transposed_query_lists(key_tiles: Tensor, tile_offsets: Tensor) -> tuple[Te
 # constexpr.
 _ENTRY_SIZE_BITS = 7  # a tile holds 1..64 tokens
 MAX_TRITON_TOKENS = 1 << (31 - _ENTRY_SIZE_BITS)
-# The selection kernel counts chosen tiles in 16-bit fields (triton_vsa._select).
+# The selection kernel counts chosen tiles in 16-bit fields (triton_vsa.select_kernel).
 MAX_TRITON_TILES = 1 << 16
 
 
@@ -449,7 +334,7 @@ def _coarse_backward_fp32(d_coarse, means, probs, tile_offsets):
 
 def _triton_backward(
     grad_out, q, k, v, gate, out, lse, key_tiles, key_entries, key_counts, means, probs, coarse, tile_offsets,
-    tiles_by_block, block_groups,
+    tiles_by_block, block_groups, device: Device,
 ):
     tv = _triton_module()
     B, heads, L, D = q.shape
@@ -465,7 +350,7 @@ def _triton_backward(
     else:
         d_coarse = means[0]  # dummy, never read
         d_gate = g = q
-    tv.kernels()["bwd_preprocess"][(n, B * heads)](
+    tv.bwd_preprocess_kernel[(n, B * heads)](
         out, grad_out, g, coarse, delta, d_gate, d_coarse, tile_offsets,
         *_strides(out), *_strides(grad_out), *_strides(g), *_strides(d_gate),
         heads, n, L, HAS_GATE=has_gate, BLOCK=64, D=D,
@@ -483,55 +368,46 @@ def _triton_backward(
     def launch_dq(rows, first, count, target, dq_coarse):  # one launch per query-tile size group
         # dq_coarse None: the launch writes dq without the coarse term.
         with_coarse = has_gate and dq_coarse is not None
-        tv.kernels()["bwd_dq"][(count, B * heads)](
+        tv.bwd_dq_kernel[(count, B * heads)](
             q, k, v, grad_out, target, lse, delta, key_entries, key_counts, tile_offsets, tiles_by_block[first:],
             dq_coarse if with_coarse else means[0], *_strides(q), *_strides(k), *_strides(v),
             *_strides(grad_out), *_strides(target), heads, n, topk, L, qk_scale, sm_scale,
             HAS_COARSE=with_coarse, BLOCK_M=rows, D=D, ENTRY_SIZE_BITS=_ENTRY_SIZE_BITS,
-            USE_TMA=_use_tma("bwd_dq", k, v), **_list_flags("bwd_dq", rows, groups),
-            **_launch_config("bwd_dq", D, q.device, rows),
+            USE_TMA=_use_tma(device, k, v), **_list_flags("bwd_dq", rows, groups),
+            **device.attention_launch("bwd_dq", D, rows),
         )
 
-    with _TwoStreams(q.device) as streams:
-        if BACKWARD_SCHEDULE == "dq_first":
+    with _TwoStreams(q.device, device) as streams:
+        # dq's whole query tiles start at once on the caller's stream (issued first, so that a host
+        # that is not ahead of the GPU does not hold them back). They cannot wait for the coarse
+        # gradient, so with a gate they write their fp32 rows (before the coarse term) to a scratch
+        # buffer that one pass then adds it to, beside dk/dv. Beside them: the coarse gradients, dq's
+        # partial query tiles and dk/dv's lists, small or copy-bound launches that fill the SMs.
+        rows, first, count = groups[0]
+        fine_dq = torch.empty(B, heads, L, D, dtype=torch.float32, device=q.device) if has_gate else dq
+        launch_dq(rows, first, count, fine_dq, None)
+        with streams.beside():
             dq_c, dk_c, dv_c = coarse_backward()
-            streams.fork()  # dq's launches read the coarse gradient
-            # dq reads what dk/dv reads and writes only dq: it runs beside the dk/dv lists and launches.
-            with streams.beside():
-                for group in groups:
-                    launch_dq(*group, dq, dq_c)
+            for group in groups[1:]:
+                launch_dq(*group, dq, dq_c)
             query_lists = _transposed_query_lists(key_tiles, tile_offsets)
-        else:  # "partials_first"
-            # dq's whole query tiles start at once on the caller's stream (issued first, so that a host
-            # that is not ahead of the GPU does not hold them back). They cannot wait for the coarse
-            # gradient, so with a gate they write their fp32 rows (before the coarse term) to a scratch
-            # buffer that one pass then adds it to, beside dk/dv. Beside them: the coarse gradients, dq's
-            # partial query tiles and dk/dv's lists, small or copy-bound launches that fill the SMs.
-            rows, first, count = groups[0]
-            fine_dq = torch.empty(B, heads, L, D, dtype=torch.float32, device=q.device) if has_gate else dq
-            launch_dq(rows, first, count, fine_dq, None)
+        streams.join()  # dk/dv read the lists and the coarse gradients
+        if has_gate:  # the pass beside dk/dv's launches, after dq's whole tiles
+            streams.fork()
             with streams.beside():
-                dq_c, dk_c, dv_c = coarse_backward()
-                for group in groups[1:]:
-                    launch_dq(*group, dq, dq_c)
-                query_lists = _transposed_query_lists(key_tiles, tile_offsets)
-            streams.join()  # dk/dv read the lists and the coarse gradients
-            if has_gate:  # the pass beside dk/dv's launches, after dq's whole tiles
-                streams.fork()
-                with streams.beside():
-                    tv.kernels()["add_tile_rows"][(count, B * heads)](
-                        fine_dq, dq_c, dq, tile_offsets, tiles_by_block[first:], *_strides(fine_dq), *_strides(dq),
-                        heads, n, BLOCK=rows, D=D,
-                    )
+                tv.add_tile_rows_kernel[(count, B * heads)](
+                    fine_dq, dq_c, dq, tile_offsets, tiles_by_block[first:], *_strides(fine_dq), *_strides(dq),
+                    heads, n, BLOCK=rows, D=D,
+                )
 
         def launch_dkdv(rows, first, count):  # one launch per key-tile size group
-            tv.kernels()["bwd_dkdv"][(count, B * heads)](
+            tv.bwd_dkdv_kernel[(count, B * heads)](
                 q, k, v, grad_out, dk, dv, lse, delta, *query_lists, tile_offsets, tiles_by_block[first:], dk_c, dv_c,
                 *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
                 heads, n, L, qk_scale, sm_scale,
                 HAS_COARSE=has_gate, BLOCK_N=rows, D=D, ENTRY_SIZE_BITS=_ENTRY_SIZE_BITS,
-                USE_TMA=_use_tma("bwd_dkdv", q, grad_out), **_list_flags("bwd_dkdv", rows, groups),
-                **_launch_config("bwd_dkdv", D, q.device, rows),
+                USE_TMA=_use_tma(device, q, grad_out), **_list_flags("bwd_dkdv", rows, groups),
+                **device.attention_launch("bwd_dkdv", D, rows),
             )
 
         streams.fork()  # dk/dv's partial key tiles wait for the lists and the coarse gradients
@@ -551,7 +427,7 @@ def _vsa_triton_fwd(
     """Returns (out [B,h,L,D], lse2 fp32 [B,h,L], key_tiles int32 [B,h,n,topk], key_entries int32
     [B,h,n,topk] and key_counts int32 [B,h,n,2] (``_select_key_tiles``), means fp32 [3,B,h,n,D],
     coarse probs fp32 [B,h,n,n], coarse tile outputs fp32 [B,h,n,D]). The backward reads all but out."""
-    return _triton_forward(q, k, v, gate, tile_offsets, tiles_by_block, block_groups, topk)
+    return _triton_forward(q, k, v, gate, tile_offsets, tiles_by_block, block_groups, topk, _device(q))
 
 
 @_vsa_triton_fwd.register_fake
@@ -580,7 +456,7 @@ def _vsa_triton_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dq, dk, dv, d_gate = _triton_backward(
         grad_out, q, k, v, gate, out, lse, key_tiles, key_entries, key_counts, means, probs, coarse, tile_offsets,
-        tiles_by_block, block_groups,
+        tiles_by_block, block_groups, _device(q),
     )
     return dq, dk, dv, (d_gate if d_gate is not None else q.new_empty(0))
 
@@ -707,7 +583,7 @@ def _check_inputs(q, k, v, gate, layout: TileLayout, topk: int, implementation: 
         and q.shape[-1] in _TRITON_HEAD_DIMS
         and q.shape[2] < MAX_TRITON_TOKENS
         and layout.num_tiles < MAX_TRITON_TILES
-        and (q.is_cuda or (q.device.type == "cpu" and _triton_module().interpreting()))
+        and (q.is_cuda or (q.device.type == "cpu" and _triton_module().INTERPRETED))
     )
     if implementation == "auto":
         return "triton" if (triton_ok and q.is_cuda) else "reference"

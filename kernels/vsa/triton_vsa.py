@@ -5,10 +5,11 @@ launched once per tile-size group (64/32/16-row programs, see ``TileLayout.tiles
 Tiles hold 1..64 tokens starting at ``tile_offsets[tile]``; rows past a tile's size are masked,
 never read as padding from memory. Tensors are [B, h, L, D] views with any strides on B, h, L
 and a unit stride on D, so q/k/v views of a [B, L, h, D] projection need no copy. The top-k
-kernel takes one program per 4 (batch, head, query tile) rows of coarse scores.
+kernel takes one program per (batch, head, query tile) row of coarse scores. Launch options
+live in ``launches.py``; the host side that launches these is ``ops.py``.
 
-The raw functions below are jitted on first use (``kernels()``), because ``triton.jit`` decides
-at decoration time whether to compile or interpret (TRITON_INTERPRET=1, used by the CPU tests).
+``triton.jit`` decides when this module is imported whether the kernels compile or run in Triton's
+CPU interpreter (TRITON_INTERPRET=1, which the CPU tests set before importing triton).
 
 Math (per query row, base-2 softmax as in FlashAttention-2):
     s = q·k * scale * log2(e) over the keys of the row's selected tiles
@@ -21,32 +22,11 @@ dv = Pᵀ dO; plus each tile's coarse-branch gradient spread evenly over its tok
 
 from __future__ import annotations
 
-import os
-import types
-
 import triton
 import triton.language as tl
-from triton.runtime.jit import JITFunction
 
 
-def _add(a, b):
-    return a + b
-
-
-def _maximum(a, b):
-    return tl.maximum(a, b)
-
-
-# Reductions go through tl.reduce with the standard library's own combine functions rather than
-# tl.sum / tl.max: those helpers are jitted when triton is imported, so they stay compiled-mode
-# functions if TRITON_INTERPRET is set later (the CPU tests), whereas the interpreter recognises
-# these combine functions and reduces with numpy. Same code on the GPU. Older Triton versions
-# without them get equivalent combine functions (JITFunction, valid in both modes).
-_ADD = getattr(tl.standard, "_sum_combine", None) or JITFunction(_add)
-_MAX = getattr(tl.standard, "_elementwise_max", None) or JITFunction(_maximum)
-
-
-# Helpers the kernels call. They are jitted with the kernels, per mode (see ``kernels()``).
+@triton.jit
 def _program(tile, TILE_OFF, H, NUM_TILES):
     # This program's (batch, head) from grid axis 1, and its tile's place in the compact order:
     # (bh, b, h, row, first token, token count); row = bh * NUM_TILES + tile indexes the
@@ -56,16 +36,19 @@ def _program(tile, TILE_OFF, H, NUM_TILES):
     return bh, bh // H, bh % H, bh * NUM_TILES + tile, start, tl.load(TILE_OFF + tile + 1) - start
 
 
+@triton.jit
 def _rows(X, b, h, stride_b, stride_h, stride_l, start, rows, cols):
     # Pointers to tokens start + rows, all head-dim columns, of one (batch, head) of [B, h, L, D] X.
     return X + b * stride_b + h * stride_h + (start + rows)[:, None] * stride_l + cols[None, :]
 
 
+@triton.jit
 def _tile_entry(entry, ENTRY_SIZE_BITS: tl.constexpr):
     # A packed list entry (ops._pack_tile_entries) -> (first token, token count) of its tile.
     return entry >> ENTRY_SIZE_BITS, entry & ((1 << ENTRY_SIZE_BITS) - 1)
 
 
+@triton.jit
 def _tile_source(X, b, h, stride_b, stride_h, stride_l, L, D: tl.constexpr, ROWS: tl.constexpr,
                  USE_TMA: tl.constexpr):
     # Where the loop reads ROWS-row blocks of one (batch, head) of [B, h, L, D] X from: a bulk tensor
@@ -77,6 +60,7 @@ def _tile_source(X, b, h, stride_b, stride_h, stride_l, L, D: tl.constexpr, ROWS
         return base
 
 
+@triton.jit
 def _load_tile(source, stride_l, start, valid, USE_TMA: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr):
     # The ROWS tokens from `start`, [ROWS, D]. A bulk copy fetches all ROWS rows (rows past the tile
     # belong to the next tile, or are zeros past the sequence end: callers mask them out of the math);
@@ -89,7 +73,8 @@ def _load_tile(source, stride_l, start, valid, USE_TMA: tl.constexpr, D: tl.cons
                        other=0.0)
 
 
-def _tile_means(Q, K, V, OUT, TILE_OFF, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, H, NUM_TILES, NUM_ROWS,
+@triton.jit
+def tile_means_kernel(Q, K, V, OUT, TILE_OFF, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, H, NUM_TILES, NUM_ROWS,
                 BLOCK: tl.constexpr, D: tl.constexpr):
     # Mean of one tile's valid tokens, fp32, for q, k and v in one launch (grid axis 2 picks which):
     # [B, h, L, D] each -> OUT [3, B, h, n, D] (NUM_ROWS = B * h * n).
@@ -106,9 +91,10 @@ def _tile_means(Q, K, V, OUT, TILE_OFF, sqb, sqh, sql, skb, skh, skl, svb, svh, 
     cols = tl.arange(0, D)
     x = tl.load(_rows(X, b, h, stride_b, stride_h, stride_l, start, rows, cols), mask=(rows < size)[:, None],
                 other=0.0).to(tl.float32)
-    tl.store(OUT + row * D + cols, tl.reduce(x, 0, _ADD) / size.to(tl.float32))
+    tl.store(OUT + row * D + cols, tl.sum(x, 0) / size.to(tl.float32))
 
 
+@triton.jit
 def _select_keys(SCORES, rows, lanes, NUM_ROWS, NUM_TILES):
     # One part of a row's lanes: each score as an unsigned 32-bit key in the same order (all bits of
     # negatives flipped, the sign bit of the rest), so the radix search compares 32-bit integers, not
@@ -117,20 +103,21 @@ def _select_keys(SCORES, rows, lanes, NUM_ROWS, NUM_TILES):
     x = tl.load(SCORES + rows[:, None] * NUM_TILES + lanes[None, :], mask=valid, other=0.0)
     bits = x.to(tl.int32, bitcast=True)
     key = (bits ^ ((bits >> 31) | -2147483648)).to(tl.uint32, bitcast=True)
-    # (tl.full is a builtin: the jitted tl.zeros helpers fail under the interpreter when triton was
-    # imported without it.)
     return tl.where(valid, key, tl.full(key.shape, 0, tl.uint32)), valid
 
 
+@triton.jit
 def _count_at_least(key, candidate):
-    return tl.reduce((key >= candidate).to(tl.int32), 1, _ADD, keep_dims=True)
+    return tl.sum((key >= candidate).to(tl.int32), 1, keep_dims=True)
 
 
+@triton.jit
 def _exclusive_scan(x, offset):
     # Per row, the sum of x over the earlier lanes of this part, plus the earlier parts' offset.
-    return tl.associative_scan(x, 1, _ADD) - x + offset
+    return tl.cumsum(x, 1) - x + offset
 
 
+@triton.jit
 def _select_chosen(key, valid, threshold, flags_offset, tie_quota):
     # One part's chosen lanes (above the k-th largest key, or among the row's first tie_quota ties
     # with it) and each one's place in the ascending list. Counters packed in 16-bit fields, ties low
@@ -144,6 +131,7 @@ def _select_chosen(key, valid, threshold, flags_offset, tie_quota):
     return chosen, above_before + tl.minimum(ties_before, tie_quota)
 
 
+@triton.jit
 def _select_classes(TILE_OFF, lanes, chosen, NUM_TILES, ENTRY_SIZE_BITS: tl.constexpr):
     # The row block that holds each chosen tile (layout.block_rows: more than 32 tokens in 64 rows,
     # 17..32 in 32, up to 16 in 16) as packed counters (64-row low, 32-row high), and its list entry.
@@ -155,6 +143,7 @@ def _select_classes(TILE_OFF, lanes, chosen, NUM_TILES, ENTRY_SIZE_BITS: tl.cons
     return whole, half, whole.to(tl.int32) + (half.to(tl.int32) << 16), (start << ENTRY_SIZE_BITS) | size
 
 
+@triton.jit
 def _select_store(KEY_TILES, KEY_ENTRIES, rows, lanes, chosen, position, whole, half, classes, entry,
                   classes_offset, n_whole, n_half, TOPK):
     # One part's chosen lanes into both lists: ascending, and grouped 64-, 32-, 16-row tiles.
@@ -166,7 +155,8 @@ def _select_store(KEY_TILES, KEY_ENTRIES, rows, lanes, chosen, position, whole, 
     tl.store(KEY_ENTRIES + rows[:, None] * TOPK + slot, entry[None, :] + rows[:, None] * 0, mask=chosen)
 
 
-def _select(SCORES, KEY_TILES, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, NUM_ROWS, NUM_TILES, TOPK,
+@triton.jit
+def select_kernel(SCORES, KEY_TILES, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, NUM_ROWS, NUM_TILES, TOPK,
             ENTRY_SIZE_BITS: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_TAIL: tl.constexpr):
     # ROWS (batch, head, query tile) rows of coarse scores -> each row's TOPK best key tiles, written
     # directly as an ascending index list (no boolean mask, no sort), and as the list the forward and
@@ -189,9 +179,9 @@ def _select(SCORES, KEY_TILES, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, NUM_ROWS, NUM_
     # from int32 prefix sums of counters packed in 16-bit fields (the scans are this kernel's costly
     # step after the search: five separate ones, or one over int64 fields, took 0.24-0.26 ms at 480p
     # against 0.14 ms for two).
-    above_in_head = tl.reduce(((key > threshold) & valid).to(tl.int32), 1, _ADD, keep_dims=True)
-    above_in_tail = tl.reduce(((tail_key > threshold) & tail_valid).to(tl.int32), 1, _ADD, keep_dims=True)
-    ties_in_head = tl.reduce(((key == threshold) & valid).to(tl.int32), 1, _ADD, keep_dims=True)
+    above_in_head = tl.sum(((key > threshold) & valid).to(tl.int32), 1, keep_dims=True)
+    above_in_tail = tl.sum(((tail_key > threshold) & tail_valid).to(tl.int32), 1, keep_dims=True)
+    ties_in_head = tl.sum(((key == threshold) & valid).to(tl.int32), 1, keep_dims=True)
     tie_quota = TOPK - above_in_head - above_in_tail
     chosen, position = _select_chosen(key, valid, threshold, 0, tie_quota)
     tail_chosen, tail_position = _select_chosen(tail_key, tail_valid, threshold,
@@ -199,8 +189,8 @@ def _select(SCORES, KEY_TILES, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, NUM_ROWS, NUM_
     whole, half, classes, entry = _select_classes(TILE_OFF, lanes, chosen, NUM_TILES, ENTRY_SIZE_BITS)
     tail_whole, tail_half, tail_classes, tail_entry = _select_classes(TILE_OFF, tail_lanes, tail_chosen, NUM_TILES,
                                                                       ENTRY_SIZE_BITS)
-    head_classes = tl.reduce(classes, 1, _ADD, keep_dims=True)
-    totals = head_classes + tl.reduce(tail_classes, 1, _ADD, keep_dims=True)
+    head_classes = tl.sum(classes, 1, keep_dims=True)
+    totals = head_classes + tl.sum(tail_classes, 1, keep_dims=True)
     n_whole, n_half = totals & 0xFFFF, totals >> 16
     _select_store(KEY_TILES, KEY_ENTRIES, rows, lanes, chosen, position, whole, half, classes, entry,
                   0, n_whole, n_half, TOPK)
@@ -211,9 +201,10 @@ def _select(SCORES, KEY_TILES, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, NUM_ROWS, NUM_
     tl.store(KEY_COUNTS + rows[:, None] * 2 + 1, n_half, mask=row_ok)
 
 
+@triton.jit
 def _key_list(KEY_ENTRIES, KEY_COUNTS, row, TOPK, HAS_PARTIAL_KEYS: tl.constexpr):
-    # A query tile's key list (written by _select) and the end of its whole tiles: the count loaded
-    # when the grid has partial tiles, else the whole list.
+    # A query tile's key list (written by select_kernel) and the end of its whole tiles: the count
+    # loaded when the grid has partial tiles, else the whole list.
     entries = KEY_ENTRIES + row * TOPK
     if HAS_PARTIAL_KEYS:
         full_end = tl.load(KEY_COUNTS + 2 * row)
@@ -222,6 +213,7 @@ def _key_list(KEY_ENTRIES, KEY_COUNTS, row, TOPK, HAS_PARTIAL_KEYS: tl.constexpr
     return entries, full_end
 
 
+@triton.jit
 def _load_whole(k_source, v_source, skl, svl, entries, j, key_rows,
                 D: tl.constexpr, ENTRY_SIZE_BITS: tl.constexpr, USE_TMA: tl.constexpr):
     # The key tile of list entry j as 64-row blocks of K and V, with its valid rows.
@@ -232,6 +224,7 @@ def _load_whole(k_source, v_source, skl, svl, entries, j, key_rows,
     return k, v, k_valid
 
 
+@triton.jit
 def _load_pair(k_source, v_source, skl, svl, entries, j, end,
                ROWS: tl.constexpr, D: tl.constexpr, ENTRY_SIZE_BITS: tl.constexpr, USE_TMA: tl.constexpr):
     # The partial key tiles of list entries j and j+1 as ROWS-row blocks of K and V, with their valid
@@ -248,6 +241,7 @@ def _load_pair(k_source, v_source, skl, svl, entries, j, end,
     return k1, v1, valid1, k2, v2, valid2
 
 
+@triton.jit
 def _load_block(k_source, v_source, skl, svl, entries, j, end,
                 ROWS: tl.constexpr, D: tl.constexpr, ENTRY_SIZE_BITS: tl.constexpr, USE_TMA: tl.constexpr):
     # The partial key tile of list entry j as a ROWS-row block of K and V, with its valid rows; past
@@ -258,6 +252,7 @@ def _load_block(k_source, v_source, skl, svl, entries, j, end,
             _load_tile(v_source, svl, start, valid, USE_TMA, D, ROWS), valid)
 
 
+@triton.jit
 def _attend_four(q, k_source, v_source, skl, svl, entries, j, end, m_i, l_i, acc, qk_scale,
                  ROWS: tl.constexpr, D: tl.constexpr, ENTRY_SIZE_BITS: tl.constexpr, USE_TMA: tl.constexpr):
     # One online-softmax step over list entries j..j+3 (those before `end`), each as a ROWS-row block:
@@ -273,16 +268,16 @@ def _attend_four(q, k_source, v_source, skl, svl, entries, j, end, m_i, l_i, acc
     s2 = tl.where(valid2[None, :], tl.dot(q, tl.trans(k2)), float("-inf"))
     s3 = tl.where(valid3[None, :], tl.dot(q, tl.trans(k3)), float("-inf"))
     s4 = tl.where(valid4[None, :], tl.dot(q, tl.trans(k4)), float("-inf"))
-    block_max = tl.maximum(tl.maximum(tl.reduce(s1, 1, _MAX), tl.reduce(s2, 1, _MAX)),
-                           tl.maximum(tl.reduce(s3, 1, _MAX), tl.reduce(s4, 1, _MAX)))
+    block_max = tl.maximum(tl.maximum(tl.max(s1, 1), tl.max(s2, 1)),
+                           tl.maximum(tl.max(s3, 1), tl.max(s4, 1)))
     m_new = tl.maximum(m_i, block_max * qk_scale)
     p1 = tl.math.exp2(s1 * qk_scale - m_new[:, None])
     p2 = tl.math.exp2(s2 * qk_scale - m_new[:, None])
     p3 = tl.math.exp2(s3 * qk_scale - m_new[:, None])
     p4 = tl.math.exp2(s4 * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
-    l_i = (l_i * alpha + tl.reduce(p1, 1, _ADD) + tl.reduce(p2, 1, _ADD) + tl.reduce(p3, 1, _ADD)
-           + tl.reduce(p4, 1, _ADD))
+    l_i = (l_i * alpha + tl.sum(p1, 1) + tl.sum(p2, 1) + tl.sum(p3, 1)
+           + tl.sum(p4, 1))
     acc = tl.dot(p1.to(v1.dtype), v1, acc * alpha[:, None])
     acc = tl.dot(p2.to(v2.dtype), v2, acc)
     acc = tl.dot(p3.to(v3.dtype), v3, acc)
@@ -290,6 +285,7 @@ def _attend_four(q, k_source, v_source, skl, svl, entries, j, end, m_i, l_i, acc
     return m_new, l_i, acc
 
 
+@triton.jit
 def _attend_pair(q, k_source, v_source, skl, svl, entries, j, end, m_i, l_i, acc, qk_scale,
                  ROWS: tl.constexpr, D: tl.constexpr, ENTRY_SIZE_BITS: tl.constexpr, USE_TMA: tl.constexpr):
     # One online-softmax step over list entries j and j+1 (if j+1 < end), each as a ROWS-row block.
@@ -299,30 +295,30 @@ def _attend_pair(q, k_source, v_source, skl, svl, entries, j, end, m_i, l_i, acc
                                                 ROWS, D, ENTRY_SIZE_BITS, USE_TMA)
     s1 = tl.where(valid1[None, :], tl.dot(q, tl.trans(k1)), float("-inf"))
     s2 = tl.where(valid2[None, :], tl.dot(q, tl.trans(k2)), float("-inf"))
-    m_new = tl.maximum(m_i, tl.maximum(tl.reduce(s1, 1, _MAX), tl.reduce(s2, 1, _MAX)) * qk_scale)
+    m_new = tl.maximum(m_i, tl.maximum(tl.max(s1, 1), tl.max(s2, 1)) * qk_scale)
     p1 = tl.math.exp2(s1 * qk_scale - m_new[:, None])
     p2 = tl.math.exp2(s2 * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.reduce(p1, 1, _ADD) + tl.reduce(p2, 1, _ADD)
+    l_i = l_i * alpha + tl.sum(p1, 1) + tl.sum(p2, 1)
     acc = tl.dot(p2.to(v2.dtype), v2, tl.dot(p1.to(v1.dtype), v1, acc * alpha[:, None]))
     return m_new, l_i, acc
 
 
-def _fwd(Q, K, V, G, COARSE, O, LSE, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, TILE_LIST,
+@triton.jit
+def fwd_kernel(Q, K, V, G, COARSE, O, LSE, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, TILE_LIST,
          sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sgb, sgh, sgl, sob, soh, sol,
          H, NUM_TILES, TOPK, L, qk_scale,
          HAS_GATE: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, ENTRY_SIZE_BITS: tl.constexpr,
-         HAS_PARTIAL_KEYS: tl.constexpr, USE_TMA: tl.constexpr = False, SMALL_KEYS_PER_STEP: tl.constexpr = 2):
+         HAS_PARTIAL_KEYS: tl.constexpr, USE_TMA: tl.constexpr = False):
     # One query tile (BLOCK_M rows: 64, or 32/16 for the small-tile launches over TILE_LIST) of
     # one head against its TOPK selected key tiles (online softmax). The key list comes sorted by
-    # tile size with counts (written by _select): tiles of more than 32 tokens take one
-    # 64-slot step each; smaller ones go two per step, each as its own 32-row (17..32 tokens) or
-    # 16-row (up to 16) block, or four 16-row blocks per step (SMALL_KEYS_PER_STEP, ops.
-    # SMALL_KEY_TILES_PER_STEP), so a partial key tile costs neither a whole tile's copy nor a whole
-    # tile's MMA columns. Grids without tiles of <= 32 tokens compile without those loops
-    # (HAS_PARTIAL_KEYS=False: compiled in, they made the one-tile loop ~10% slower at the training
-    # shape). Each key tile's rows are a scalar start plus a lane offset: per-row gathered addresses
-    # measured 1.3-2x slower (bench/NOTES_vsa.md).
+    # tile size with counts (written by select_kernel): tiles of more than 32 tokens take one
+    # 64-slot step each; smaller ones go several per step sharing one softmax update, two as 32-row
+    # blocks (17..32 tokens) or four as 16-row blocks (up to 16), so a partial key tile costs neither
+    # a whole tile's copy nor a whole tile's MMA columns. Grids without tiles of <= 32 tokens compile
+    # without those loops (HAS_PARTIAL_KEYS=False: compiled in, they slow the one-tile loop ~10%).
+    # Each key tile's rows are a scalar start plus a lane offset: per-row gathered addresses are
+    # 1.3-2x slower.
     bh, b, h, row, q_start, q_len = _program(tl.load(TILE_LIST + tl.program_id(0)), TILE_OFF, H, NUM_TILES)
     rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, D)
@@ -340,15 +336,14 @@ def _fwd(Q, K, V, G, COARSE, O, LSE, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, TILE_LIS
         # Raw scores; the scale folds into the max and into exp2's multiply-add, and P@V accumulates
         # into the rescaled accumulator in place (-4% against scaling s first and adding the product).
         s = tl.where(k_valid[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
-        m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX) * qk_scale)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         p_ij = tl.math.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.reduce(p_ij, 1, _ADD)
+        l_i = l_i * alpha + tl.sum(p_ij, 1)
         acc = tl.dot(p_ij.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     if HAS_PARTIAL_KEYS:
-        # Partial key tiles, several per step: two 32-row blocks (17..32 tokens), then two or
-        # (SMALL_KEYS_PER_STEP) four 16-row blocks.
+        # Partial key tiles, several per step: two 32-row blocks (17..32 tokens), then four 16-row blocks.
         half_end = full_end + tl.load(KEY_COUNTS + 2 * row + 1)
         k32 = _tile_source(K, b, h, skb, skh, skl, L, D, 32, USE_TMA)
         v32 = _tile_source(V, b, h, svb, svh, svl, L, D, 32, USE_TMA)
@@ -357,14 +352,9 @@ def _fwd(Q, K, V, G, COARSE, O, LSE, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, TILE_LIS
                                          32, D, ENTRY_SIZE_BITS, USE_TMA)
         k16 = _tile_source(K, b, h, skb, skh, skl, L, D, 16, USE_TMA)
         v16 = _tile_source(V, b, h, svb, svh, svl, L, D, 16, USE_TMA)
-        if SMALL_KEYS_PER_STEP == 4:
-            for j in range(half_end, TOPK, 4):
-                m_i, l_i, acc = _attend_four(q, k16, v16, skl, svl, entries, j, TOPK, m_i, l_i, acc, qk_scale,
-                                             16, D, ENTRY_SIZE_BITS, USE_TMA)
-        else:
-            for j in range(half_end, TOPK, 2):
-                m_i, l_i, acc = _attend_pair(q, k16, v16, skl, svl, entries, j, TOPK, m_i, l_i, acc, qk_scale,
-                                             16, D, ENTRY_SIZE_BITS, USE_TMA)
+        for j in range(half_end, TOPK, 4):
+            m_i, l_i, acc = _attend_four(q, k16, v16, skl, svl, entries, j, TOPK, m_i, l_i, acc, qk_scale,
+                                         16, D, ENTRY_SIZE_BITS, USE_TMA)
     out = acc / l_i[:, None]
     if HAS_GATE:
         coarse = tl.load(COARSE + row * D + cols)
@@ -374,7 +364,8 @@ def _fwd(Q, K, V, G, COARSE, O, LSE, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, TILE_LIS
     tl.store(LSE + bh * L + q_start + rows, m_i + tl.math.log2(l_i), mask=rows < q_len)
 
 
-def _bwd_preprocess(O, DO, G, COARSE, DELTA, DG, DCOARSE, TILE_OFF,
+@triton.jit
+def bwd_preprocess_kernel(O, DO, G, COARSE, DELTA, DG, DCOARSE, TILE_OFF,
                     sob, soh, sol, sdob, sdoh, sdol, sgb, sgh, sgl, sdgb, sdgh, sdgl,
                     H, NUM_TILES, L,
                     HAS_GATE: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
@@ -391,11 +382,12 @@ def _bwd_preprocess(O, DO, G, COARSE, DELTA, DG, DCOARSE, TILE_OFF,
         o -= g * coarse[None, :]
         tl.store(_rows(DG, b, h, sdgb, sdgh, sdgl, start, rows, cols), (do * coarse[None, :]).to(DG.dtype.element_ty),
                  mask=mask)
-        tl.store(DCOARSE + row * D + cols, tl.reduce(do * g, 0, _ADD))
-    tl.store(DELTA + bh * L + start + rows, tl.reduce(do * o, 1, _ADD), mask=rows < size)
+        tl.store(DCOARSE + row * D + cols, tl.sum(do * g, 0))
+    tl.store(DELTA + bh * L + start + rows, tl.sum(do * o, 1), mask=rows < size)
 
 
-def _add_tile_rows(SRC, ADD, DST, TILE_OFF, TILE_LIST, ssb, ssh, ssl, sdb, sdh, sdl, H, NUM_TILES,
+@triton.jit
+def add_tile_rows_kernel(SRC, ADD, DST, TILE_OFF, TILE_LIST, ssb, ssh, ssl, sdb, sdh, sdl, H, NUM_TILES,
                    BLOCK: tl.constexpr, D: tl.constexpr):
     # DST's rows of one tile (from TILE_LIST) = SRC's fp32 rows + the tile's ADD row, rounded once: dq's
     # whole query tiles, whose launch could not wait for the coarse gradient (ops._triton_backward).
@@ -408,6 +400,7 @@ def _add_tile_rows(SRC, ADD, DST, TILE_OFF, TILE_LIST, ssb, ssh, ssl, sdb, sdh, 
     tl.store(_rows(DST, b, h, sdb, sdh, sdl, start, rows, cols), x.to(DST.dtype.element_ty), mask=mask)
 
 
+@triton.jit
 def _dq_block(q, do, lse, delta, k, v, k_valid, dq, qk_scale):
     # dq += dS k for one block of keys; rows past the key tile get p = 0, so they add nothing.
     s = tl.dot(q, tl.trans(k))
@@ -417,6 +410,7 @@ def _dq_block(q, do, lse, delta, k, v, k_valid, dq, qk_scale):
     return tl.dot(ds.to(k.dtype), k, dq)
 
 
+@triton.jit
 def _dq_pair(q, do, lse, delta, k_source, v_source, skl, svl, entries, j, end, dq, qk_scale,
              ROWS: tl.constexpr, D: tl.constexpr, ENTRY_SIZE_BITS: tl.constexpr, USE_TMA: tl.constexpr):
     # List entries j and j+1 (if j+1 < end) as ROWS-row blocks; an absent second entry adds nothing.
@@ -426,7 +420,8 @@ def _dq_pair(q, do, lse, delta, k_source, v_source, skl, svl, entries, j, end, d
     return _dq_block(q, do, lse, delta, k2, v2, valid2, dq, qk_scale)
 
 
-def _bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, TILE_LIST, DQ_COARSE,
+@triton.jit
+def bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, TILE_LIST, DQ_COARSE,
             sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol, sdqb, sdqh, sdql,
             H, NUM_TILES, TOPK, L, qk_scale, sm_scale,
             HAS_COARSE: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, ENTRY_SIZE_BITS: tl.constexpr,
@@ -468,13 +463,14 @@ def _bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KEY_ENTRIES, KEY_COUNTS, TILE_OFF, TILE
     tl.store(_rows(DQ, b, h, sdqb, sdqh, sdql, q_start, rows, cols), dq.to(DQ.dtype.element_ty), mask=q_valid[:, None])
 
 
+@triton.jit
 def _dkdv_entry(k, v, q_source, do_source, sql, sdol, LSE, DELTA, bh, L, entry, dk, dv, qk_scale,
                 ROWS: tl.constexpr, QUERY_MAJOR: tl.constexpr, D: tl.constexpr, ENTRY_SIZE_BITS: tl.constexpr,
                 USE_TMA: tl.constexpr):
     # dk += dSᵀ q and dv += Pᵀ dO (dk unscaled: the kernel scales once) for the query tile of one
     # transposed-list entry, as a ROWS-row block. Rows past the query tile (a bulk copy reads into the
     # next tile) are removed by zeroing their P columns, so their dS columns are zero too; rewriting
-    # the loaded q and dO tiles instead cost more than the copies saved (bench/NOTES_vsa.md).
+    # the loaded q and dO tiles instead costs more than the copies save.
     # QUERY_MAJOR (the 16/32-row key tiles): the same products with queries as the MMAs' rows and the
     # accumulators transposed, dkᵀ += qᵀ dS and dvᵀ += dOᵀ P ([D, keys]), so the two accumulating
     # MMAs are D = 128 rows tall instead of 16 or 32.
@@ -500,13 +496,14 @@ def _dkdv_entry(k, v, q_source, do_source, sql, sdol, LSE, DELTA, bh, L, entry, 
     return dk, dv
 
 
+@triton.jit
 def _dkdv_queries(k, v, q_source, do_source, sql, sdol, LSE, DELTA, bh, L, QUERY_ENTRIES, first, end, dk, dv,
                   qk_scale, ROWS: tl.constexpr, UNPIPELINED: tl.constexpr, QUERY_MAJOR: tl.constexpr,
                   D: tl.constexpr, ENTRY_SIZE_BITS: tl.constexpr, USE_TMA: tl.constexpr):
     # The query tiles of transposed-list entries first..end-1, one ROWS-row block per step. UNPIPELINED
     # loops issue each step's copies in the step (num_stages=1): a 64-row key tile's loops over partial
     # query tiles must, because a second pipelined loop of MMAs into the same accumulators makes ptxas
-    # serialize every MMA of the kernel (C7515, Triton 3.6 for sm_90; bench/NOTES_vsa.md v8 variant).
+    # serialize every MMA of the kernel (warning C7515, Triton 3.6 for sm_90).
     if UNPIPELINED:
         for e in tl.range(first, end, num_stages=1):
             dk, dv = _dkdv_entry(k, v, q_source, do_source, sql, sdol, LSE, DELTA, bh, L, tl.load(QUERY_ENTRIES + e),
@@ -518,7 +515,8 @@ def _dkdv_queries(k, v, q_source, do_source, sql, sdol, LSE, DELTA, bh, L, QUERY
     return dk, dv
 
 
-def _bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, QUERY_ENTRIES, QUERY_OFF, QUERY_COUNTS, TILE_OFF, TILE_LIST,
+@triton.jit
+def bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QUERY_ENTRIES, QUERY_OFF, QUERY_COUNTS, TILE_OFF, TILE_LIST,
               DK_COARSE, DV_COARSE,
               sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol,
               sdkb, sdkh, sdkl, sdvb, sdvh, sdvl,
@@ -581,56 +579,5 @@ def _bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, QUERY_ENTRIES, QUERY_OFF, QUERY_C
     tl.store(_rows(DV, b, h, sdvb, sdvh, sdvl, k_start, rows, cols), dv.to(DV.dtype.element_ty), mask=k_valid[:, None])
 
 
-_RAW = {
-    "tile_means": _tile_means,
-    "select": _select,
-    "fwd": _fwd,
-    "bwd_preprocess": _bwd_preprocess,
-    "add_tile_rows": _add_tile_rows,
-    "bwd_dq": _bwd_dq,
-    "bwd_dkdv": _bwd_dkdv,
-}
-_HELPERS = {"_program": _program, "_rows": _rows, "_tile_entry": _tile_entry, "_tile_source": _tile_source,
-            "_select_keys": _select_keys, "_count_at_least": _count_at_least, "_exclusive_scan": _exclusive_scan,
-            "_select_chosen": _select_chosen, "_select_classes": _select_classes, "_select_store": _select_store,
-            "_load_tile": _load_tile, "_key_list": _key_list, "_load_whole": _load_whole, "_load_pair": _load_pair,
-            "_attend_pair": _attend_pair, "_dq_block": _dq_block, "_dq_pair": _dq_pair,
-            "_load_block": _load_block, "_attend_four": _attend_four, "_dkdv_entry": _dkdv_entry,
-            "_dkdv_queries": _dkdv_queries}
-_JITTED: dict[bool, dict] = {}
-_JITTED_HELPERS: dict[bool, dict] = {}
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-def kernels() -> dict:
-    """The jitted kernels for the current mode (compiled, or interpreted under TRITON_INTERPRET=1)."""
-    mode = interpreting()
-    if mode not in _JITTED:
-        # The kernels find their helpers by global name, and a kernel can only call helpers jitted
-        # in its own mode; so each mode gets its own copy of the module's globals to bind them in.
-        scope = dict(globals())
-        for name, fn in _HELPERS.items():
-            scope[name] = triton.jit(_rebound(fn, scope))
-        _JITTED_HELPERS[mode] = {name: scope[name] for name in _HELPERS}
-        _JITTED[mode] = {name: triton.jit(_rebound(fn, scope)) for name, fn in _RAW.items()}
-    return _JITTED[mode]
-
-
-def helpers() -> dict:
-    """The jitted helpers (``_program``, ``_rows``, ...) of the current mode, for kernels written
-    elsewhere that share this file's program layout (bench/vsa_roofline.py's probes)."""
-    kernels()
-    return _JITTED_HELPERS[interpreting()]
-
-
-def _rebound(fn, scope: dict):
-    """``fn`` with ``scope`` as its globals (same code, so Triton reads the same source)."""
-    copy = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
-    # Triton reads the tl.constexpr parameters from the annotations, which live on the function.
-    for attribute in ("__module__", "__qualname__", "__annotations__", "__kwdefaults__", "__doc__"):
-        setattr(copy, attribute, getattr(fn, attribute))
-    return copy
+# Whether ``triton.jit`` made the kernels above interpreter functions (TRITON_INTERPRET=1 at import).
+INTERPRETED = not isinstance(fwd_kernel, triton.runtime.JITFunction)
