@@ -87,10 +87,10 @@ def main() -> None:
         out_ref = reference(x, t, ctx, return_dict=False)[0].float()
     result["rel_err_vs_diffusers"] = float((out_ours - out_ref).norm() / out_ref.norm())
 
-    def run(model, **kw):
+    def run(model):
         if model is reference:
             return lambda: reference(x, t, ctx, return_dict=False)
-        return lambda: ours(x, t, ctx, **kw)
+        return lambda: model(x, t, ctx)
 
     vsa = AttentionConfig.vsa(0.8)
     try:
@@ -103,7 +103,7 @@ def main() -> None:
     with torch.no_grad():
         variants = {"ours": run(ours), "diffusers": run(reference)}
         if have_vsa:
-            variants["ours_vsa0.8"] = run(ours, attention=vsa)
+            variants["ours_vsa0.8"] = run(ours.with_attention(vsa))
         for name, fn in variants.items():
             result[f"{name}_peak_memory_gib"] = peak_memory_gib(fn, device)
         timings.update({f"{name}_eager_ms": ms for name, ms in
