@@ -196,7 +196,7 @@ def test_regression_without_noise_in_the_shards_fails_before_loading_models(tmp_
     assert not ShardDataset(data, text_dim=64).has_noise
     monkeypatch.setattr(trainer, "build_model", lambda *a, **k: pytest.fail("loaded a model"))
     config = config_from_dict(config_dict(data, tmp_path / "run", {"recipe": "balanced"}), "x.toml")
-    with pytest.raises(Exception, match="hold no 'noise'.*fastwan synth"):
+    with pytest.raises(ConfigError, match="x.toml: .*regression_weight = 0.5 needs teacher ODE pairs.*fastwan synth"):
         trainer.Distiller(config, log=lambda *a: None)
     with pytest.raises(DataError, match="hold no 'noise'"):
         ShardDataset(data, text_dim=64).load([0], with_noise=True)

@@ -165,7 +165,7 @@ def test_toy_networks_act_per_point_on_samples_of_points():
     grouped = net(x, timestep)
     assert grouped.shape == x.shape
     torch.testing.assert_close(grouped.reshape(-1, 2), net(x.reshape(-1, 2), timestep.repeat_interleave(5)))
-    # A timestep per point ([B, M, 1], ToyOptions.student_sigma_per_point) is each point's own.
+    # A timestep per point ([B, M, 1]: each point from its own student step) is each point's own.
     per_point = torch.tensor([900.0, 757.0, 522.0])[torch.randint(0, 3, (3, 5, 1))]
     torch.testing.assert_close(net(x, per_point).reshape(-1, 2), net(x.reshape(-1, 2), per_point.reshape(-1)))
     torch.testing.assert_close(net(x, per_point)[1, 2], net(x[1, 2:3], per_point[1, 2])[0])

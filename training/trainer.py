@@ -27,7 +27,7 @@ from ..fastwan_core.config import WanConfig
 from ..fastwan_core.errors import FastWanError
 from ..fastwan_core.schedule import student_sigmas
 from . import checkpointing, dmd
-from .config import RANDOM_MODELS, DistillConfig
+from .config import RANDOM_MODELS, ConfigError, DistillConfig
 from .data import DataStream, ShardDataset
 from .distributed import DistributedContext, init_distributed, parallelize_dit
 
@@ -105,7 +105,7 @@ class Distiller:
                                self.context.rank, self.context.world_size)
         self.settings = config.dmd
         if self.settings.regression_weight > 0 and not self.dataset.has_noise:
-            raise checkpointing.CheckpointError(
+            raise ConfigError(
                 f"{config.source}: [dmd] regression_weight = {self.settings.regression_weight} needs teacher ODE pairs, "
                 f"but the shards in {config.data.dir} hold no 'noise'. Write the data with `fastwan synth` (it keeps "
                 "each sample's noise), or set [dmd] regression_weight = 0.")
@@ -152,7 +152,7 @@ class Distiller:
         if layer == -1:
             layer = len(blocks) // 2
         if not 0 <= layer < len(blocks):
-            raise checkpointing.CheckpointError(
+            raise ConfigError(
                 f"{self.config.source}: [dmd] gan_feature_layer = {layer} is not a block of the fake score "
                 f"(0..{len(blocks) - 1}, or -1 for the middle one).")
         head = dmd.GANHead(self.model_config.dim).to(self.device)
