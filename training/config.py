@@ -54,7 +54,7 @@ class DMDSection:
     real_guidance_scale: float = 4.5  # standard CFG scale (the reference's "cond + 3.5 (cond - uncond)")
     generator_update_interval: int = 5
     fake_score_updates: int = 1  # fake-score updates per step (each on a fresh student sample)
-    regression_weight: float = 0.0  # weight of the student's regression onto teacher ODE pairs (needs noise in the shards)
+    regression_weight: float = 0.0  # student regression onto teacher ODE pairs (shards with noise)
     regression_every_step: bool = False  # regress at every student sigma (reflow), not only the first (sigma 1)
     gan_generator_weight: float = 0.0  # weight of the generator's non-saturating GAN loss
     gan_discriminator_weight: float = 0.0  # weight of the head's loss in the fake score's update

@@ -19,12 +19,11 @@ Toy-scale choices, and why:
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -609,7 +608,8 @@ def main_toy(args) -> int:
     if args.mixture:
         by_name = {spec.name: spec for spec in SUITE}
         if args.mixture not in by_name:
-            raise InputError(f"toy-dmd: --mixture {args.mixture!r} is not in the suite; choose one of {', '.join(by_name)}")
+            raise InputError(f"toy-dmd: --mixture {args.mixture!r} is not in the suite; choose one of "
+                             f"{', '.join(by_name)}")
         mixture, name = by_name[args.mixture].build(), args.mixture
     results, samples = run_ensemble(options, [ToyRun(mixture, args.seed, name)],
                                     log=lambda line: print(line, file=sys.stderr, flush=True))

@@ -106,9 +106,9 @@ class Distiller:
         self.settings = config.dmd
         if self.settings.regression_weight > 0 and not self.dataset.has_noise:
             raise ConfigError(
-                f"{config.source}: [dmd] regression_weight = {self.settings.regression_weight} needs teacher ODE pairs, "
-                f"but the shards in {config.data.dir} hold no 'noise'. Write the data with `fastwan synth` (it keeps "
-                "each sample's noise), or set [dmd] regression_weight = 0.")
+                f"{config.source}: [dmd] regression_weight = {self.settings.regression_weight} needs teacher ODE "
+                f"pairs, but the shards in {config.data.dir} hold no 'noise'. Write the data with `fastwan synth` "
+                "(it keeps each sample's noise), or set [dmd] regression_weight = 0.")
         self.student_sigma_table = student_sigmas(self.settings.student_timesteps, self.settings.shift)
 
         # -- models --------------------------------------------------------------------------------
