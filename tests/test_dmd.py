@@ -2,6 +2,7 @@
 import torch
 
 from fastwan.training import dmd
+from fastwan.training.config import DMDSection
 
 
 def test_guidance_standard_4_5_is_reference_3_5():
@@ -12,7 +13,7 @@ def test_guidance_standard_4_5_is_reference_3_5():
     torch.testing.assert_close(ours, reference_form)
     torch.testing.assert_close(ours, textbook_form)
     assert dmd.reference_guidance_to_standard(3.5) == 4.5
-    assert dmd.DMDSettings().real_guidance_scale == 4.5
+    assert DMDSection().real_guidance_scale == 4.5
     # scale 1 is no guidance at all
     torch.testing.assert_close(dmd.apply_guidance(cond, uncond, 1.0), cond)
 
@@ -93,16 +94,19 @@ def test_step_losses_with_linear_models_train_the_right_parameters():
     fake = torch.nn.Linear(4, 4)
     real = torch.nn.Linear(4, 4)
     call = lambda net: (lambda x, t, c: net(x) * (1 + t[:, None] / 1000))  # noqa: E731
-    settings = dmd.DMDSettings()
+    settings = DMDSection()
     data = torch.randn(8, 4)
     draws = dmd.StepDraws.draw(data.shape, torch.Generator().manual_seed(3), settings, "cpu")
-    loss = dmd.generator_step_loss(call(student), call(real), call(fake), data, None, None, draws, 1.0)
-    loss.backward()
+    settings.real_guidance_scale = 1.0
+    losses = dmd.generator_step_losses(call(student), call(real), call(fake), data, None, None, draws, settings)
+    assert list(losses) == ["dmd"]  # the fastwan recipe: DMD alone
+    losses["dmd"].backward()
     assert student.weight.grad is not None and student.weight.grad.abs().sum() > 0
     assert fake.weight.grad is None and real.weight.grad is None
     student.zero_grad()
-    loss = dmd.fake_score_step_loss(call(student), call(fake), data, None, draws)
-    loss.backward()
+    losses = dmd.fake_score_step_losses(call(student), call(fake), data, None, draws, settings)
+    assert list(losses) == ["flow_matching"]
+    losses["flow_matching"].backward()
     assert fake.weight.grad.abs().sum() > 0 and student.weight.grad is None
 
 

@@ -41,13 +41,12 @@ def test_sampler_cli_node_trainer_and_toy_use_the_fastwan_schedule():
         "generate": (request.timesteps, FASTWAN_SHIFT),
         "cli": (cli.timesteps, FASTWAN_SHIFT),
         "node": (parse_timesteps(node_inputs["timesteps"][1]["default"]), node_inputs["shift"][1]["default"]),
-        "trainer settings": (dmd.DMDSettings().student_timesteps, dmd.DMDSettings().shift),
         "trainer config": (DMDSection().student_timesteps, DMDSection().shift),
     }
     for user, (timesteps, shift) in users.items():
         assert design_sigmas_of(timesteps, shift) == DESIGN_SIGMAS, user
     # The toy keeps the student's timesteps on its own shift-1 grid (see its module docstring).
-    assert tuple(toy.ToyOptions().student_timesteps) == tuple(dmd.DMDSettings().student_timesteps)
+    assert tuple(toy.ToyOptions().student_timesteps) == tuple(DMDSection().student_timesteps)
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from ..fastwan_core.attention import IMPLEMENTATIONS
 from ..fastwan_core.errors import InputError
-from ..fastwan_core.schedule import FASTWAN_SHIFT, FASTWAN_TIMESTEPS
+from ..fastwan_core.schedule import FASTWAN_SHIFT, FASTWAN_TIMESTEPS, check_timesteps
 
 
 class ConfigError(InputError):
@@ -43,12 +43,34 @@ class AttentionSection:
 
 @dataclass
 class DMDSection:
+    """The DMD recipe: the settings of `training/dmd.py`, shared by the trainer and the toy.
+
+    `recipe` names a preset of these keys (`RECIPES`); keys written in the file override it.
+    """
+
+    recipe: str = "fastwan"
     student_timesteps: list = field(default_factory=lambda: list(FASTWAN_TIMESTEPS))
     shift: float = FASTWAN_SHIFT
     dmd_min_ratio: float = 0.02
     dmd_max_ratio: float = 0.98
     real_guidance_scale: float = 4.5  # standard CFG scale (the reference's "cond + 3.5 (cond - uncond)")
     generator_update_interval: int = 5
+    fake_score_updates: int = 1  # fake-score updates per step (each on a fresh student sample)
+    regression_weight: float = 0.0  # student regression onto teacher ODE pairs (shards with noise)
+    regression_every_step: bool = False  # regress at every student sigma (reflow), not only the first (sigma 1)
+    gan_generator_weight: float = 0.0  # weight of the generator's non-saturating GAN loss
+    gan_discriminator_weight: float = 0.0  # weight of the head's loss in the fake score's update
+    gan_feature_layer: int = -1  # the fake-score block whose output the GAN head reads (-1: the middle one)
+
+
+# Named recipes: [dmd] keys that differ from the DMDSection defaults. "fastwan" reproduces FastWan;
+# "balanced" adds DMD's regression onto teacher ODE pairs (which anchors the first student step to the
+# teacher's own, balanced, noise -> sample map) and a fake score updated twice per step, against
+# DMD's mode-seeking (docs/training.md, "Why DMD drops modes").
+RECIPES: dict[str, dict] = {
+    "fastwan": {},
+    "balanced": {"regression_weight": 0.5, "fake_score_updates": 2},
+}
 
 
 @dataclass
@@ -167,6 +189,8 @@ def config_from_dict(data: dict, source: str = "<dict>") -> DistillConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: '{section}' must be a [{section}] table, not {type(values).__name__}.")
         target = getattr(config, section)
+        if section == "dmd":
+            apply_recipe(target, values.get("recipe", target.recipe), source)
         known = {f.name: f for f in dataclasses.fields(target)}
         for key, value in values.items():
             if key not in known:
@@ -178,6 +202,27 @@ def config_from_dict(data: dict, source: str = "<dict>") -> DistillConfig:
             setattr(target, key, _check_type(source, f"{section}.{key}", value, default))
     validate(config)
     return config
+
+
+def apply_recipe(dmd: DMDSection, name, source: str = "<dict>") -> DMDSection:
+    """Set `dmd`'s keys to the named recipe's (in place; keys the recipe leaves out keep their value)."""
+    if not isinstance(name, str) or name not in RECIPES:
+        raise ConfigError(f"{source}: [dmd] recipe = {name!r} is unknown; the recipes are "
+                          f"{', '.join(repr(r) for r in RECIPES)}.")
+    defaults = DMDSection()
+    for key, value in dict(dataclasses.asdict(defaults), **RECIPES[name]).items():
+        setattr(dmd, key, copy.deepcopy(value))
+    dmd.recipe = name
+    return dmd
+
+
+def recipe_settings(name: str, **overrides) -> DMDSection:
+    """The [dmd] settings of a named recipe with some keys replaced (the toy's shift, say), checked."""
+    dmd = apply_recipe(DMDSection(), name, "recipe")
+    for key, value in overrides.items():
+        setattr(dmd, key, value)
+    check_dmd(dmd, "recipe " + name)
+    return dmd
 
 
 def load_config(path, overrides: Optional[list[str]] = None) -> DistillConfig:
@@ -239,18 +284,7 @@ def validate(config: DistillConfig) -> None:
             fail("attention", key, f"= {getattr(a, key)} must be in [0, 1); FastWan uses 0.8.")
     if a.sparsity_ramp_steps < 0:
         fail("attention", "sparsity_ramp_steps", "must be >= 0 (0: constant sparsity).")
-    if not d.student_timesteps or not all(isinstance(v, (int, float)) and 0 < v <= 1000 for v in d.student_timesteps):
-        fail("dmd", "student_timesteps", f"= {d.student_timesteps} must be a non-empty list of numbers in (0, 1000].")
-    if d.shift <= 0:
-        fail("dmd", "shift", "must be > 0 (the recipe uses 8).")
-    if not 0.0 <= d.dmd_min_ratio < d.dmd_max_ratio <= 1.0:
-        fail("dmd", "dmd_min_ratio/dmd_max_ratio", f"= {d.dmd_min_ratio}/{d.dmd_max_ratio} must satisfy "
-             "0 <= min < max <= 1 (recipe 0.02/0.98).")
-    if d.real_guidance_scale < 1.0:
-        fail("dmd", "real_guidance_scale", f"= {d.real_guidance_scale} is a standard CFG scale and must be >= 1 "
-             "(the recipe's 4.5 is written \"cond + 3.5 (cond - uncond)\" in the reference).")
-    if d.generator_update_interval < 1:
-        fail("dmd", "generator_update_interval", "must be >= 1 (recipe 5).")
+    check_dmd(d, where)
     if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas):
         fail("optimizer", "betas", f"= {o.betas} must be two numbers in [0, 1), e.g. [0.9, 0.999].")
     for key in ("lr", "fake_score_lr", "eps"):
@@ -280,6 +314,35 @@ def validate(config: DistillConfig) -> None:
         fail("parallel", "shard_group_size", "must be >= 0 (0: the processes of one node).")
     if p.sequence_parallel < 1:
         fail("parallel", "sequence_parallel", "must be >= 1 (1: each process has its own samples).")
+
+
+def check_dmd(d: DMDSection, where: str) -> None:
+    """Value checks of a [dmd] section."""
+
+    def fail(key: str, problem: str) -> None:
+        raise ConfigError(f"{where}: [dmd] {key} {problem}")
+
+    try:
+        check_timesteps(tuple(d.student_timesteps), f"{where}: [dmd] student_timesteps")
+    except InputError as error:
+        raise ConfigError(str(error)) from None
+    if d.shift <= 0:
+        fail("shift", "must be > 0 (the recipe uses 8).")
+    if not 0.0 <= d.dmd_min_ratio < d.dmd_max_ratio <= 1.0:
+        fail("dmd_min_ratio/dmd_max_ratio", f"= {d.dmd_min_ratio}/{d.dmd_max_ratio} must satisfy "
+             "0 <= min < max <= 1 (recipe 0.02/0.98).")
+    if d.real_guidance_scale < 1.0:
+        fail("real_guidance_scale", f"= {d.real_guidance_scale} is a standard CFG scale and must be >= 1 "
+             "(the recipe's 4.5 is written \"cond + 3.5 (cond - uncond)\" in the reference).")
+    if d.generator_update_interval < 1:
+        fail("generator_update_interval", "must be >= 1 (recipe 5).")
+    if d.fake_score_updates < 1:
+        fail("fake_score_updates", "must be >= 1 (FastWan: 1).")
+    for key in ("regression_weight", "gan_generator_weight", "gan_discriminator_weight"):
+        if getattr(d, key) < 0:
+            fail(key, "must be >= 0 (0: off).")
+    if d.gan_generator_weight > 0 and d.gan_discriminator_weight == 0:
+        fail("gan_generator_weight", "> 0 needs gan_discriminator_weight > 0: the head must learn to be of use.")
 
 
 # Random-weight models for smoke tests and benchmarks: name -> WanConfig preset name.

@@ -7,6 +7,9 @@ Format (version 1). A data folder holds
     `text_embeddings`  [N, L, D] float32/bfloat16: umT5-XXL last hidden states (D = 4096, L = 512),
                        rows past the prompt's tokens zero, as Wan's pipelines feed the DiT.
     `text_lengths`     [N] int64: the number of real (non-padding) tokens of each prompt.
+    `noise`            optional, [N, 16, T, H, W] float32: the (normalized-space) noise a teacher
+                       sampler started from to make `latents` (`fastwan synth`): a teacher ODE pair
+                       for the regression term ([dmd] regression_weight).
   and metadata {"fastwan_shard_format": "1", "prompts": JSON list of the N prompts}.
 - `negative_prompt.safetensors`: `text_embeddings` [1, L, D] of the negative prompt used for the
   real score's classifier-free guidance (Wan's default negative prompt in the recipe), metadata
@@ -45,11 +48,13 @@ def shard_path(folder, index: int) -> Path:
 
 
 def write_shard(path, latents: torch.Tensor, text_embeddings: torch.Tensor,
-                text_lengths: Optional[torch.Tensor] = None, prompts: Optional[Sequence[str]] = None) -> Path:
+                text_lengths: Optional[torch.Tensor] = None, prompts: Optional[Sequence[str]] = None,
+                noise: Optional[torch.Tensor] = None) -> Path:
     """Write one shard atomically.
 
     latents [N, 16, T, H, W] un-normalized Wan VAE latents; text_embeddings [N, L, D] zero-padded
-    umT5 states; text_lengths [N] int (default: the count of non-zero rows); prompts: N strings.
+    umT5 states; text_lengths [N] int (default: the count of non-zero rows); prompts: N strings;
+    noise: like latents, the sampler's starting noise of each teacher sample (optional).
     """
     path = Path(path)
     n = latents.shape[0]
@@ -62,9 +67,14 @@ def write_shard(path, latents: torch.Tensor, text_embeddings: torch.Tensor,
     prompts = list(prompts) if prompts is not None else [""] * n
     if len(prompts) != n or text_lengths.shape != (n,):
         raise DataError(f"write_shard({path}): need one prompt and one text length per sample ({n}).")
+    if noise is not None and noise.shape != latents.shape:
+        raise DataError(f"write_shard({path}): noise must have the latents' shape {list(latents.shape)}, "
+                        f"got {list(noise.shape)}.")
     metadata = {"fastwan_shard_format": SHARD_FORMAT_VERSION, "prompts": json.dumps(prompts)}
-    atomic_save_safetensors({"latents": latents, "text_embeddings": text_embeddings,
-                  "text_lengths": text_lengths.to(torch.int64)}, path, metadata)
+    tensors = {"latents": latents, "text_embeddings": text_embeddings, "text_lengths": text_lengths.to(torch.int64)}
+    if noise is not None:
+        tensors["noise"] = noise.float()
+    atomic_save_safetensors(tensors, path, metadata)
     return path
 
 
@@ -122,6 +132,7 @@ class ShardDataset:
             raise DataError(f"{self.folder}: no {SHARD_PATTERN} files. Write shards with `fastwan preprocess` "
                             "(or training.data.write_synthetic_shards for a smoke test) and point [data] dir here.")
         self.samples: list[SampleRef] = []
+        self.has_noise = True  # every shard holds teacher ODE pairs (latents + their noise)
         self.latent_shape: Optional[tuple] = None
         self.text_len: Optional[int] = None
         for shard in shards:
@@ -144,6 +155,11 @@ class ShardDataset:
                 raise DataError(f"{shard}: latents {list(latents[1:])} / text length {text[1]} differ from the first "
                                 f"shard's {list(self.latent_shape)} / {self.text_len}; one data folder holds one "
                                 "video size and one text length.")
+            noise = self._read_shapes(shard, ()).get("noise")
+            self.has_noise = self.has_noise and noise is not None
+            if noise is not None and noise != latents:
+                raise DataError(f"{shard}: 'noise' has shape {list(noise)}; expected the latents' {list(latents)}. "
+                                "Re-run `fastwan synth` for this shard.")
             self.samples += [SampleRef(shard, row) for row in range(latents[0])]
         negative = self.folder / NEGATIVE_PROMPT_FILE
         if not negative.is_file():
@@ -165,7 +181,10 @@ class ShardDataset:
                 if missing:
                     raise DataError(f"{path}: tensors {missing} are missing (it has {sorted(keys)}); not a FastWan "
                                     "data shard. Re-run `fastwan preprocess`.")
-                return {n: tuple(handle.get_slice(n).get_shape()) for n in names}
+                shapes = {n: tuple(handle.get_slice(n).get_shape()) for n in names}
+                if "noise" in keys:
+                    shapes["noise"] = tuple(handle.get_slice("noise").get_shape())
+                return shapes
         except DataError:
             raise
         except Exception as error:
@@ -175,15 +194,22 @@ class ShardDataset:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Samples -> (normalized latents [B, 16, T, H, W] float32, text embeddings [B, L, D] float32)."""
-        latents, texts = [], []
+    def load(self, indices: Sequence[int], with_noise: bool = False) -> tuple[torch.Tensor, ...]:
+        """Samples -> (normalized latents [B, 16, T, H, W] float32, text embeddings [B, L, D] float32),
+        and with_noise: their teacher sampler noise [B, 16, T, H, W] float32 as a third tensor."""
+        if with_noise and not self.has_noise:
+            raise DataError(f"{self.folder}: the shards hold no 'noise'; the regression term needs teacher ODE "
+                            "pairs. Write the data with `fastwan synth`, or set [dmd] regression_weight = 0.")
+        latents, texts, noises = [], [], []
         for index in indices:
             ref = self.samples[index]
             with safe_open(str(ref.shard), framework="pt") as handle:
                 latents.append(handle.get_slice("latents")[ref.row:ref.row + 1].float())
                 texts.append(handle.get_slice("text_embeddings")[ref.row:ref.row + 1].float())
-        return normalize_latents(torch.cat(latents)), torch.cat(texts)
+                if with_noise:
+                    noises.append(handle.get_slice("noise")[ref.row:ref.row + 1].float())
+        loaded = (normalize_latents(torch.cat(latents)), torch.cat(texts))
+        return loaded + (torch.cat(noises),) if with_noise else loaded
 
 
 class DataStream:
@@ -218,8 +244,8 @@ class DataStream:
         self.cursor += self.global_batch
         return order[start:start + self.batch_size].tolist()
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.dataset.load(self.next_indices())
+    def next_batch(self, with_noise: bool = False) -> tuple[torch.Tensor, ...]:
+        return self.dataset.load(self.next_indices(), with_noise)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor}

@@ -14,6 +14,13 @@ Three networks take part:
 The generator step moves student samples along (fake score - real score), i.e. down the KL between
 the student's and the teacher's noised distributions.
 
+The settings are the config's `[dmd]` section (`config.DMDSection`); a named recipe fills them
+(`config.RECIPES`). Besides plain DMD a recipe can add, against DMD's mode-seeking:
+- a regression of the student's first step onto teacher ODE pairs (noise -> teacher sample; DMD),
+- DMD2's GAN term: a small head on the fake score's features tells real data from student samples,
+  the fake score's own loss trains it, the generator gets the non-saturating loss,
+- more fake-score updates per step, so that the fake score keeps up with the student.
+
 Guidance convention: `real_guidance_scale` is the *standard* classifier-free guidance scale s,
     real = uncond + s (cond - uncond) = cond + (s - 1)(cond - uncond).
 The reference recipe writes its guidance as "cond + 3.5 (cond - uncond)", which is s = 4.5 here.
@@ -24,32 +31,14 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from ..fastwan_core.sampling import classifier_free_guidance
-from ..fastwan_core.schedule import (FASTWAN_SHIFT, FASTWAN_TIMESTEPS, add_noise, predict_x0, sigma_grid,
-                                     sigma_to_timestep, student_sigmas)
+from ..fastwan_core.schedule import add_noise, predict_x0, sigma_grid, sigma_to_timestep, student_sigmas
+from .config import DMDSection
 
 Model = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class DMDSettings:
-    """The numbers of one DMD recipe (defaults: the 1.3B FastWan recipe, DESIGN §5).
-
-    student_timesteps: the student's timesteps on the shifted 1000-step grid.
-    shift: flow-matching timestep shift, used for the student grid and for the DMD time draw.
-    dmd_min_ratio / dmd_max_ratio: the DMD time draw is clamped to sigma in [min, max].
-    real_guidance_scale: standard CFG scale of the real score (4.5 == the reference's "3.5").
-    generator_update_interval: the generator is updated on every N-th step (fake score every step).
-    """
-
-    student_timesteps: tuple = FASTWAN_TIMESTEPS
-    shift: float = FASTWAN_SHIFT
-    dmd_min_ratio: float = 0.02
-    dmd_max_ratio: float = 0.98
-    real_guidance_scale: float = 4.5
-    generator_update_interval: int = 5
 
 
 def reference_guidance_to_standard(reference_scale: float) -> float:
@@ -137,7 +126,7 @@ class StepDraws:
     dmd_noise: torch.Tensor  # like x0
 
     @classmethod
-    def draw(cls, shape, generator: torch.Generator, settings: DMDSettings, device,
+    def draw(cls, shape, generator: torch.Generator, settings: DMDSection, device,
              student_sigma_table: Optional[Sequence[float]] = None) -> "StepDraws":
         if student_sigma_table is None:
             student_sigma_table = student_sigmas(settings.student_timesteps, settings.shift)
@@ -150,36 +139,147 @@ class StepDraws:
         return cls(student_sigma.to(device), student_noise.to(device), dmd_sigma.to(device), dmd_noise.to(device))
 
 
-def generator_step_loss(student: Model, real_score: Model, fake_score: Model, data_x0: torch.Tensor,
-                        context, negative_context, draws: StepDraws, guidance_scale: float) -> torch.Tensor:
-    """The generator's DMD loss for one batch (the student forward carries grad; scores do not).
+class FeatureTap:
+    """Keeps the output of one submodule of a network from its latest forward (a forward hook), so
+    the GAN head reads the fake score's features without the network knowing about it."""
 
-    data_x0 [B, ...]: data samples (normalized latents), noised to the drawn student sigma.
-    context / negative_context: conditioning for the student & scores / for the real score's
-    unconditional branch (None: no guidance).
+    def __init__(self, module: nn.Module):
+        self.features: Optional[torch.Tensor] = None
+        self._handle = module.register_forward_hook(self._keep)
+
+    def _keep(self, module, inputs, output) -> None:
+        self.features = output
+
+    def take(self) -> torch.Tensor:
+        features, self.features = self.features, None
+        if features is None:
+            raise RuntimeError("FeatureTap: the tapped module did not run in the last forward")
+        return features
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+class GANHead(nn.Module):
+    """DMD2's discriminator head on the fake score's features: a logit per sample.
+
+    features [B, ..., D] (tokens or points of each sample) -> LayerNorm, Linear, SiLU, Linear -> one
+    logit per token, averaged over all but the batch dim: [B] float32.
+    """
+
+    def __init__(self, dim: int, hidden: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        logits = self.net(features.float()).squeeze(-1)
+        return logits.reshape(logits.shape[0], -1).mean(dim=1)
+
+
+def gan_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """Non-saturating generator loss: mean softplus(-D(fake)) = -log sigmoid(D(fake))."""
+    return F.softplus(-fake_logits.float()).mean()
+
+
+def gan_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Logistic discriminator loss: -log sigmoid(D(real)) - log(1 - sigmoid(D(fake)))."""
+    return F.softplus(-real_logits.float()).mean() + F.softplus(fake_logits.float()).mean()
+
+
+def regression_loss(student: Model, noise: torch.Tensor, teacher_sample: torch.Tensor, context,
+                    sigma: torch.Tensor) -> torch.Tensor:
+    """MSE between teacher_sample and the student's x0 from x = (1 - sigma) teacher_sample + sigma noise.
+
+    (noise, teacher_sample) is a teacher ODE pair. At sigma = 1 (the first student step) x is the
+    noise itself: the student's one-step map regresses onto the teacher's ODE map (DMD's regression
+    term). At lower sigma x lies on the straight line between the pair, the target of rectified
+    flow's reflow. sigma: [B] or one per element group, as `student_x0` takes it.
+    """
+    x0 = student_x0(student, teacher_sample, context, sigma, noise)
+    return F.mse_loss(x0, teacher_sample.float().detach())
+
+
+@dataclass
+class GANParts:
+    """What the GAN term needs: the head and the tap on the fake score's feature layer."""
+
+    head: GANHead
+    tap: FeatureTap
+
+
+def generator_step_losses(student: Model, real_score: Model, fake_score: Model, data_x0: torch.Tensor,
+                          context, negative_context, draws: StepDraws, settings: DMDSection,
+                          gan: Optional[GANParts] = None,
+                          regression_pair: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> dict:
+    """The generator's losses for one batch, weighted: {"dmd", and "gan" / "regression" when on}.
+
+    The student forward carries grad; the real score never does. data_x0 [B, ...]: data samples
+    (normalized latents), noised to the drawn student sigma. context / negative_context: conditioning
+    for the student & scores / for the real score's unconditional branch (None: no guidance).
+    gan: needed when settings.gan_generator_weight > 0; the fake score then runs with grad, so the
+    head's verdict on the noised student sample reaches the student (the DMD term stays detached).
+    regression_pair: (noise, teacher sample) like data_x0, needed when settings.regression_weight > 0.
     """
     x0 = student_x0(student, data_x0, context, draws.student_sigma, draws.student_noise)
+    use_gan = settings.gan_generator_weight > 0
     with torch.no_grad():
         x_t = add_noise(x0.detach(), draws.dmd_noise, draws.dmd_sigma)
         t = _timestep(draws.dmd_sigma)
         real_cond = real_score(x_t, t, context).float()
         real_uncond = None
-        if negative_context is not None and guidance_scale != 1.0:
+        if negative_context is not None and settings.real_guidance_scale != 1.0:
             real_uncond = real_score(x_t, t, negative_context).float()
-        real_v = apply_guidance(real_cond, real_uncond, guidance_scale)
+        real_v = apply_guidance(real_cond, real_uncond, settings.real_guidance_scale)
         real_x0 = predict_x0(x_t.float(), real_v, draws.dmd_sigma)
-        fake_x0 = predict_x0(x_t.float(), fake_score(x_t, t, context).float(), draws.dmd_sigma)
-    return generator_loss(x0, fake_x0, real_x0)
+    losses = {}
+    if use_gan:
+        if gan is None:
+            raise ValueError("generator_step_losses: gan_generator_weight > 0 needs the GAN head (gan=GANParts)")
+        x_t = add_noise(x0, draws.dmd_noise, draws.dmd_sigma)  # with grad, for the head's verdict
+        fake_v = fake_score(x_t, t, context).float()
+        losses["gan"] = settings.gan_generator_weight * gan_generator_loss(gan.head(gan.tap.take()))
+        fake_v = fake_v.detach()
+    else:
+        with torch.no_grad():
+            fake_v = fake_score(x_t, t, context).float()
+    fake_x0 = predict_x0(x_t.detach().float(), fake_v, draws.dmd_sigma)
+    losses["dmd"] = generator_loss(x0, fake_x0, real_x0)
+    if settings.regression_weight > 0:
+        if regression_pair is None:
+            raise ValueError("generator_step_losses: regression_weight > 0 needs (noise, teacher sample) pairs")
+        noise, teacher_sample = regression_pair
+        sigma = draws.student_sigma
+        if not settings.regression_every_step:
+            first = student_sigmas(settings.student_timesteps, settings.shift)[0]
+            sigma = torch.full((noise.shape[0],), first, device=noise.device)
+        losses["regression"] = settings.regression_weight * regression_loss(student, noise, teacher_sample,
+                                                                             context, sigma)
+    return losses
 
 
-def fake_score_step_loss(student: Model, fake_score: Model, data_x0: torch.Tensor, context,
-                         draws: StepDraws) -> torch.Tensor:
-    """The fake score's flow-matching loss on a fresh (no-grad) student sample."""
+def fake_score_step_losses(student: Model, fake_score: Model, data_x0: torch.Tensor, context,
+                           draws: StepDraws, settings: DMDSection, gan: Optional[GANParts] = None,
+                           real_draws: Optional[StepDraws] = None) -> dict:
+    """The fake score's losses, weighted: {"flow_matching", and "gan" when on}.
+
+    Flow matching on a fresh (no-grad) student sample. With settings.gan_discriminator_weight > 0 the
+    head (and through it the fake score) also learns to tell that noised student sample from data_x0
+    noised with `real_draws` (its DMD sigma and noise).
+    """
     with torch.no_grad():
         x0 = student_x0(student, data_x0, context, draws.student_sigma, draws.student_noise).detach()
     x_t = add_noise(x0, draws.dmd_noise, draws.dmd_sigma)
     velocity = fake_score(x_t, _timestep(draws.dmd_sigma), context)
-    return fake_score_loss(velocity, draws.dmd_noise, x0)
+    losses = {"flow_matching": fake_score_loss(velocity, draws.dmd_noise, x0)}
+    if settings.gan_discriminator_weight > 0:
+        if gan is None or real_draws is None:
+            raise ValueError("fake_score_step_losses: gan_discriminator_weight > 0 needs gan and real_draws")
+        fake_logits = gan.head(gan.tap.take())
+        real_t = add_noise(data_x0, real_draws.dmd_noise, real_draws.dmd_sigma)
+        fake_score(real_t, _timestep(real_draws.dmd_sigma), context)
+        real_logits = gan.head(gan.tap.take())
+        losses["gan"] = settings.gan_discriminator_weight * gan_discriminator_loss(real_logits, fake_logits)
+    return losses
 
 
 def is_generator_step(step: int, interval: int) -> bool:

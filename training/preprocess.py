@@ -174,10 +174,11 @@ def synth(prompts: Sequence[str], model_folder, out, width: int = 832, height: i
           samples_per_shard: int = 8, sampler: str = "unipc", device=None, dtype: Optional[torch.dtype] = None,
           negative_prompt: Optional[str] = None, log: Callable[[str], None] = print) -> Path:
     """The frozen teacher (dense, multi-step, CFG) turns prompts into latents; no video and no VAE
-    needed. Sample i uses seed `seed + i`, so shards are reproducible and independent of sharding."""
+    needed. Sample i uses seed `seed + i`, so shards are reproducible and independent of sharding; each
+    shard keeps the noise each sample started from (`noise`), so its samples are teacher ODE pairs."""
     from ..fastwan_core.attention import AttentionConfig
     from ..fastwan_core.checkpoint import load_dit
-    from ..fastwan_core.sampling import sample_euler, sample_unipc
+    from ..fastwan_core.sampling import sample_euler, sample_unipc, seeded_noise
     from ..fastwan_core.text_encoder import WAN_NEGATIVE_PROMPT, UMT5TextEncoder
 
     shape = latent_shape(1, width, height, frames)
@@ -205,13 +206,16 @@ def synth(prompts: Sequence[str], model_folder, out, width: int = 832, height: i
             continue
         batch = list(prompts[start:end])
         context = text_encoder.encode(batch)
-        latents = []
+        latents, noises = [], []
         for offset in range(len(batch)):
             x0 = sample(teacher, context[offset:offset + 1], shape, seed + start + offset,
                         negative_context=negative_context, guidance=guidance, num_steps=num_steps, shift=shift,
                         device=device)
             latents.append(denormalize_latents(x0.float()).cpu())
-        write_shard(path, torch.cat(latents), context.float().cpu(), prompts=batch)
+            # the noise the sampler started from (its first draw from this seed): with the sample, a
+            # teacher ODE pair for the regression term
+            noises.append(seeded_noise(shape, torch.Generator("cpu").manual_seed(seed + start + offset), "cpu"))
+        write_shard(path, torch.cat(latents), context.float().cpu(), prompts=batch, noise=torch.cat(noises))
     log(f"synth: {len(prompts)} teacher samples ({num_steps} {sampler} steps, CFG {guidance}) in "
         f"{len(ranges)} shards under {out}")
     return out

@@ -27,7 +27,7 @@ from ..fastwan_core.config import WanConfig
 from ..fastwan_core.errors import FastWanError
 from ..fastwan_core.schedule import student_sigmas
 from . import checkpointing, dmd
-from .config import RANDOM_MODELS, DistillConfig
+from .config import RANDOM_MODELS, ConfigError, DistillConfig
 from .data import DataStream, ShardDataset
 from .distributed import (DistributedContext, build_mesh, divide_gradients_by, enable_sequence_parallel,
                           init_distributed, parallelize_dit, sequence_parallel_groups, stream_blocks_from_cpu)
@@ -110,11 +110,12 @@ class Distiller:
             self.context, config.parallel.sequence_parallel, self.model_config.num_heads, tokens, config.source)
         # processes of one sequence-parallel group share their samples and their noise
         self.data = DataStream(self.dataset, config.data.batch_size, config.data.seed, data_rank, data_size)
-        self.settings = dmd.DMDSettings(
-            student_timesteps=tuple(config.dmd.student_timesteps), shift=config.dmd.shift,
-            dmd_min_ratio=config.dmd.dmd_min_ratio, dmd_max_ratio=config.dmd.dmd_max_ratio,
-            real_guidance_scale=config.dmd.real_guidance_scale,
-            generator_update_interval=config.dmd.generator_update_interval)
+        self.settings = config.dmd
+        if self.settings.regression_weight > 0 and not self.dataset.has_noise:
+            raise ConfigError(
+                f"{config.source}: [dmd] regression_weight = {self.settings.regression_weight} needs teacher ODE "
+                f"pairs, but the shards in {config.data.dir} hold no 'noise'. Write the data with `fastwan synth` "
+                "(it keeps each sample's noise), or set [dmd] regression_weight = 0.")
         self.student_sigma_table = student_sigmas(self.settings.student_timesteps, self.settings.shift)
 
         # -- models --------------------------------------------------------------------------------
@@ -155,9 +156,34 @@ class Distiller:
         adamw = dict(betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         self.student_optimizer = torch.optim.AdamW(trainable(self.student), lr=o.lr, **adamw)
         self.fake_optimizer = torch.optim.AdamW(trainable(self.fake_score), lr=o.fake_score_lr, **adamw)
+        self.gan, self.gan_optimizer = None, None
+        if self.settings.gan_discriminator_weight > 0:
+            self.gan, self.gan_optimizer = self._gan_head(fake_score, adamw)
         self.generator = torch.Generator("cpu").manual_seed(self.noise_seed())
         self.negative = self.dataset.negative_embedding.to(self.device)  # [1, L, D]
         self.step = 0
+
+    def _gan_head(self, fake_score, adamw: dict):
+        """DMD2's head on the output of one fake-score block, with its own AdamW at the fake score's lr."""
+        layer = self.settings.gan_feature_layer
+        blocks = fake_score.blocks
+        if layer == -1:
+            layer = len(blocks) // 2
+        if not 0 <= layer < len(blocks):
+            raise ConfigError(
+                f"{self.config.source}: [dmd] gan_feature_layer = {layer} is not a block of the fake score "
+                f"(0..{len(blocks) - 1}, or -1 for the middle one).")
+        head = dmd.GANHead(self.model_config.dim).to(self.device)
+        optimizer = torch.optim.AdamW(head.parameters(), lr=self.config.optimizer.fake_score_lr, **adamw)
+        return dmd.GANParts(head, dmd.FeatureTap(blocks[layer])), optimizer
+
+    def _step_gan_head(self) -> None:
+        """The head's update after a fake-score backward (gradients averaged over processes)."""
+        if self.context.enabled:
+            for parameter in self.gan.head.parameters():
+                if parameter.grad is not None:
+                    torch.distributed.all_reduce(parameter.grad, op=torch.distributed.ReduceOp.AVG)
+        self.gan_optimizer.step()
 
     # -- model calls --------------------------------------------------------------------------------
     def _autocast(self):
@@ -204,25 +230,42 @@ class Distiller:
             "and check the data shards for NaN/inf.")
 
     def train_step(self, step: int) -> dict:
-        """Step `step` (1-based): the generator update on every N-th step, then the fake-score update."""
+        """Step `step` (1-based): the generator update on every N-th step, then the fake-score update(s)."""
         started = time.perf_counter()
-        latents, text = self.data.next_batch()
-        latents, text = latents.to(self.device), text.to(self.device)
+        settings = self.settings
+        batch = self.data.next_batch(with_noise=settings.regression_weight > 0)
+        latents, text = batch[0].to(self.device), batch[1].to(self.device)
+        pair = (batch[2].to(self.device), latents) if len(batch) == 3 else None
         negative = self.negative.expand(latents.shape[0], -1, -1)
         self.student.attention = self.student_attention(step)
         student = self._caller(self.student)
         fake_score = self._caller(self.fake_score)
         metrics = {"step": step}
-        if dmd.is_generator_step(step, self.settings.generator_update_interval):
-            draws = dmd.StepDraws.draw(latents.shape, self.generator, self.settings, self.device, self.student_sigma_table)
-            loss = dmd.generator_step_loss(student, self._caller(self.teacher), fake_score, latents, text, negative,
-                                           draws, self.settings.real_guidance_scale)
+        if dmd.is_generator_step(step, settings.generator_update_interval):
+            draws = dmd.StepDraws.draw(latents.shape, self.generator, settings, self.device, self.student_sigma_table)
+            losses = dmd.generator_step_losses(student, self._caller(self.teacher), fake_score, latents, text,
+                                               negative, draws, settings, self.gan, pair)
+            loss = sum(losses.values())
             metrics["generator_grad_norm"] = self._update(self.student, self.student_optimizer, loss, "generator", step)
             metrics["generator_loss"] = float(loss.detach())
-        draws = dmd.StepDraws.draw(latents.shape, self.generator, self.settings, self.device, self.student_sigma_table)
-        loss = dmd.fake_score_step_loss(student, fake_score, latents, text, draws)
-        metrics["fake_score_grad_norm"] = self._update(self.fake_score, self.fake_optimizer, loss, "fake-score", step)
-        metrics["fake_score_loss"] = float(loss.detach())
+            if len(losses) > 1:
+                metrics.update({f"generator_{name}_loss": float(value.detach()) for name, value in losses.items()})
+        for _ in range(settings.fake_score_updates):
+            draws = dmd.StepDraws.draw(latents.shape, self.generator, settings, self.device, self.student_sigma_table)
+            real_draws = None
+            if self.gan is not None:
+                real_draws = dmd.StepDraws.draw(latents.shape, self.generator, settings, self.device,
+                                                self.student_sigma_table)
+                self.gan_optimizer.zero_grad(set_to_none=True)
+            losses = dmd.fake_score_step_losses(student, fake_score, latents, text, draws, settings, self.gan,
+                                                real_draws)
+            loss = sum(losses.values())
+            metrics["fake_score_grad_norm"] = self._update(self.fake_score, self.fake_optimizer, loss, "fake-score",
+                                                           step)
+            metrics["fake_score_loss"] = float(loss.detach())
+            if self.gan is not None:
+                self._step_gan_head()
+                metrics["fake_score_gan_loss"] = float(losses["gan"].detach())
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         metrics["step_time_s"] = time.perf_counter() - started
