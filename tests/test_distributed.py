@@ -163,9 +163,10 @@ def sequence_parallel_on_two(context, root):
     report = {}
     for attention in (AttentionConfig(), AttentionConfig(backend="vsa", sparsity=0.5, implementation="reference")):
         model.zero_grad(), parallel.zero_grad()
-        expected = model(x, t[:2], text[:2], attention=attention)
+        model.attention = parallel.attention = attention
+        expected = model(x, t[:2], text[:2])
         torch.nn.functional.mse_loss(expected, target).backward()
-        got = parallel(x, t[:2], text[:2], attention=attention)
+        got = parallel(x, t[:2], text[:2])
         torch.nn.functional.mse_loss(got, target).backward()
         grads = {}
         for (name, p), (_, q) in zip(model.named_parameters(), parallel.named_parameters()):
