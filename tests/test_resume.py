@@ -37,12 +37,12 @@ def data_dir(tmp_path_factory):
                                   text_len=8, text_dim=64, samples_per_shard=2, seed=5)
 
 
-def raw_config(data_dir, output_dir, **train):
+def raw_config(data_dir, output_dir, dmd=None, **train):
     return {
         "model": {"teacher": "random:tiny", "random_seed": 1},
         "attention": {"backend": "vsa", "implementation": "reference", "sparsity": 0.5, "sparsity_start": 0.0,
                       "sparsity_ramp_steps": 3},
-        "dmd": {"generator_update_interval": GENERATOR_EVERY},
+        "dmd": {"generator_update_interval": GENERATOR_EVERY, **(dmd or {})},
         "optimizer": {"lr": 1e-3, "fake_score_lr": 1e-3},
         "data": {"dir": str(data_dir), "batch_size": 1},
         "train": {"output_dir": str(output_dir), "max_steps": MAX_STEPS, "mixed_precision": "no", "device": "cpu",
@@ -98,6 +98,19 @@ def test_stop_and_resume_at_every_step_is_bit_exact(data_dir, tmp_path, uninterr
     assert first["stopped"] == "stop_at_step" and first["step"] == stop_at
     assert run_distill(config, log=quiet)["step"] == MAX_STEPS
     assert_same_run(uninterrupted, final_state(tmp_path))
+
+
+def test_stop_and_resume_with_the_gan_term_is_bit_exact(data_dir, tmp_path):
+    # The GAN head and its optimizer are part of the run's state: they are checkpointed too.
+    gan = {"gan_generator_weight": 0.1, "gan_discriminator_weight": 0.1}
+    reference_dir, resumed_dir = tmp_path / "uninterrupted", tmp_path / "resumed"
+    run_distill(config_from_dict(raw_config(data_dir, reference_dir, dmd=gan)), log=quiet)
+    expected = final_state(reference_dir)
+    assert any(k.startswith("model_gan_head") or "gan_head" in k for k in expected[0]), sorted(expected[0])[:8]
+    config = config_from_dict(raw_config(data_dir, resumed_dir, dmd=gan))
+    run_distill(config, log=quiet, stop_at_step=2)
+    run_distill(config, log=quiet)
+    assert_same_run(expected, final_state(resumed_dir))
 
 
 def test_resume_forgets_metrics_of_steps_it_reruns(data_dir, tmp_path, uninterrupted):

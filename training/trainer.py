@@ -275,19 +275,24 @@ class Distiller:
         return metrics
 
     # -- checkpoints --------------------------------------------------------------------------------
+    def _checkpointed(self) -> tuple[dict, dict]:
+        """What a checkpoint holds: the trained models and their optimizers (the GAN head too, when on)."""
+        models = {"student": self.student, "fake_score": self.fake_score}
+        optimizers = {"student": self.student_optimizer, "fake_score": self.fake_optimizer}
+        if self.gan is not None:
+            models["gan_head"], optimizers["gan_head"] = self.gan.head, self.gan_optimizer
+        return models, optimizers
+
     def save(self, step: int, name: Optional[str] = None, update_latest: bool = True) -> Path:
         return checkpointing.save_checkpoint(
             self.config.train.output_dir, step,
-            {"student": self.student, "fake_score": self.fake_score},
-            {"student": self.student_optimizer, "fake_score": self.fake_optimizer},
-            self.generator, {"data": self.data.state_dict()}, self.context,
+            *self._checkpointed(), self.generator, {"data": self.data.state_dict()}, self.context,
             self.model_config.to_dict(), keep=self.config.train.keep_checkpoints,
             name=name, update_latest=update_latest)
 
     def resume(self, folder) -> int:
         state = checkpointing.load_checkpoint(
-            folder, {"student": self.student, "fake_score": self.fake_score},
-            {"student": self.student_optimizer, "fake_score": self.fake_optimizer}, self.generator, self.context)
+            folder, *self._checkpointed(), self.generator, self.context)
         self.data.load_state_dict(state["data"])
         self.step = int(state["step"])
         if not state["rng_restored"]:
