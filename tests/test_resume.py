@@ -106,7 +106,7 @@ def test_stop_and_resume_with_the_gan_term_is_bit_exact(data_dir, tmp_path):
     reference_dir, resumed_dir = tmp_path / "uninterrupted", tmp_path / "resumed"
     run_distill(config_from_dict(raw_config(data_dir, reference_dir, dmd=gan)), log=quiet)
     expected = final_state(reference_dir)
-    assert any(k.startswith("model_gan_head") or "gan_head" in k for k in expected[0]), sorted(expected[0])[:8]
+    assert any("gan_head" in k for k in expected[0]), "the GAN head is not in the checkpoint"
     config = config_from_dict(raw_config(data_dir, resumed_dir, dmd=gan))
     run_distill(config, log=quiet, stop_at_step=2)
     run_distill(config, log=quiet)
