@@ -1,8 +1,8 @@
 """Training the tiny world's models with the project's real classes at small sizes.
 
 - `fastwan world-vae`: a small diffusers `AutoencoderKLWan` (Wan's strides: 8x space, 4x time, 16
-  latent channels) trained as an autoencoder on world clips (MSE + a small KL, random crops of 9
-  frames), then re-scaled so that its latents have Wan's per-channel means and stds: the trainer,
+  latent channels) trained as an autoencoder on world clips (MSE + a small KL, random spatial crops of
+  whole 29-frame clips), then re-scaled so that its latents have Wan's per-channel means and stds: the trainer,
   the samplers and ComfyUI all normalize with Wan's constants, so the world's latents must fit them.
 - `fastwan world-teacher`: the text encoder (the demo's tiny random umT5, with a tokenizer trained
   on the world's words) and a small dense `WanDiT` trained by flow matching on VAE latents of world
@@ -95,13 +95,15 @@ def _world_batch(count: int, seed: int, device, frames: int = world.FRAMES, widt
     return captions, world.sample_clips(captions, seed, width, height, frames, device=device)
 
 
-def train_vae(out, steps: int = 2000, time_limit: float = 0.0, batch: int = 8, lr: float = 1e-3,
-              crop=(9, 96, 128), kl_weight: float = 1e-4, seed: int = 0, device=None, clip_size=None,
+def train_vae(out, steps: int = 2000, time_limit: float = 0.0, batch: int = 8, lr: float = 6e-4,
+              crop=(64, 64), kl_weight: float = 1e-4, seed: int = 0, device=None, clip_size=None,
               log: Log = print) -> dict:
     """Train the world VAE and save it (diffusers `save_pretrained`) at `out`. Returns figures:
     steps done, seconds, PSNR (dB) of reconstructions of 16 held-out-caption clips at full size.
 
-    crop: (frames, height, width) of the random training crops (frames 4k+1).
+    crop: (height, width) of the random training crops, multiples of 8. Crops are spatial only: the
+        causal VAE carries a feature cache from chunk to chunk of 4 frames, and one trained on short
+        clips drifts on long ones (reconstruction error growing with the frame index).
     time_limit: stop early after this many seconds (0: none).
     clip_size: (frames, height, width) of the world clips (default the world's size).
     """
@@ -109,9 +111,9 @@ def train_vae(out, steps: int = 2000, time_limit: float = 0.0, batch: int = 8, l
 
     device = _device(device)
     frames, height, width = clip_size or (world.FRAMES, world.HEIGHT, world.WIDTH)
-    crop_frames, crop_height, crop_width = crop
-    if (crop_frames - 1) % 4 or crop_height % 8 or crop_width % 8 or crop_height > height or crop_width > width:
-        raise InputError(f"world-vae: crop {crop} must be 4k+1 frames and multiples of 8 within the clip size")
+    crop_height, crop_width = crop
+    if crop_height % 8 or crop_width % 8 or crop_height > height or crop_width > width:
+        raise InputError(f"world-vae: crop {crop} must be multiples of 8 within the clip size {height}x{width}")
     torch.manual_seed(seed)
     vae = AutoencoderKLWan(**WORLD_VAE).to(device).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
@@ -119,10 +121,9 @@ def train_vae(out, steps: int = 2000, time_limit: float = 0.0, batch: int = 8, l
     started, step = time.perf_counter(), 0
     for step in range(1, steps + 1):
         _, clips = _world_batch(batch, seed * 7919 + step, device, frames, width, height)
-        t0 = int(torch.randint(0, frames - crop_frames + 1, (1,), generator=crop_generator))
         y0 = int(torch.randint(0, height - crop_height + 1, (1,), generator=crop_generator))
         x0 = int(torch.randint(0, width - crop_width + 1, (1,), generator=crop_generator))
-        x = _pixels(clips[:, t0:t0 + crop_frames, y0:y0 + crop_height, x0:x0 + crop_width])
+        x = _pixels(clips[:, :, y0:y0 + crop_height, x0:x0 + crop_width])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             posterior = vae.encode(x).latent_dist
             recon = vae.decode(posterior.sample()).sample
@@ -316,15 +317,17 @@ def teacher_model_folder(shipped, out) -> Path:
 
 def pack(teacher_model, student, out, dtype: str = "bf16", log: Log = print) -> Path:
     """The shipped folder: transformer/ = the student (FastWan layout, VSA gates), teacher/ = the
-    dense teacher, plus the teacher folder's text_encoder/, tokenizer/, vae/, scheduler/."""
+    dense teacher, vae/ (all three in `dtype`), plus the teacher folder's text_encoder/, tokenizer/,
+    scheduler/."""
     from ..fastwan_core.checkpoint import load_dit, save_dit
     from ..fastwan_core.pipeline import DTYPES
 
     teacher_model, out = Path(teacher_model), Path(out)
     scratch = out.with_name(out.name + ".building")
     shutil.rmtree(scratch, ignore_errors=True)
-    for part in ("text_encoder", "tokenizer", "vae", "scheduler"):
+    for part in ("text_encoder", "tokenizer", "scheduler"):
         shutil.copytree(teacher_model / part, scratch / part)
+    save_vae(teacher_model / "vae", scratch / "vae", DTYPES[dtype])
     shutil.copy(teacher_model / "model_index.json", scratch / "model_index.json")
     save_dit(load_dit(student, dtype=DTYPES[dtype]), scratch / "transformer", layout="fastwan")
     save_dit(load_dit(teacher_model / "transformer", dtype=DTYPES[dtype]), scratch / "teacher", layout="diffusers")
@@ -336,6 +339,18 @@ def pack(teacher_model, student, out, dtype: str = "bf16", log: Log = print) -> 
     scratch.rename(out)
     log(f"world-pack: wrote {out}")
     return out
+
+
+def save_vae(source, out, dtype: torch.dtype) -> Path:
+    """Re-save a VAE folder with its weights in `dtype` (the shipped folder's bf16 halves its size)."""
+    from diffusers import AutoencoderKLWan
+
+    AutoencoderKLWan.from_pretrained(str(source), torch_dtype=dtype).save_pretrained(str(out), safe_serialization=True)
+    config = Path(out) / "config.json"
+    values = json.loads(config.read_text())
+    values.pop("_name_or_path", None)  # a path on the machine that packed it
+    config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+    return Path(out)
 
 
 def write_prompts(path, count: int, seed: int) -> Path:
@@ -354,7 +369,7 @@ def add_parsers(subparsers) -> None:
     vae.add_argument("--steps", type=int, default=2000)
     vae.add_argument("--time-limit", type=float, default=0.0, help="stop after this many seconds (0: none)")
     vae.add_argument("--batch", type=int, default=8)
-    vae.add_argument("--lr", type=float, default=1e-3)
+    vae.add_argument("--lr", type=float, default=6e-4)
     vae.add_argument("--seed", type=int, default=0)
     vae.add_argument("--device", default=None)
     vae.set_defaults(run=lambda a: _print(train_vae(a.out, a.steps, a.time_limit, a.batch, a.lr, seed=a.seed,
