@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -69,9 +69,10 @@ def wan_vae_config(tiny: bool = False) -> dict:
                 temperal_downsample=[False, True, True])
 
 
-def build_tiny_tokenizer(folder: Union[str, Path]):
-    """Train a tiny sentencepiece unigram model and save it as a T5 tokenizer folder (the layout of
-    google/umt5-xxl's: tokenizer.json, tokenizer_config.json, spiece.model). Returns the tokenizer."""
+def build_tiny_tokenizer(folder: Union[str, Path], sentences: Optional[Sequence[str]] = None):
+    """Train a tiny sentencepiece unigram model on `sentences` (default: a few generic ones) and save
+    it as a T5 tokenizer folder (the layout of google/umt5-xxl's: tokenizer.json,
+    tokenizer_config.json, spiece.model). Returns the tokenizer."""
     import sentencepiece as spm
     from transformers import T5Tokenizer
 
@@ -79,7 +80,7 @@ def build_tiny_tokenizer(folder: Union[str, Path]):
     folder.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
     # T5 ids: <pad>=0, </s>=1, <unk>=2, no <s>.
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(_TOKENIZER_SENTENCES * 4), model_writer=model,
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(tuple(sentences or _TOKENIZER_SENTENCES) * 4), model_writer=model,
                                    vocab_size=160, model_type="unigram", pad_id=0, eos_id=1, unk_id=2,
                                    bos_id=-1, character_coverage=1.0, hard_vocab_limit=False, minloglevel=2,
                                    num_threads=1)

@@ -59,3 +59,7 @@ def register(subparsers) -> None:
     from .preprocess import add_parsers as add_data_parsers
 
     add_data_parsers(subparsers)
+
+    from .world_training import add_parsers as add_world_parsers
+
+    add_world_parsers(subparsers)

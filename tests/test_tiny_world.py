@@ -1,0 +1,164 @@
+"""The tiny world: its captions and split, the judge (against the renderer's ground truth), the
+Frechet distance (against an independent formula), the VAE's latent calibration (exact), the real
+chain synth -> distill -> export -> pack on the shipped models at a tiny size, and the demo on the
+shipped student."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastwan.cli import main
+from fastwan.training import tiny_world as world
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "tiny_world"
+SMALL = dict(width=64, height=48, frames=9)
+
+
+def test_captions_and_held_out_split():
+    assert len(world.ALL_CAPTIONS) == 4 * 3 * 4 * 3
+    assert len(world.HELD_OUT) == 16 and len(world.TRAINING) == 128
+    assert not {c.key() for c in world.HELD_OUT} & {c.key() for c in world.TRAINING}
+    for attribute, values in (("color", world.OBJECT_COLORS), ("shape", world.SHAPES),
+                              ("direction", world.DIRECTIONS), ("background", world.BACKGROUNDS)):
+        assert {getattr(c, attribute) for c in world.HELD_OUT} == set(values)
+        assert {getattr(c, attribute) for c in world.TRAINING} == set(values)
+    caption = world.Caption("red", "circle", "left", "black")
+    assert caption.text == "a red circle moves left on a black background"
+    assert world.parse_caption(caption.text) == caption and world.parse_caption("a cat") is None
+    assert all(c in world.TRAINING for c in world.random_captions(50, seed=1))
+
+
+def test_judge_reads_every_combination_of_ground_truth_clips():
+    captions = list(world.ALL_CAPTIONS)
+    clips = world.sample_clips(captions, seed=3, **SMALL)
+    assert clips.shape == (144, 9, 48, 64, 3) and 0 <= float(clips.min()) and float(clips.max()) <= 1
+    readings = world.judge(clips)
+    assert world.adherence(readings, captions)["all"] == 100.0
+    # The same clips played backwards move the other way; a caption of another colour does not match.
+    backwards = world.judge(clips[:12].flip(1))
+    opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    assert [r.direction for r in backwards] == [opposite[c.direction] for c in captions[:12]]
+    wrong = [world.Caption("green" if c.color != "green" else "red", c.shape, c.direction, c.background)
+             for c in captions[:12]]
+    assert world.adherence(readings[:12], wrong) == {"all": 0.0, "color": 0.0, "shape": 100.0,
+                                                     "direction": 100.0, "background": 100.0}
+
+
+def test_judge_finds_no_object_in_a_plain_clip():
+    plain = torch.full((1, 9, 48, 64, 3), 0.5)
+    reading = world.judge(plain)[0]
+    assert (reading.color, reading.shape, reading.direction, reading.background) == (None, None, None, "gray")
+
+
+def test_frechet_distance_matches_the_eigenvalue_formula():
+    generator = np.random.default_rng(0)
+    a = generator.normal(size=(200, 5)) @ generator.normal(size=(5, 5))
+    b = generator.normal(size=(300, 5)) @ generator.normal(size=(5, 5)) + 0.3
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    # tr (S_a S_b)^(1/2) = sum of the square roots of the (real, positive) eigenvalues of S_a S_b.
+    trace_root = np.sqrt(np.linalg.eigvals(cov_a @ cov_b).real.clip(0)).sum()
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_root
+    assert world.frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
+    assert abs(world.frechet_distance(a, a)) < 1e-9
+
+
+def test_vae_calibration_gives_wan_statistics_and_keeps_reconstructions():
+    from diffusers import AutoencoderKLWan
+
+    from fastwan.fastwan_core.latents import WAN_LATENT_MEAN, WAN_LATENT_STD
+    from fastwan.training.world_training import _pixels, calibrate_vae
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
+                           temperal_downsample=[False, True, True]).eval()
+    size = (SMALL["frames"], SMALL["height"], SMALL["width"])
+    x = _pixels(world.sample_clips(world.TRAINING[:2], seed=5, **SMALL))
+    with torch.no_grad():
+        before = vae.decode(vae.encode(x).latent_dist.mean).sample
+        calibrate_vae(vae, seed=11, device="cpu", count=8, clip_size=size)
+        after = vae.decode(vae.encode(x).latent_dist.mean).sample
+        # The calibration clips themselves (same seeds) now have exactly Wan's statistics.
+        clips = torch.cat([world.sample_clips(world.random_captions(8, 11), 11, **SMALL)])
+        latents = vae.encode(_pixels(clips)).latent_dist.mean.transpose(0, 1).reshape(16, -1)
+    torch.testing.assert_close(after, before, atol=2e-4, rtol=0)
+    torch.testing.assert_close(latents.mean(1), torch.tensor(WAN_LATENT_MEAN), atol=1e-3, rtol=0)
+    torch.testing.assert_close(latents.std(1), torch.tensor(WAN_LATENT_STD), atol=1e-3, rtol=1e-3)
+
+
+needs_shipped = pytest.mark.skipif(not (SHIPPED / "transformer").is_dir(),
+                                   reason="the tiny-world models are not in this checkout (scripts/train_tiny_world.sh)")
+
+
+@needs_shipped
+def test_shipped_folder_has_its_checksums():
+    import hashlib
+
+    readme = (SHIPPED / "README.md").read_text()
+    files = sorted(p for p in SHIPPED.rglob("*") if p.is_file() and p.name != "README.md")
+    assert files
+    for path in files:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        assert f"{digest}  {path.relative_to(SHIPPED)}" in readme, f"{path} is not listed with its SHA-256"
+    assert sum(p.stat().st_size for p in files) < 21e6
+
+
+def test_the_real_chain_synth_distill_export_pack_at_a_tiny_size(tmp_path, monkeypatch):
+    """The shipped teacher (or a random stand-in) makes data with `fastwan synth`, `fastwan distill` trains a VSA student on
+    it with the world's config, `fastwan export` and `fastwan world-pack` write it (at 5x32x32)."""
+    from fastwan.fastwan_core.checkpoint import load_dit
+    from fastwan.training.data import ShardDataset
+    from fastwan.training.world_training import teacher_model_folder
+
+    monkeypatch.chdir(tmp_path)
+    if (SHIPPED / "transformer").is_dir():
+        teacher_folder = teacher_model_folder(SHIPPED, tmp_path / "teacher_model")
+    else:  # a random-weight stand-in in the same folder layout: the chain, not the pictures, is tested here
+        from fastwan.fastwan_core.demo_models import build_demo_model_folder
+
+        teacher_folder = build_demo_model_folder(tmp_path / "teacher_model", seed=0)
+    assert main(["world-prompts", "--out", "prompts.txt", "--count", "2"]) == 0
+    assert main(["synth", "--prompts", "prompts.txt", "--model", str(teacher_folder), "--out", "data", "--width", "32",
+                 "--height", "32", "--frames", "5", "--steps", "2", "--guidance", "4.5", "--shift", "5",
+                 "--negative-prompt", "", "--device", "cpu"]) == 0
+    data = ShardDataset("data", text_dim=64)
+    assert len(data) == 2 and data.latent_shape == (16, 2, 4, 4)
+    config = Path(__file__).resolve().parents[1] / "training" / "configs" / "tiny_world.toml"
+    overrides = ["model.teacher=" + str(teacher_folder / "transformer"), "data.dir=data", "data.batch_size=1",
+                 "train.output_dir=run", "train.max_steps=2", "train.mixed_precision=no",
+                 "dmd.generator_update_interval=1", "attention.implementation=reference", "train.log_every=1"]
+    assert main(["distill", "--config", str(config), *sum((["--set", o] for o in overrides), [])]) == 0
+    assert main(["export", "--run", "run", "--out", "student.safetensors", "--dtype", "fp32"]) == 0
+    assert main(["world-pack", "--teacher-model", str(teacher_folder), "--student", "student.safetensors",
+                 "--out", "packed"]) == 0
+    student, teacher = load_dit("packed/transformer"), load_dit(teacher_folder / "transformer")
+    assert student.has_trained_gates()  # the VSA student's gates trained away from zero
+    moved = sum(float((a.float() - b.float()).abs().max()) for a, b in
+                zip(student.parameters(), teacher.parameters()))
+    assert moved > 0
+    metrics = [json.loads(line) for line in Path("run/metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and all(math.isfinite(m["generator_loss"]) for m in metrics)
+
+
+@needs_shipped
+def test_demo_world_uses_the_shipped_student_and_says_what_it_asked_for(tmp_path, capsys):
+    """`fastwan demo --world` runs the shipped student (3 DMD steps, VSA) and names its prompt; at
+    5 frames of 32x32 here, to stay fast (the student was trained at 29 frames of 256x192)."""
+    from fastwan.fastwan_core.video_io import read_video_frames
+
+    out = tmp_path / "world.webp"
+    assert main(["demo", "--world", "--out", str(out), "--frames", "5", "--height", "32", "--width", "32",
+                 "--no-progress", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "a yellow triangle moves right on a gray background" in printed and "VSA sparsity 0.5" in printed
+    assert read_video_frames(out).shape == (5, 32, 32, 3)
+
+
+@pytest.mark.skipif((SHIPPED / "transformer").is_dir(), reason="the tiny-world models are in this checkout")
+def test_demo_world_without_the_models_says_how_to_get_them(tmp_path, capsys):
+    assert main(["demo", "--world", "--out", str(tmp_path / "world.webp"), "--device", "cpu"]) == 2
+    message = capsys.readouterr().err
+    assert "scripts/train_tiny_world.sh" in message and "tiny_world" in message
+    assert not (tmp_path / "world.webp").exists()
