@@ -38,9 +38,5 @@ print("check_latest: " + ", ".join(f"{k} {installed.get(k, '-')}" for k in key))
 newer = [f"{k} {pinned[k]} -> {v}" for k, v in sorted(installed.items()) if k in pinned and pinned[k].split("+")[0] != v.split("+")[0]]
 print("check_latest: differs from constraints.txt: " + ("; ".join(newer) if newer else "nothing"))
 PY
-set +e
-python -m pytest -q "$@"
-status=$?
-set -e
-[ "$status" -eq 5 ] && exit 0
-exit "$status"
+. scripts/setup_venv.sh
+fastwan_pytest "$@"
