@@ -413,7 +413,7 @@ def padded_context(tokens: int, channels: int, seed: int = 1) -> torch.Tensor:
 
 
 def dmd_oracle(dit: WanDiT, attention: AttentionConfig, context, shape, seed: int) -> torch.Tensor:
-    x0 = sample_dmd(lambda x, t, c: dit(x, t, c, attention=attention), context, shape, seed)
+    x0 = sample_dmd(dit.with_attention(attention), context, shape, seed)
     return denormalize_latents(x0)
 
 
@@ -424,8 +424,9 @@ def euler_oracle(dit: WanDiT, attention, context, shape, seed: int, steps: int, 
     table = [shift * t / (1 + (shift - 1) * t) for t in (torch.arange(1, 1001, dtype=torch.float64) / 1000).tolist()]
     sigmas = [table[-(1 + int(i * 1000 / steps))] for i in range(steps)] + [0.0]
     x = torch.randn(shape, generator=torch.manual_seed(seed))
+    dit = dit.with_attention(attention)
     for sigma, next_sigma in zip(sigmas, sigmas[1:]):
-        v = dit(x, torch.full((shape[0],), sigma * 1000.0), context, attention=attention).float()
+        v = dit(x, torch.full((shape[0],), sigma * 1000.0), context).float()
         x = x + (next_sigma - sigma) * v
     return denormalize_latents(x)
 
