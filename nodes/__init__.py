@@ -6,6 +6,7 @@ as ComfyUI's own MODEL type (see `native_model`).
 """
 from .model_nodes import FastWanModelLoader, FastWanVSAPatch
 from .sampler_node import FastWanDMDSampler, FastWanDMDSamplerSelect, FastWanDMDSigmas
+from .text_encoder_node import FastWanTextEncoderLoader
 from .video_save_node import FastWanVideoSave
 
 NODE_CLASS_MAPPINGS = {
@@ -14,6 +15,7 @@ NODE_CLASS_MAPPINGS = {
     "FastWanDMDSampler": FastWanDMDSampler,
     "FastWanDMDSamplerSelect": FastWanDMDSamplerSelect,
     "FastWanDMDSigmas": FastWanDMDSigmas,
+    "FastWanTextEncoderLoader": FastWanTextEncoderLoader,
     "FastWanVideoSave": FastWanVideoSave,
 }
 
@@ -23,6 +25,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "FastWanDMDSampler": "3-Step DMD Sampler",
     "FastWanDMDSamplerSelect": "FastWan DMD Sampler (SAMPLER)",
     "FastWanDMDSigmas": "FastWan DMD Sigmas",
+    "FastWanTextEncoderLoader": "Load FastWan Text Encoder",
     "FastWanVideoSave": "FastWan Video File Save",
 }
 

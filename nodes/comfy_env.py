@@ -74,6 +74,18 @@ def auto_weight_dtype(device: torch.device, num_parameters: int) -> torch.dtype:
     return torch.float32
 
 
+def text_encoder_device() -> torch.device:
+    """Where text encoders compute: ComfyUI's text-encoder device, else CPU."""
+    mm = model_management()
+    return mm.text_encoder_device() if mm is not None else torch.device("cpu")
+
+
+def text_encoder_offload_device() -> torch.device:
+    """Where idle text-encoder weights live: ComfyUI's text-encoder offload device, else CPU."""
+    mm = model_management()
+    return mm.text_encoder_offload_device() if mm is not None else torch.device("cpu")
+
+
 def intermediate_device() -> torch.device:
     """Where node outputs such as LATENT live between nodes (ComfyUI: CPU by default)."""
     mm = model_management()

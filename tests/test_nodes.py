@@ -34,6 +34,7 @@ EXPECTED_NODES = {
     "FastWanDMDSampler": "3-Step DMD Sampler",
     "FastWanDMDSamplerSelect": "FastWan DMD Sampler (SAMPLER)",
     "FastWanDMDSigmas": "FastWan DMD Sigmas",
+    "FastWanTextEncoderLoader": "Load FastWan Text Encoder",
     "FastWanVideoSave": "FastWan Video File Save",
 }
 # Wan2.1 VAE latent statistics, copied from the reference release (DESIGN §5), as an oracle
@@ -656,6 +657,111 @@ def test_vsa_patch_refuses_sparsity_at_prompt_time(tiny_checkpoint):
     patch = NODE_CLASS_MAPPINGS["FastWanVSAPatch"]
     assert patch.VALIDATE_INPUTS(sparsity=0.8) is True
     assert patch.VALIDATE_INPUTS(sparsity=0.99) == runtime_message(lambda: vsa_patch(loaded(), 0.99))
+
+# ------------------------------------------------------------------------------------------------
+# Load FastWan Text Encoder
+
+
+def build_text_encoder_folder(folder: Path, d_model: int, seed: int = 0) -> Path:
+    """A diffusers-style umT5 pair, text_encoder/ (config.json + model.safetensors) and tokenizer/,
+    with random weights of width `d_model` (the layout of FastWan2.1-T2V-1.3B-Diffusers')."""
+    from transformers import UMT5EncoderModel
+
+    from fastwan.fastwan_core.demo_models import build_tiny_tokenizer, tiny_umt5_config
+
+    tokenizer = build_tiny_tokenizer(folder / "tokenizer")
+    torch.manual_seed(seed)
+    encoder = UMT5EncoderModel(tiny_umt5_config(vocab_size=len(tokenizer), d_model=d_model))
+    encoder.save_pretrained(str(folder / "text_encoder"), safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def text_encoder_source(tmp_path_factory):
+    return build_text_encoder_folder(tmp_path_factory.mktemp("umt5") / "tiny_umt5", WanConfig.tiny().text_dim)
+
+
+@pytest.fixture
+def text_encoder_folder(comfy_folders, text_encoder_source):
+    import shutil
+
+    target = Path(comfy_folders.models_dir) / "text_encoders" / "wan" / "tiny_umt5"
+    shutil.copytree(text_encoder_source, target)
+    return target
+
+
+def transformers_embeddings(folder: Path, prompt: str) -> torch.Tensor:
+    """The oracle: transformers' UMT5EncoderModel run directly on the prompt's tokens alone (no
+    padding, no mask), placed in Wan's [1, 512, d] context with zero rows after them."""
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+    encoder = UMT5EncoderModel.from_pretrained(str(folder / "text_encoder")).eval()
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    assert ids[0, -1] == tokenizer.eos_token_id
+    with torch.no_grad():
+        hidden = encoder(input_ids=ids).last_hidden_state
+    context = torch.zeros(1, 512, hidden.shape[-1])
+    context[:, :ids.shape[1]] = hidden
+    return context
+
+
+def test_text_encoder_loader_lists_folders_and_clip_text_encode_gives_umt5_embeddings(text_encoder_folder):
+    loader = NODE_CLASS_MAPPINGS["FastWanTextEncoderLoader"]
+    assert loader.INPUT_TYPES()["required"]["folder"][0] == ["wan/tiny_umt5"]
+    assert loader.VALIDATE_INPUTS(folder="wan/tiny_umt5") is True
+    (clip,) = loader().load("wan/tiny_umt5")
+    prompt = "a red circle moves left on a black background"
+    # What core CLIPTextEncode does with a CLIP.
+    conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+    (embeddings, extras), = conditioning
+    assert extras == {"pooled_output": None} and embeddings.dtype == torch.float32
+    expected = transformers_embeddings(text_encoder_folder, prompt)
+    torch.testing.assert_close(embeddings, expected, rtol=1e-5, atol=1e-5)
+    other = clip.encode_from_tokens_scheduled(clip.tokenize("a blue square moves up"))[0][0]
+    assert (other - embeddings).abs().max() > 1e-3  # the prompt matters
+
+
+def test_text_encoder_conditioning_drives_the_sampler(text_encoder_folder, tiny_checkpoint):
+    (clip,) = NODE_CLASS_MAPPINGS["FastWanTextEncoderLoader"]().load("wan/tiny_umt5")
+    positive = clip.encode_from_tokens_scheduled(clip.tokenize("a green triangle moves right"))
+    (latent,) = NODE_CLASS_MAPPINGS["FastWanDMDSampler"]().sample(
+        loaded(), positive, width=32, height=32, length=5, batch_size=1, seed=3)
+    assert latent["samples"].shape == (1, 16, 2, 4, 4) and torch.isfinite(latent["samples"]).all()
+
+
+def test_text_encoder_loader_refuses_bad_folders_at_prompt_time(text_encoder_folder, comfy_folders):
+    import shutil
+
+    loader = NODE_CLASS_MAPPINGS["FastWanTextEncoderLoader"]
+    root = Path(comfy_folders.models_dir) / "text_encoders"
+    no_tokenizer = root / "no_tokenizer"
+    shutil.copytree(text_encoder_folder / "text_encoder", no_tokenizer / "text_encoder")
+    no_config = root / "no_config"
+    shutil.copytree(text_encoder_folder, no_config)
+    (no_config / "text_encoder" / "config.json").unlink()
+    pickled = root / "pickled"
+    shutil.copytree(text_encoder_folder, pickled)
+    (pickled / "text_encoder" / "model.safetensors").rename(pickled / "text_encoder" / "pytorch_model.bin")
+    truncated = root / "truncated"
+    shutil.copytree(text_encoder_folder, truncated)
+    weights = truncated / "text_encoder" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+
+    assert loader.INPUT_TYPES()["required"]["folder"][0] == ["no_config", "no_tokenizer", "truncated",
+                                                             "wan/tiny_umt5"]
+    for folder, words in [("no_tokenizer", "no tokenizer/ folder"), ("no_config", "no config.json"),
+                          ("truncated", str(weights)), ("pickled", "not a folder with text_encoder/*.safetensors"),
+                          ("gone", "press R in the UI")]:
+        message = loader.VALIDATE_INPUTS(folder=folder)
+        assert message.startswith("Load FastWan Text Encoder: ") and words in message, message
+        assert message == runtime_message(lambda: loader().load(folder))
+
+
+def test_text_encoder_loader_lists_nothing_without_comfyui(monkeypatch):
+    monkeypatch.setitem(sys.modules, "folder_paths", None)
+    assert NODE_CLASS_MAPPINGS["FastWanTextEncoderLoader"].INPUT_TYPES()["required"]["folder"][0] == []
+
 
 # ------------------------------------------------------------------------------------------------
 # Video Save
