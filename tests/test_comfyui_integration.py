@@ -9,8 +9,10 @@ with the shipped workflow's file names. The ComfyUI checkout itself is not modif
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,8 +22,8 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
-
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -57,6 +59,10 @@ NATIVE_CONFIG = WanConfig(dim=256, ffn_dim=384, num_heads=2, num_layers=2, text_
 NATIVE_TINY = "wan_native_tiny.safetensors"
 LORA_RANK = 4
 FP8_TINY = "fastwan_tiny_fp8_e4m3fn_scaled.safetensors"
+TEXT_ENCODER = "tiny_umt5"  # a folder with text_encoder/ and tokenizer/ in models/text_encoders
+# Latent previews as a user who wants the tiny decoder runs them; 8 px keeps a 64x48 clip's preview
+# at its latent size (ComfyUI resizes every preview to fit this).
+PREVIEW_SIZE = 8
 
 
 def random_dit(config: WanConfig, seed: int) -> WanDiT:
@@ -172,6 +178,9 @@ def comfyui(tmp_path_factory):
     factors = lora_factors(tiny, seed=13)
     save_file(kohya_lora(factors, alpha=2.0), str(base / "models" / "loras" / "kohya.safetensors"))
     save_file(peft_lora(factors), str(base / "models" / "loras" / "peft.safetensors"))
+    from test_nodes import build_text_encoder_folder
+
+    build_text_encoder_folder(base / "models" / "text_encoders" / TEXT_ENCODER, WanConfig.tiny().text_dim)
     (base / "output").mkdir()
     python = os.environ.get("FASTWAN_COMFYUI_PYTHON", sys.executable)
     make_random_wan_vae(python, base / "models" / "vae" / RANDOM_VAE)
@@ -183,7 +192,8 @@ def comfyui(tmp_path_factory):
     log = open(log_path, "w")
     process = subprocess.Popen(
         [python, "main.py", "--cpu", "--listen", HOST, "--port", str(PORT), "--base-directory", str(base),
-         "--disable-auto-launch", "--database-url", "sqlite:///:memory:", "--preview-method", "auto"],
+         "--disable-auto-launch", "--database-url", "sqlite:///:memory:", "--preview-method", "taesd",
+         "--preview-size", str(PREVIEW_SIZE)],
         cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 300
@@ -199,7 +209,8 @@ def comfyui(tmp_path_factory):
             if time.time() > deadline:
                 pytest.fail(f"ComfyUI did not start within 300 s:\n{log_path.read_text()[-4000:]}")
             time.sleep(1)
-        yield {"base": base, "log": log_path, "tiny": tiny, "lora_factors": factors, "fp8_weights": fp8_weights}
+        yield {"base": base, "log": log_path, "tiny": tiny, "lora_factors": factors, "fp8_weights": fp8_weights,
+               "python": python}
     finally:
         process.terminate()
         try:
@@ -239,6 +250,7 @@ def test_object_info_lists_our_nodes_with_their_inputs(comfyui):
         "FastWanDMDSigmas": ("FastWan DMD Sigmas", ["timesteps", "shift"], ["SIGMAS"]),
         "FastWanVideoSave": ("FastWan Video File Save", ["images", "fps", "format", "quality", "filename_prefix"],
                              []),
+        "FastWanTextEncoderLoader": ("Load FastWan Text Encoder", ["folder"], ["CLIP"]),
     }
     for node_id, (display, required, outputs) in expected.items():
         node = info[node_id]
@@ -250,6 +262,7 @@ def test_object_info_lists_our_nodes_with_their_inputs(comfyui):
     assert info["FastWanVideoSave"]["output_node"] is True
     models = info["FastWanModelLoader"]["input"]["required"]["model_name"][0]
     assert "fastwan_tiny.safetensors" in models and WORKFLOW_FILES["diffusion_models"] in models
+    assert info["FastWanTextEncoderLoader"]["input"]["required"]["folder"][0] == [TEXT_ENCODER]
     # The core nodes the workflow uses, with the widget order tests/test_workflows.py assumes.
     from test_workflows import CORE_WIDGETS
 
@@ -309,7 +322,7 @@ def test_our_four_nodes_generate_a_video(comfyui):
     assert json.loads(metadata["workflow"]) == workflow
     log = comfyui["log"].read_text()
     assert "Requested to load FastWanWAN21" in log  # went through ComfyUI's model management
-    assert "latent preview" not in log  # previews (--preview-method auto) ran without errors
+    assert "latent preview" not in log  # previews (--preview-method taesd) ran without errors
 
 
 def test_core_vae_decode_takes_our_latent(comfyui):
@@ -324,6 +337,49 @@ def test_core_vae_decode_takes_our_latent(comfyui):
     (saved,) = entry["outputs"]["6"]["images"]
     count, height, width, fps = read_video_info(comfyui["base"] / "output" / saved["subfolder"] / saved["filename"])
     assert (count, height, width) == (9, 48, 64) and fps == pytest.approx(16.0, abs=0.2)
+
+
+def test_a_text_encoder_folder_drives_fastwan_through_clip_text_encode(comfyui):
+    """Load FastWan Text Encoder (a diffusers-style umT5 folder) -> core CLIPTextEncode -> our sampler ->
+    core VAEDecode -> Video Save. The sampled latent equals our DMD sampler on transformers'
+    UMT5EncoderModel's embeddings of the prompt, run directly; the video has the clip's size.
+    (The tiny world's judge cannot check content yet: the tree has no trained world models.)"""
+    from test_nodes import transformers_embeddings
+
+    text = "a red circle moves left on a black background"
+    prompt = tiny_video_prompt("mp4")
+    prompt["3"] = {"class_type": "FastWanTextEncoderLoader", "inputs": {"folder": TEXT_ENCODER}}
+    prompt["8"] = {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["3", 0]}}
+    prompt["4"]["inputs"].update(positive=["8", 0], seed=77)
+    prompt["7"] = {"class_type": "VAELoader", "inputs": {"vae_name": RANDOM_VAE}}
+    prompt["5"] = {"class_type": "VAEDecode", "inputs": {"samples": ["4", 0], "vae": ["7", 0]}}
+    prompt["9"] = {"class_type": "FastWanTestSaveLatent", "inputs": {"samples": ["4", 0], "name": "text_encoded"}}
+    entry = run_ok(prompt)
+    context = transformers_embeddings(comfyui["base"] / "models" / "text_encoders" / TEXT_ENCODER, text)
+    expected = dmd_oracle(comfyui["tiny"], AttentionConfig("vsa", 0.8, "reference"), context, (1, 16, 3, 6, 8), 77)
+    torch.testing.assert_close(latent_of(comfyui, "text_encoded"), expected, rtol=1e-4, atol=1e-4)
+    (saved,) = entry["outputs"]["6"]["images"]
+    path = comfyui["base"] / "output" / saved["subfolder"] / saved["filename"]
+    count, height, width, fps = read_video_info(path)
+    assert (count, height, width) == (9, 48, 64) and fps == pytest.approx(16.0, abs=0.2)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_bad_text_encoder_folder_is_refused_by_prompt(comfyui):
+    incomplete = comfyui["base"] / "models" / "text_encoders" / "no_tokenizer" / "text_encoder"
+    incomplete.mkdir(parents=True)
+    (incomplete / "config.json").write_text("{}")
+    (incomplete / "model.safetensors").write_bytes(b"placeholder")
+    for folder, message in [("no_tokenizer", "no tokenizer/ folder"), ("gone", "press R in the UI")]:
+        prompt = tiny_video_prompt("gif")
+        prompt["3"] = {"class_type": "FastWanTextEncoderLoader", "inputs": {"folder": folder}}
+        prompt["8"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["3", 0]}}
+        prompt["4"]["inputs"]["positive"] = ["8", 0]
+        status, answer = queue(prompt)
+        assert status == 400, answer
+        details = answer["node_errors"]["3"]["errors"][0]["details"]
+        assert "Load FastWan Text Encoder: " in details and message in details, details
+    shutil.rmtree(incomplete.parent)
 
 
 def test_an_error_found_while_running_reaches_the_ui_with_its_message(comfyui):
@@ -528,12 +584,12 @@ def test_an_fp8_file_samples_like_its_dequantized_weights(comfyui):
 
 
 WEBSOCKET_CLIENT = """
-import asyncio, json, struct, sys, uuid
+import asyncio, base64, json, struct, sys, uuid
 import aiohttp
 
 async def main(base_url, prompt):
     client_id = uuid.uuid4().hex
-    events = {"previews": 0, "texts": []}
+    events = {"previews": 0, "images": [], "texts": []}
     async with aiohttp.ClientSession() as session:
         async with session.ws_connect(base_url.replace("http", "ws") + "/ws?clientId=" + client_id) as ws:
             async with session.post(base_url + "/prompt", json={"prompt": prompt, "client_id": client_id}) as r:
@@ -543,6 +599,8 @@ async def main(base_url, prompt):
                     kind = struct.unpack(">I", message.data[:4])[0]
                     if kind in (1, 4):
                         events["previews"] += 1
+                        start = 8 if kind == 1 else 8 + struct.unpack(">I", message.data[4:8])[0]
+                        events["images"].append(base64.b64encode(message.data[start:]).decode())
                     elif kind == 3:
                         length = struct.unpack(">I", message.data[4:8])[0]
                         node = message.data[8:8 + length].decode()
@@ -571,7 +629,7 @@ def run_watching_the_websocket(prompt: dict) -> dict:
 
 
 def test_the_ui_gets_latent_previews_and_the_dense_weights_warning(comfyui):
-    """With --preview-method auto, each of the 3 steps sends ComfyUI's Latent2RGB preview for Wan;
+    """Each of the 3 steps sends a latent preview for Wan;
     VSA Attention Patch on dense-trained weights (ComfyUI's own Wan loader) shows its warning on the
     node."""
     prompt = tiny_video_prompt("gif")
@@ -582,6 +640,61 @@ def test_the_ui_gets_latent_previews_and_the_dense_weights_warning(comfyui):
     assert events["previews"] == 3
     assert [node for node, _ in events["texts"]] == ["2"]
     assert events["texts"][0][1].startswith("VSA Attention Patch: this model has no trained VSA gates")
+
+
+def comfyui_wan21_preview_factors() -> tuple[torch.Tensor, torch.Tensor, object]:
+    """ComfyUI's Wan2.1 latent-to-RGB factors [16, 3] and bias [3], and its Wan tiny-decoder file
+    prefix (None where that ComfyUI has no tiny decoder for Wan), read from the ComfyUI under test."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("comfyui_latent_formats",
+                                                  Path(COMFYUI_DIR) / "comfy" / "latent_formats.py")
+    formats = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(formats)
+    wan = formats.Wan21()
+    return (torch.tensor(wan.latent_rgb_factors), torch.tensor(wan.latent_rgb_factors_bias),
+            wan.taesd_decoder_name)
+
+
+def test_previews_of_fastwan_show_each_steps_denoised_latent(comfyui):
+    """--preview-method taesd with a FastWan MODEL: each step's preview is ComfyUI's Wan preview of
+    that step's denoised latent x0 (first frame), computed here from our DiT and the Latent2RGB
+    rule written out: RGB = x0 . factors + bias in -1..1, then 0..255.
+
+    ComfyUI 0.3.64 has no tiny decoder for Wan (its Wan21 latent format names none), so it shows
+    Latent2RGB for every Wan model, its own and ours; a ComfyUI that ships one uses it for our MODEL
+    too, which carries ComfyUI's own Wan21 latent format (no file for it is placed here)."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    factors, bias, tiny_decoder = comfyui_wan21_preview_factors()
+    seed = 4321
+    prompt = tiny_video_prompt("gif")
+    del prompt["5"], prompt["6"]
+    prompt["4"]["inputs"]["seed"] = seed
+    prompt["7"] = {"class_type": "FastWanTestSaveLatent", "inputs": {"samples": ["4", 0], "name": "previewed"}}
+    events = run_watching_the_websocket(prompt)
+    assert events["previews"] == 3
+
+    denoised = []
+    context = padded_context(12, WanConfig.tiny().text_dim)
+    dit = comfyui["tiny"].with_attention(AttentionConfig("vsa", 0.8, "reference"))
+    sample_dmd(dit, context, (1, 16, 3, 6, 8), seed, callback=lambda step, steps, x0: denoised.append(x0))
+    # Compared in luma: JPEG keeps it per pixel, but averages colour over 2x2 pixels, which on an
+    # 8x6 image of random latents is most of the picture.
+    previews = [np.asarray(Image.open(BytesIO(base64.b64decode(image))).convert("L"), dtype=np.float64)
+                for image in events["images"]]
+    for step, (x0, preview) in enumerate(zip(denoised, previews)):
+        rgb = x0[0, :, 0].permute(1, 2, 0) @ factors + bias                        # [6, 8, 3] in -1..1
+        expected = ((rgb + 1) / 2).clamp(0, 1).mul(255).to(torch.uint8).numpy()
+        expected = np.asarray(Image.fromarray(expected).convert("L"), dtype=np.float64)
+        assert preview.shape == expected.shape, (step, preview.shape)
+        assert np.abs(preview - expected).mean() < 4, (step, np.abs(preview - expected).mean())
+        if step:
+            assert np.abs(preview - previews[0]).mean() > 6  # each step shows its own latent
+    if tiny_decoder is None:
+        assert "TAESD previews enabled, but could not find" in comfyui["log"].read_text()
 
 
 def test_vsa_patch_on_a_wan_model_from_comfyuis_own_loader(comfyui):
