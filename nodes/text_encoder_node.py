@@ -65,6 +65,15 @@ def check_folder(folder: str) -> Path:
     return path
 
 
+def text_encoder_dtype() -> torch.dtype:
+    """bf16 on a CUDA card that has it, else fp32 (umT5 overflows in fp16; CPU matmuls in half
+    precision are slow)."""
+    device = comfy_env.text_encoder_device()
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
 class FolderTextEncoder:
     """The CLIP this node outputs: the few members core CLIPTextEncode calls. The weights stay on
     ComfyUI's text-encoder offload device and visit its text-encoder device for each prompt."""
@@ -140,11 +149,3 @@ class FastWanTextEncoderLoader:
             raise InputError(f"{NODE_NAME}: {error}") from error
         return (FolderTextEncoder(encoder, path),)
 
-
-def text_encoder_dtype() -> torch.dtype:
-    """bf16 on a CUDA card that has it, else fp32 (umT5 overflows in fp16; CPU matmuls in half
-    precision are slow)."""
-    device = comfy_env.text_encoder_device()
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
