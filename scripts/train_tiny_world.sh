@@ -7,6 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=runs/tiny_world  # the paths in training/configs/tiny_world.toml
 FASTWAN="${FASTWAN:-fastwan}"
+if [ -e "$RUN" ]; then
+    # distill would resume the old run's checkpoints instead of training from scratch
+    echo "train_tiny_world: $RUN exists from an earlier run; move or delete it to train from scratch" >&2
+    exit 2
+fi
 $FASTWAN world-vae --out $RUN/vae --steps 4000 --time-limit "${VAE_SECONDS:-75}"
 $FASTWAN world-teacher --vae $RUN/vae --out $RUN/teacher_model --steps 8000 --time-limit "${TEACHER_SECONDS:-160}" --pool 1024
 $FASTWAN world-prompts --out $RUN/prompts.txt --count 192 --seed 0
