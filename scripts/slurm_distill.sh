@@ -43,7 +43,8 @@ fail() { echo "slurm_distill.sh: $*" >&2; exit 2; }
 case "$gpus_per_node" in ''|*[!0-9]*) fail "--gpus-per-node $gpus_per_node: give a whole number" ;; esac
 nodes="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}"
 if [ -z "$rdzv_host" ]; then
-    rdzv_host="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+    # sed reads the whole list: `head -n 1` could exit first and kill scontrol with SIGPIPE (pipefail)
+    rdzv_host="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"
 fi
 mkdir -p "$output" || fail "--output $output: cannot create it"
 
