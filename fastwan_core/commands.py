@@ -97,11 +97,13 @@ def _request_from_args(args, model: str):
 
 
 def _run_generate(args) -> int:
+    from pathlib import Path
+
     from .pipeline import generate
 
     _quiet_library_progress()
     result = generate(_request_from_args(args, args.model))
-    print(f"wrote {result.path}  (total {sum(result.timings.values()):.2f} s)")
+    print(f"wrote {Path(result.path).resolve()}  (total {sum(result.timings.values()):.2f} s)")
     return 0
 
 
@@ -147,7 +149,7 @@ def _run_world_demo(args) -> int:
     print(f"fastwan demo --world: asking the tiny-world student ({folder}) for \"{args.prompt}\" "
           f"in 3 steps at VSA sparsity {args.sparsity}")
     result = generate(_request_from_args(args, str(folder)))
-    print(f"wrote {result.path}: {args.frames} frames of {args.width}x{args.height} that should show "
+    print(f"wrote {Path(result.path).resolve()}: {args.frames} frames of {args.width}x{args.height} that should show "
           f"\"{args.prompt}\" (total {sum(result.timings.values()):.2f} s)")
     return 0
 
@@ -175,9 +177,9 @@ def _run_demo(args) -> int:
             build_demo_model_folder(folder, seed=0)
         print(f"fastwan demo: model folder {folder}")
         result = generate(_request_from_args(args, str(folder)))
-    print(f"wrote {result.path}  ({args.frames} frames, {args.width}x{args.height}, random weights; "
-          f"total {sum(result.timings.values()):.2f} s)")
     print("For real videos: fastwan generate --model FastWan2.1-T2V-1.3B-Diffusers --prompt '...'")
+    print(f"fastwan demo: wrote {Path(result.path).resolve()}  ({args.frames} frames, {args.width}x{args.height}, "
+          f"random weights; total {sum(result.timings.values()):.2f} s)")
     return 0
 
 
