@@ -16,12 +16,11 @@ log="$VENV/setup.log"
 echo "check_latest: installing the newest releases into $VENV (pip's log: $log)"
 {
     python -m pip install --upgrade pip
-    if [ "${FASTWAN_LATEST_TORCH:-0}" = 1 ]; then
-        python -m pip install --upgrade torch
-    else
-        python -m pip install "$(grep '^torch==' constraints.txt)"
-    fi
-    python -m pip install --upgrade --upgrade-strategy eager -e ".[test]"
+    # An eager upgrade would move torch too: keep it pinned unless asked.
+    torch_pin="$VENV/torch-pin.txt"
+    if [ "${FASTWAN_LATEST_TORCH:-0}" = 1 ]; then : > "$torch_pin"; else grep '^torch==' constraints.txt > "$torch_pin"; fi
+    python -m pip install --upgrade -c "$torch_pin" torch
+    python -m pip install --upgrade --upgrade-strategy eager -c "$torch_pin" -e ".[test]"
 } > "$log" 2>&1 || { tail -n 30 "$log" >&2; echo "check_latest: pip failed (full log: $log)" >&2; exit 1; }
 
 python - <<'PY'
