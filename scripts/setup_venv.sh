@@ -13,9 +13,9 @@ fastwan_setup_venv() {
     # shellcheck disable=SC1091
     . "$VENV/bin/activate"
     # The install is redone only when what it depends on changed (pyproject, constraints, the extra).
-    local stamp="$VENV/.fastwan-installed"
+    local stamp="$VENV/.fastwan-installed-$extra"
     local want
-    want="$extra $(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)"
+    want="$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)"
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
         return 0
     fi
