@@ -27,6 +27,7 @@ from .files import check_writable
 from .latents import denormalize_latents, latent_shape, validate_video_size
 from .sampling import DEFAULT_GUIDANCE, DEFAULT_TEACHER_SHIFT, sample_dmd, sample_euler, sample_unipc
 from .schedule import FASTWAN_SHIFT, FASTWAN_TIMESTEPS, check_timesteps
+from .schedule import check_shift as check_shift_rule
 from .video_io import VIDEO_FORMATS, check_video_settings, write_video
 
 MODEL_PARTS = ("transformer", "text_encoder", "tokenizer", "vae")
@@ -229,9 +230,9 @@ def check_teacher_settings(steps: Optional[int], guidance: float, shift: Optiona
 
 
 def check_shift(shift: Optional[float]) -> None:
-    if shift is not None and (not _finite(shift) or shift <= 0):
-        raise InputError(f"--shift {shift}: the flow shift must be a number > 0 (student {FASTWAN_SHIFT}, "
-                         f"teacher {DEFAULT_TEACHER_SHIFT})")
+    """--shift is optional (None: the sampler's own default)."""
+    if shift is not None:
+        check_shift_rule(shift, "--shift", f"student {FASTWAN_SHIFT}, teacher {DEFAULT_TEACHER_SHIFT}")
 
 
 def _finite(value) -> bool:

@@ -91,6 +91,14 @@ def check_timesteps(values: Sequence[float], where: str = "timesteps", shown: Op
         raise InputError(f"{where} {shown} must decrease from noise to clean (e.g. {FASTWAN_TIMESTEPS_TEXT})")
 
 
+def check_shift(shift, where: str = "shift", hint: str = f"FastWan uses {FASTWAN_SHIFT}") -> float:
+    """The rule for a flow-matching shift, however it arrives (CLI, API, config, node): a finite
+    number > 0. Returns it as a float; raises InputError naming `where`, with `hint` as the fix."""
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not (math.isfinite(shift) and shift > 0):
+        raise InputError(f"{where} {shift}: the flow shift must be a number > 0 ({hint})")
+    return float(shift)
+
+
 def teacher_sigmas(num_steps: int, shift: float, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[float]:
     """The sigma grid of Wan's multi-step flow sampler (and diffusers' WanPipeline): `num_steps`
     shifted values of linspace(1, 1/num_train_timesteps, num_steps + 1)[:-1], then a final 0.

@@ -6,10 +6,8 @@ for nodes (messages name the node).
 """
 from __future__ import annotations
 
-import math
-
-from ..fastwan_core.errors import InputError
 from ..fastwan_core.schedule import FASTWAN_SHIFT, FASTWAN_TIMESTEPS, FASTWAN_TIMESTEPS_TEXT, student_sigmas
+from ..fastwan_core.schedule import check_shift as check_shift_rule
 from ..fastwan_core.schedule import parse_timesteps as parse_timesteps_text
 
 __all__ = ["FASTWAN_SHIFT", "FASTWAN_TIMESTEPS", "FASTWAN_TIMESTEPS_TEXT", "check_shift", "dmd_sigmas",
@@ -22,10 +20,8 @@ def parse_timesteps(text: str, where: str) -> tuple[float, ...]:
 
 
 def check_shift(shift, where: str) -> float:
-    shift = float(shift)
-    if not (math.isfinite(shift) and shift > 0):
-        raise InputError(f"{where}: shift {shift} must be a positive number (FastWan uses {FASTWAN_SHIFT})")
-    return shift
+    """The core's shift rule, its message naming the node."""
+    return check_shift_rule(float(shift), where=f"{where}: shift")
 
 
 def dmd_sigmas(timesteps, shift: float) -> list[float]:

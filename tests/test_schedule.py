@@ -84,3 +84,19 @@ def test_cli_timesteps_errors_use_the_same_parser(capsys):
         build_parser().parse_args(["generate", "--prompt", "p", "--model", "m", "--timesteps", "522,757"])
     assert info.value.code == 2
     assert "argument --timesteps: timesteps '522,757' must decrease from noise to clean" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_every_shift_entry_point_refuses_the_same_values(bad, tmp_path):
+    from fastwan.fastwan_core.pipeline import check_shift as check_cli_shift
+    from fastwan.nodes.fastwan_schedule import check_shift as check_node_shift
+    from fastwan.training.config import ConfigError, config_from_dict
+
+    with pytest.raises(InputError, match="flow shift must be a number > 0"):
+        check_cli_shift(bad)
+    with pytest.raises(InputError, match=r"3-Step DMD Sampler: shift .*flow shift must be a number > 0"):
+        check_node_shift(bad, "3-Step DMD Sampler")
+    with pytest.raises(ConfigError, match=r"\[dmd\] shift = .*flow shift must be a number > 0"):
+        config_from_dict({"model": {"teacher": "random:tiny"}, "dmd": {"shift": bad}, "data": {"dir": str(tmp_path)},
+                          "train": {"output_dir": str(tmp_path / "run")}}, "run.toml")
+    assert check_node_shift(FASTWAN_SHIFT, "node") == FASTWAN_SHIFT

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from ..fastwan_core.attention import IMPLEMENTATIONS
 from ..fastwan_core.errors import InputError
-from ..fastwan_core.schedule import FASTWAN_SHIFT, FASTWAN_TIMESTEPS, check_timesteps
+from ..fastwan_core.schedule import FASTWAN_SHIFT, FASTWAN_TIMESTEPS, check_shift, check_timesteps
 
 
 class ConfigError(InputError):
@@ -326,8 +326,10 @@ def check_dmd(d: DMDSection, where: str) -> None:
         check_timesteps(tuple(d.student_timesteps), f"{where}: [dmd] student_timesteps")
     except InputError as error:
         raise ConfigError(str(error)) from None
-    if d.shift <= 0:
-        fail("shift", "must be > 0 (the recipe uses 8).")
+    try:
+        check_shift(d.shift, f"{where}: [dmd] shift =", "the recipe uses 8")
+    except InputError as error:
+        raise ConfigError(str(error)) from None
     if not 0.0 <= d.dmd_min_ratio < d.dmd_max_ratio <= 1.0:
         fail("dmd_min_ratio/dmd_max_ratio", f"= {d.dmd_min_ratio}/{d.dmd_max_ratio} must satisfy "
              "0 <= min < max <= 1 (recipe 0.02/0.98).")
