@@ -219,7 +219,7 @@ def train_teacher(vae_folder, out, steps: int = 3000, time_limit: float = 0.0, b
     """
     from ..fastwan_core.checkpoint import save_dit
     from ..fastwan_core.model import WanDiT
-    from ..fastwan_core.schedule import shift_sigma
+    from ..fastwan_core.schedule import add_noise, shift_sigma
 
     device = _device(device)
     out = Path(out)
@@ -256,8 +256,7 @@ def train_teacher(vae_folder, out, steps: int = 3000, time_limit: float = 0.0, b
                            torch.full_like(caption_rows[index], negative_row), caption_rows[index])
         sigma = shift_sigma(torch.rand(batch, generator=generator), TEACHER_TRAIN_SHIFT).to(device)
         noise = torch.randn(x0.shape, generator=generator).to(device)
-        s = sigma.view(-1, 1, 1, 1, 1)
-        x_t = (1 - s) * x0 + s * noise
+        x_t = add_noise(x0, noise, sigma)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             velocity = model(x_t, sigma * 1000, table[rows])
         loss = F.mse_loss(velocity.float(), noise - x0)
