@@ -269,7 +269,6 @@ class Distiller:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         metrics["step_time_s"] = time.perf_counter() - started
-        metrics["samples_per_s"] = latents.shape[0] * self.context.world_size / metrics["step_time_s"]
         metrics["sparsity"] = self.student_attention(step).sparsity
         self.step = step
         return metrics
