@@ -137,6 +137,9 @@ def test_cli_prints_one_json_line_and_writes_png(tmp_path, capsys, monkeypatch):
 
     with Image.open(out) as image:
         assert image.format == "PNG" and image.width == 3 * image.height - 72
+    from fastwan.fastwan_core.files import file_mode
+
+    assert out.stat().st_mode & 0o777 == file_mode()  # the umask's mode, like every file we write
 
 
 _ORIGINAL_OPTIONS = toy.ToyOptions

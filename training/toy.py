@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
+from ..fastwan_core.files import atomic_write
 from ..fastwan_core.sampling import sample_dmd
 from ..fastwan_core.schedule import FASTWAN_TIMESTEPS, student_sigmas, teacher_sigmas
 from . import dmd
@@ -556,8 +557,6 @@ def _evaluate(options: ToyOptions, runs: list[ToyRun], settings, student, mixtur
 
 def write_scatter_png(path: str, samples: dict, mixture_radius: float, size: int = 320) -> None:
     """One panel per sample set, side by side, written atomically (Pillow only)."""
-    import tempfile
-
     from PIL import Image, ImageDraw
 
     extent = 1.5 * mixture_radius + 0.5
@@ -573,16 +572,7 @@ def write_scatter_png(path: str, samples: dict, mixture_radius: float, size: int
         for x, y in zip(px.tolist(), py.tolist()):
             if left <= x < left + size and 24 <= y < size + 24:
                 draw.point((x, y), fill=(30, 80, 200))
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(suffix=".png", dir=directory)
-    os.close(handle)
-    try:
-        image.save(temporary, format="PNG")
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    atomic_write(path, lambda temporary: image.save(temporary, format="PNG"), suffix=".png")
 
 
 def main_toy(args) -> int:
