@@ -89,6 +89,10 @@ def test_uninterrupted_run_trains_both_optimizers(uninterrupted):
 def test_checkpointing_every_step_does_not_change_the_run(data_dir, tmp_path, uninterrupted):
     run_distill(config_from_dict(raw_config(data_dir, tmp_path, checkpoint_every=1, keep_checkpoints=1)), log=quiet)
     assert_same_run(uninterrupted, final_state(tmp_path))
+    from fastwan.fastwan_core.files import file_mode
+
+    written = [p for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()]
+    assert written and all(p.stat().st_mode & 0o777 == file_mode() for p in written)  # the umask's mode
 
 
 @pytest.mark.parametrize("stop_at", range(1, MAX_STEPS))

@@ -40,6 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..fastwan_core.errors import CheckpointError
+from ..fastwan_core.files import apply_umask
 
 LATEST_FILE = "latest"
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -135,6 +136,7 @@ def save_checkpoint(run_dir, step: int, models: dict, optimizers: dict, generato
     save_file({k: v.contiguous() for k, v in rng_state(generator).items()}, str(temporary / rng_file(context.rank)))
     context.barrier()
     if context.is_main:
+        apply_umask(temporary)  # DCP's and safetensors' writers make 0600 files
         state = dict(trainer_state, format=FORMAT_VERSION, step=step, world_size=context.world_size,
                      optimizers_started=sorted(started),
                      param_groups={key: _json_groups(value) for key, value in groups.items()},
