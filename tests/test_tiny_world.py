@@ -88,6 +88,30 @@ def test_vae_calibration_gives_wan_statistics_and_keeps_reconstructions():
     torch.testing.assert_close(latents.std(1), torch.tensor(WAN_LATENT_STD), atol=1e-3, rtol=1e-3)
 
 
+def test_vae_training_decode_keeps_the_gradient_that_the_clamp_drops():
+    """diffusers clamps decoded pixels to -1..1; training through the clamp leaves overshooting pixels
+    without gradient. decode_unclamped is the same decode before the clamp."""
+    from diffusers import AutoencoderKLWan
+
+    from fastwan.training.world_training import decode_unclamped
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
+                           temperal_downsample=[False, True, True]).eval()
+    latents = 4 * torch.randn(1, 16, 2, 4, 4)  # large latents: many decoded pixels overshoot -1..1
+    with torch.no_grad():
+        clamped = vae.decode(latents).sample
+    raw = decode_unclamped(vae, latents.requires_grad_())
+    assert raw.shape == clamped.shape == (1, 3, 5, 32, 32)
+    torch.testing.assert_close(raw.clamp(-1, 1), clamped, atol=1e-5, rtol=0)
+    outside = raw.detach().abs() > 1
+    assert outside.any()
+    # Every pixel, overshooting or not, passes gradient back to the latents.
+    pixel = tuple(int(i) for i in outside.nonzero()[0])
+    raw[pixel].backward()
+    assert latents.grad.abs().sum() > 0
+
+
 needs_shipped = pytest.mark.skipif(not (SHIPPED / "transformer").is_dir(),
                                    reason="the tiny-world models are not in this checkout (scripts/train_tiny_world.sh)")
 
