@@ -788,6 +788,12 @@ def test_fp8_matmul_on_gpu_matches_the_upcast_path_and_the_original_weights(scal
         with torch.no_grad():
             fast = layer(x)
             assert len(scaled_mm_calls) == calls + 1 and fast.dtype == dtype
+            # A layer ComfyUI leaves in system memory (low VRAM) streams its fp8 weight per call.
+            streamed = fp8_layer(original.cpu(), bias.cpu(), scaled)
+            assert use_fp8_matmul(streamed, True, torch.device("cuda"), dtype) == 1
+            streamed.comfy_cast_weights = True
+            torch.testing.assert_close(streamed(x), fast, rtol=0, atol=0)
+            assert len(scaled_mm_calls) == calls + 2
             layer.fp8_matmul = False
             upcast = layer(x)
             reference = torch.nn.functional.linear(x, original.to(dtype), bias)
