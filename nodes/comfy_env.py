@@ -74,6 +74,18 @@ def auto_weight_dtype(device: torch.device, num_parameters: int) -> torch.dtype:
     return torch.float32
 
 
+def fp8_matmul_switch(device: torch.device) -> bool:
+    """ComfyUI's switch for fp8 matmuls: `--fast fp8_matrix_mult` (or a bare `--fast`) and its
+    `supports_fp8_compute(device)`. Off outside ComfyUI. (ComfyUI applies the flag to unscaled fp8
+    weights; for `_scaled` files it multiplies in fp8 only with its loader's fp8_e4m3fn_fast,
+    which Load FastWan has no widget for, so here the flag covers both.)"""
+    mm, cli_args = model_management(), optional_module("comfy.cli_args")
+    feature = getattr(getattr(cli_args, "PerformanceFeature", None), "Fp8MatrixMultiplication", None)
+    if mm is None or feature is None or not hasattr(mm, "supports_fp8_compute"):
+        return False
+    return feature in (getattr(cli_args.args, "fast", None) or ()) and bool(mm.supports_fp8_compute(device))
+
+
 def text_encoder_device() -> torch.device:
     """Where text encoders compute: ComfyUI's text-encoder device, else CPU."""
     mm = model_management()

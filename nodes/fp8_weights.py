@@ -6,9 +6,11 @@ system memory fetch their weights (with LoRA patches) for each call, as ComfyUI'
 
 fp8 files (`*_fp8_e4m3fn`, `*_fp8_e4m3fn_scaled`): `Fp8Linear` keeps the block weights float8 in
 memory and up-casts them for each matmul to the compute dtype (bf16 / fp16 / fp32), times the
-per-tensor scale of scaled files. Its `convert_weight` / `set_weight` are the hooks ComfyUI's
-ModelPatcher calls to read a weight in full precision and write it back, so LoRAs patch fp8 weights
-as they patch ComfyUI's own fp8 models.
+per-tensor scale of scaled files. Where ComfyUI would multiply in fp8 (`use_fp8_matmul`: its
+`--fast fp8_matrix_mult` switch, an sm_89+ NVIDIA card, bf16/fp16 compute), e4m3 layers instead
+call `torch._scaled_mm` on the stored weight (`fp8_linear`). Its `convert_weight` / `set_weight` are
+the hooks ComfyUI's ModelPatcher calls to read a weight in full precision and write it back, so
+LoRAs patch fp8 weights as they patch ComfyUI's own fp8 models.
 """
 from __future__ import annotations
 
@@ -21,6 +23,27 @@ from safetensors import safe_open
 from ..fastwan_core.checkpoint import index_checkpoint
 
 FP8_FILE_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+E4M3_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
+FP8_MATMUL_COMPUTE_DTYPES = (torch.bfloat16, torch.float16)
+FP8_MATMUL_ALIGNMENT = 16  # torch._scaled_mm: in_features and out_features must be multiples of 16
+FP8_MATMUL_MIN_CAPABILITY = (8, 9)  # fp8 tensor cores: Ada (sm_89), Hopper (sm_90) and newer
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_weight: torch.Tensor | None,
+               bias: torch.Tensor | None) -> torch.Tensor:
+    """x (..., K) bf16/fp16, weight (N, K) float8_e4m3fn on x's device, scale_weight a float32
+    scalar (None = 1), bias (N,) in x's dtype or None -> (..., N) in x's dtype, by one fp8 matmul.
+
+    The input is quantized as ComfyUI quantizes it for files without `scale_input`: a per-tensor
+    scale of 1, values clamped to e4m3's finite range (+-448) and rounded to e4m3 (3 mantissa bits).
+    No dynamic amax scale, so there is no reduction and no host sync."""
+    rows = x.reshape(-1, x.shape[-1])  # (M, K)
+    rows8 = rows.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    unit = torch.ones((), device=x.device, dtype=torch.float32)
+    scale_b = unit if scale_weight is None else scale_weight.to(device=x.device, dtype=torch.float32)
+    # weight.t() is (K, N) column-major, the layout _scaled_mm wants for its second operand.
+    out = torch._scaled_mm(rows8, weight.t(), scale_a=unit, scale_b=scale_b, bias=bias, out_dtype=x.dtype)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 class CastableLinear(torch.nn.Linear):
@@ -56,7 +79,31 @@ def make_castable(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class Fp8Linear(CastableLinear):
-    """A Linear whose weight is float8 (with an optional float32 `scale_weight`)."""
+    """A Linear whose weight is float8 (with an optional float32 `scale_weight`).
+
+    `fp8_matmul` (set once by `use_fp8_matmul` when the model is loaded) says whether this layer may
+    multiply in fp8; a call then takes `fp8_linear` when its input is 2-D or 3-D bf16/fp16 and no
+    LoRA patch hangs in `weight_function` (a patched weight is no longer the stored fp8 one), and
+    the up-cast path otherwise. The per-call test reads shapes and dtypes only: no host sync."""
+
+    fp8_matmul = False
+
+    def takes_fp8_matmul(self, x: torch.Tensor) -> bool:
+        return (self.fp8_matmul and not self.weight_function and x.dim() in (2, 3)
+                and x.dtype in FP8_MATMUL_COMPUTE_DTYPES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.takes_fp8_matmul(x):
+            return super().forward(x)
+        weight, bias = self.weight, self.bias
+        if self.comfy_cast_weights:
+            weight = weight.to(x.device, non_blocking=True)
+        if bias is not None:
+            bias = bias.to(x.device, non_blocking=True)
+            for patch in self.bias_function:
+                bias = patch(bias)
+            bias = bias.to(x.dtype)
+        return fp8_linear(x, weight, self.scale_weight, bias)
 
     def dequantize(self, stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         weight = stored.to(dtype)
@@ -84,6 +131,31 @@ class Fp8Linear(CastableLinear):
             self.weight.data.copy_(stored)
         else:
             self.weight = torch.nn.Parameter(stored, requires_grad=False)
+
+
+def fp8_matmul_capable(device: torch.device | str) -> bool:
+    """True for an NVIDIA card with fp8 tensor cores (compute capability 8.9 or newer)."""
+    device = torch.device(device)
+    if device.type != "cuda" or torch.version.hip is not None:
+        return False
+    return torch.cuda.get_device_capability(device) >= FP8_MATMUL_MIN_CAPABILITY
+
+
+def use_fp8_matmul(model: torch.nn.Module, switch_on: bool, device: torch.device | str,
+                   compute_dtype: torch.dtype) -> int:
+    """Decide, once at load time, which Fp8Linear layers of `model` multiply in fp8 on `device`:
+    all e4m3 layers whose in/out features are multiples of 16, if `switch_on` (ComfyUI's
+    `--fast fp8_matrix_mult`, see `comfy_env.fp8_matmul_switch`), the device is fp8-capable and the
+    model computes in bf16/fp16; none otherwise. Returns how many layers multiply in fp8."""
+    enabled = (switch_on and compute_dtype in FP8_MATMUL_COMPUTE_DTYPES and fp8_matmul_capable(device))
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Fp8Linear):
+            module.fp8_matmul = (enabled and module.weight.dtype == torch.float8_e4m3fn
+                                 and module.in_features % FP8_MATMUL_ALIGNMENT == 0
+                                 and module.out_features % FP8_MATMUL_ALIGNMENT == 0)
+            count += module.fp8_matmul
+    return count
 
 
 def is_fp8_file(path: Path) -> bool:

@@ -18,7 +18,7 @@ from ..fastwan_core.attention import AttentionConfig
 from ..fastwan_core.checkpoint import index_checkpoint, infer_config, load_dit
 from ..fastwan_core.errors import FastWanError, InputError
 from . import comfy_env
-from .fp8_weights import is_fp8_file, keep_fp8_weights
+from .fp8_weights import is_fp8_file, keep_fp8_weights, use_fp8_matmul
 from .native_model import fastwan_dit, make_model, model_source, native_wan_model, set_attention
 
 CATEGORY = "FastWan"
@@ -114,7 +114,8 @@ def check_model_file(model_name: str) -> None:
 
 def load_fastwan_dit(path: Path, dtype: torch.dtype):
     """Load (or reuse) the DiT in `path` computing in `dtype`, kept on the offload device. The block
-    weights of fp8 files stay fp8 (up-cast per matmul)."""
+    weights of fp8 files stay fp8: multiplied in fp8 where ComfyUI would (`use_fp8_matmul`), else
+    up-cast per matmul."""
     key = _file_key(path) + (str(dtype),)
     cached = _loaded_dits.get(key)
     if cached is not None:
@@ -122,6 +123,8 @@ def load_fastwan_dit(path: Path, dtype: torch.dtype):
     dit = load_dit(path, dtype=dtype, device=comfy_env.offload_device())
     if is_fp8_file(path):
         keep_fp8_weights(dit, path)
+        device = comfy_env.load_device()
+        use_fp8_matmul(dit, comfy_env.fp8_matmul_switch(device), device, dtype)
     _loaded_dits[key] = dit
     return dit
 
@@ -144,7 +147,8 @@ class FastWanModelLoader:
                     "tooltip": "Precision the model computes in. auto: what ComfyUI picks for diffusion models on "
                                "your card (bf16 on recent NVIDIA cards, fp32 on CPU). fp32 doubles memory. The "
                                "block weights of fp8 files (*_fp8_e4m3fn, *_fp8_e4m3fn_scaled) stay fp8 in memory "
-                               "and are up-cast for each matmul.",
+                               "and are up-cast for each matmul, or multiplied in fp8 with ComfyUI's "
+                               "--fast fp8_matrix_mult on RTX 40xx / H100 and newer cards (bf16/fp16 only).",
                 }),
             }
         }

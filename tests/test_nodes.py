@@ -609,6 +609,239 @@ def test_linear_layers_follow_comfyuis_weight_casting_protocol(comfy_folders):
         torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
 
 
+def fp8_layer(weight: torch.Tensor, bias: torch.Tensor, scaled: bool):
+    """An Fp8Linear holding `weight` [out, in] as fp8 files store it: e4m3fn, scaled files divided
+    by a per-tensor scale (amax / 448) kept in `scale_weight`; `bias` in the compute dtype."""
+    from fastwan.nodes.fp8_weights import Fp8Linear, make_castable
+
+    layer = make_castable(torch.nn.Linear(weight.shape[1], weight.shape[0], device=weight.device))
+    scale = weight.float().abs().max() / 448.0 if scaled else None
+    layer.__class__ = Fp8Linear
+    stored = (weight.float() / scale if scaled else weight.float()).to(torch.float8_e4m3fn)
+    layer.weight = torch.nn.Parameter(stored, requires_grad=False)
+    layer.register_buffer("scale_weight", scale)
+    layer.bias = torch.nn.Parameter(bias, requires_grad=False)
+    return layer
+
+
+def relative_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.float(), expected.float()
+    return float((actual - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt())
+
+
+@pytest.fixture
+def scaled_mm_calls(monkeypatch):
+    """Records each torch._scaled_mm call (its first operand's shape): proof of the fp8 path."""
+    calls = []
+    original = torch._scaled_mm
+
+    def counted(*args, **kwargs):
+        calls.append(tuple(args[0].shape))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", counted)
+    return calls
+
+
+def cpu_scaled_mm_works() -> bool:
+    one, zeros = torch.ones((), dtype=torch.float32), torch.zeros(16, 16, dtype=torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(zeros, zeros.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+def test_fp8_matmul_switch_is_comfyuis_fast_flag_on_a_card_it_calls_fp8_capable(monkeypatch):
+    import enum
+
+    assert comfy_env.fp8_matmul_switch(torch.device("cuda")) is False  # outside ComfyUI
+    feature = enum.Enum("PerformanceFeature", {"Fp8MatrixMultiplication": "fp8_matrix_mult", "CublasOps": "cublas_ops"})
+    cli_args = types.ModuleType("comfy.cli_args")
+    cli_args.PerformanceFeature = feature
+    cli_args.args = types.SimpleNamespace(fast=set())
+    management = types.ModuleType("comfy.model_management")
+    capable = {"value": True}
+    management.supports_fp8_compute = lambda device=None: capable["value"]
+    monkeypatch.setitem(sys.modules, "comfy", types.ModuleType("comfy"))
+    monkeypatch.setitem(sys.modules, "comfy.cli_args", cli_args)
+    monkeypatch.setitem(sys.modules, "comfy.model_management", management)
+    device = torch.device("cuda", 0)
+    assert comfy_env.fp8_matmul_switch(device) is False  # no --fast
+    cli_args.args.fast = {feature.CublasOps}
+    assert comfy_env.fp8_matmul_switch(device) is False
+    cli_args.args.fast = {feature.Fp8MatrixMultiplication}
+    assert comfy_env.fp8_matmul_switch(device) is True
+    cli_args.args.fast = set(feature)  # a bare --fast turns on every feature
+    assert comfy_env.fp8_matmul_switch(device) is True
+    capable["value"] = False  # e.g. an RTX 30xx
+    assert comfy_env.fp8_matmul_switch(device) is False
+
+
+def test_fp8_matmul_is_chosen_once_at_load_where_comfyui_would(comfy_folders, monkeypatch):
+    from fastwan.nodes.fp8_weights import Fp8Linear, use_fp8_matmul
+
+    save_fp8_file(tiny_dit(seed=24, gates=True), Path(comfy_folders.models_dir) / "diffusion_models" / "f.safetensors",
+                  scaled=True)
+    # As on an sm_89 card with ComfyUI's --fast fp8_matrix_mult (no GPU needed: only the decision runs).
+    capability = {"value": (8, 9)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["value"])
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(comfy_env, "load_device", lambda: torch.device("cuda", 0))
+    switches = []
+    monkeypatch.setattr(comfy_env, "fp8_matmul_switch", lambda device: switches.append(device) or True)
+    dit = fastwan_dit(loaded("f.safetensors", "bf16"))
+    assert switches == [torch.device("cuda", 0)]
+    layers = [module for module in dit.modules() if isinstance(module, Fp8Linear)]
+    assert len(layers) == 2 * 10 and all(layer.fp8_matmul for layer in layers)  # q k v o, twice; ffn 0, 2
+    assert not isinstance(dit.blocks[0].to_gate_compress, Fp8Linear)  # the gates stay up-cast
+    # The same file computing in fp32: up-cast, as ComfyUI multiplies in fp8 for bf16/fp16 only.
+    assert not any(m.fp8_matmul for m in fastwan_dit(loaded("f.safetensors", "fp32")).modules()
+                   if isinstance(m, Fp8Linear))
+
+    cuda = torch.device("cuda", 0)
+    assert use_fp8_matmul(dit, True, cuda, torch.float16) == len(layers)
+    assert use_fp8_matmul(dit, False, cuda, torch.bfloat16) == 0 and not any(layer.fp8_matmul for layer in layers)
+    assert use_fp8_matmul(dit, True, "cpu", torch.bfloat16) == 0
+    assert use_fp8_matmul(dit, True, cuda, torch.float32) == 0
+    capability["value"] = (8, 6)  # Ampere: no fp8 tensor cores
+    assert use_fp8_matmul(dit, True, cuda, torch.bfloat16) == 0
+    capability["value"] = (9, 0)
+    assert use_fp8_matmul(dit, True, cuda, torch.bfloat16) == len(layers)
+    monkeypatch.setattr(torch.version, "hip", "6.2")  # ROCm cards use other fp8 formats
+    assert use_fp8_matmul(dit, True, cuda, torch.bfloat16) == 0
+    monkeypatch.setattr(torch.version, "hip", None)
+
+    # Only e4m3 weights whose both dimensions are multiples of 16 (torch._scaled_mm's alignment).
+    bias = torch.zeros(48, dtype=torch.bfloat16)
+    aligned, unaligned_in = fp8_layer(torch.randn(48, 32), bias, False), fp8_layer(torch.randn(48, 40), bias, False)
+    unaligned_out = fp8_layer(torch.randn(40, 32), torch.zeros(40, dtype=torch.bfloat16), True)
+    e5m2 = fp8_layer(torch.randn(48, 32), bias, False)
+    e5m2.weight = torch.nn.Parameter(e5m2.weight.float().to(torch.float8_e5m2), requires_grad=False)
+    layers = torch.nn.ModuleList([aligned, unaligned_in, unaligned_out, e5m2])
+    assert use_fp8_matmul(layers, True, cuda, torch.bfloat16) == 1
+    assert [layer.fp8_matmul for layer in layers] == [True, False, False, False]
+
+
+@pytest.mark.skipif(not cpu_scaled_mm_works(), reason="this PyTorch has no CPU torch._scaled_mm")
+@pytest.mark.parametrize("scaled", [False, True], ids=["fp8_e4m3fn", "fp8_e4m3fn_scaled"])
+def test_fp8_layers_multiply_in_fp8_only_for_inputs_scaled_mm_takes(scaled, scaled_mm_calls):
+    """The fp8 path on the CPU's torch._scaled_mm, against the closed form of ComfyUI's input
+    quantization: x clamped to +-448, rounded to e4m3, times the dequantized weight, plus bias."""
+    torch.manual_seed(31)
+    weight, bias = torch.randn(48, 64) * 0.05, torch.randn(48).to(torch.bfloat16)
+    layer = fp8_layer(weight, bias, scaled)
+    layer.fp8_matmul = True  # what use_fp8_matmul sets on an sm_89+ card
+    full = layer.full_weight(torch.float32)
+
+    def expected(x):
+        rounded = x.float().clamp(-448, 448).to(torch.float8_e4m3fn).float()
+        return rounded @ full.T + bias.float()
+
+    x = torch.randn(2, 5, 64).to(torch.bfloat16)
+    x[0, 0, :4] = torch.tensor([1000.0, -600.0, 0.003, 1e-4])  # beyond e4m3's range: count as +-448
+    with torch.no_grad():
+        out = layer(x)
+        assert scaled_mm_calls == [(10, 64)] and out.dtype == torch.bfloat16 and out.shape == (2, 5, 48)
+        torch.testing.assert_close(out.float(), expected(x), rtol=2**-7, atol=2**-7 * float(expected(x).abs().max()))
+        # The up-cast result differs by the input rounding: the check above can tell the paths apart.
+        assert relative_rms(torch.nn.functional.linear(x.float(), full, bias.float()), expected(x)) > 0.01
+        assert torch.isfinite(out).all()
+
+        rows = torch.randn(7, 64).to(torch.float16)  # 2-D, fp16: bias follows the input dtype
+        torch.testing.assert_close(layer(rows).float(), expected(rows), rtol=2**-9, atol=2**-9 * 8)
+        assert len(scaled_mm_calls) == 2
+
+        # Fallbacks to the up-cast path: no _scaled_mm call, the unrounded input times the weight.
+        def upcast(x, weight):
+            return (x.float() @ weight.T + bias.float()).to(x.dtype)
+
+        for x in (torch.randn(3, 64), torch.randn(1, 2, 3, 64).to(torch.bfloat16)):  # fp32; 4-D
+            torch.testing.assert_close(layer(x), upcast(x, full), rtol=2**-7, atol=2**-7)
+        layer.weight_function = [lambda stored: stored.flip(0)]  # a LoRA patch (ComfyUI low-VRAM)
+        x = torch.randn(3, 64).to(torch.bfloat16)
+        torch.testing.assert_close(layer(x), upcast(x, full.flip(0)), rtol=2**-7, atol=2**-7)
+        layer.weight_function = []
+        layer.fp8_matmul = False
+        torch.testing.assert_close(layer(x), upcast(x, full), rtol=2**-7, atol=2**-7)
+    assert len(scaled_mm_calls) == 2
+
+
+FP8_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["fp8_e4m3fn", "fp8_e4m3fn_scaled"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not FP8_GPU, reason="needs an NVIDIA card with fp8 tensor cores (sm_89+)")
+def test_fp8_matmul_on_gpu_matches_the_upcast_path_and_the_original_weights(scaled, dtype, scaled_mm_calls):
+    from fastwan.nodes.fp8_weights import use_fp8_matmul
+
+    torch.manual_seed(41)
+    for out_features, in_features in ((1536, 1536), (8960, 1536), (1536, 8960)):  # Wan 1.3B's shapes
+        original = (torch.randn(out_features, in_features, device="cuda") * 0.02).to(torch.bfloat16)
+        bias = (torch.randn(out_features, device="cuda") * 0.02).to(dtype)
+        layer = fp8_layer(original, bias, scaled)
+        assert use_fp8_matmul(layer, True, torch.device("cuda"), dtype) == 1
+        x = torch.randn(2, 77, in_features, device="cuda", dtype=dtype)
+        calls = len(scaled_mm_calls)
+        with torch.no_grad():
+            fast = layer(x)
+            assert len(scaled_mm_calls) == calls + 1 and fast.dtype == dtype
+            # A layer ComfyUI leaves in system memory (low VRAM) streams its fp8 weight per call.
+            streamed = fp8_layer(original.cpu(), bias.cpu(), scaled)
+            assert use_fp8_matmul(streamed, True, torch.device("cuda"), dtype) == 1
+            streamed.comfy_cast_weights = True
+            torch.testing.assert_close(streamed(x), fast, rtol=0, atol=0)
+            assert len(scaled_mm_calls) == calls + 2
+            layer.fp8_matmul = False
+            upcast = layer(x)
+            reference = torch.nn.functional.linear(x, original.to(dtype), bias)
+        vs_upcast, vs_original = relative_rms(fast, upcast), relative_rms(fast, reference)
+        print(f"fp8 matmul {'scaled' if scaled else 'unscaled'} {str(dtype)[6:]} {out_features}x{in_features}: "
+              f"relative RMS vs up-cast {vs_upcast:.4f}, vs original weights {vs_original:.4f} "
+              f"(up-cast vs original {relative_rms(upcast, reference):.4f})")
+        # e4m3 rounding of the input (3 mantissa bits) costs ~2.7 % RMS; the weight rounding adds
+        # ~2.6 % (scaled) or ~3.3 % (unscaled, small weights near e4m3's subnormals).
+        assert 0.01 < vs_upcast < 0.035
+        assert vs_original < 0.055
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["fp8_e4m3fn", "fp8_e4m3fn_scaled"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not FP8_GPU, reason="needs an NVIDIA card with fp8 tensor cores (sm_89+)")
+def test_fp8_file_on_gpu_with_fp8_matmuls_matches_the_upcast_model(comfy_folders, monkeypatch, scaled,
+                                                                    scaled_mm_calls):
+    """A tiny Wan DiT from an fp8 file, loaded as ComfyUI with --fast fp8_matrix_mult would load it."""
+    from fastwan.nodes.fp8_weights import Fp8Linear, use_fp8_matmul
+
+    model = tiny_dit(seed=25)
+    name = f"gpu_fp8_e4m3fn{'_scaled' if scaled else ''}.safetensors"
+    save_fp8_file(model, Path(comfy_folders.models_dir) / "diffusion_models" / name, scaled)
+    monkeypatch.setattr(comfy_env, "fp8_matmul_switch", lambda device: True)
+    dit = fastwan_dit(loaded(name, "bf16")).cuda()
+    layers = [module for module in dit.modules() if isinstance(module, Fp8Linear)]
+    assert len(layers) == 20 and all(layer.fp8_matmul for layer in layers)
+    torch.manual_seed(5)
+    x = torch.randn(1, 16, 4, 16, 16, device="cuda")  # 256 tokens
+    t = torch.tensor([757.0], device="cuda")
+    context = torch.randn(1, 512, WanConfig.tiny().text_dim, device="cuda")
+    with torch.no_grad():
+        fast = dit(x, t, context)
+        assert len(scaled_mm_calls) == len(layers)  # every block Linear multiplied in fp8, once
+        use_fp8_matmul(dit, False, torch.device("cuda"), torch.bfloat16)
+        upcast = dit(x, t, context)
+        assert len(scaled_mm_calls) == len(layers)
+        reference = model.cast_for_inference(torch.bfloat16).cuda()(x, t, context)
+    vs_upcast, vs_original = relative_rms(fast, upcast), relative_rms(fast, reference)
+    print(f"tiny WanDiT {'scaled' if scaled else 'unscaled'} fp8 file, bf16: relative RMS fp8 matmul vs up-cast "
+          f"{vs_upcast:.4f}, vs original weights {vs_original:.4f} "
+          f"(up-cast vs original {relative_rms(upcast, reference):.4f})")
+    # Measured on CPU's _scaled_mm: ~1 % vs up-cast, ~1.3 % vs the original weights.
+    assert 0 < vs_upcast < 0.03
+    assert vs_original < 0.04
+
+
 # ------------------------------------------------------------------------------------------------
 # Errors before the run: each node's VALIDATE_INPUTS (what ComfyUI calls at /prompt) refuses what
 # the node would refuse, with the same message.
