@@ -2,6 +2,7 @@
 Frechet distance (against an independent formula), the VAE's latent calibration (exact), the real
 chain synth -> distill -> export -> pack on the shipped models at a tiny size, and the demo on the
 shipped student."""
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -118,14 +119,12 @@ needs_shipped = pytest.mark.skipif(not (SHIPPED / "transformer").is_dir(),
 
 @needs_shipped
 def test_shipped_folder_has_its_checksums():
-    import hashlib
-
     readme = (SHIPPED / "README.md").read_text()
     files = sorted(p for p in SHIPPED.rglob("*") if p.is_file() and p.name != "README.md")
     assert files
     for path in files:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        assert f"{digest}  {path.relative_to(SHIPPED)}" in readme, f"{path} is not listed with its SHA-256"
+        assert f"{digest}  {path.relative_to(SHIPPED).as_posix()}" in readme, f"{path} is not listed with its SHA-256"
     assert sum(p.stat().st_size for p in files) < 21e6
 
 
@@ -157,6 +156,9 @@ def test_the_real_chain_synth_distill_export_pack_at_a_tiny_size(tmp_path, monke
     assert main(["export", "--run", "run", "--out", "student.safetensors", "--dtype", "fp32"]) == 0
     assert main(["world-pack", "--teacher-model", str(teacher_folder), "--student", "student.safetensors",
                  "--out", "packed"]) == 0
+    readme = Path("packed/README.md").read_text()
+    for path in (p for p in Path("packed").rglob("*") if p.is_file() and p.name != "README.md"):
+        assert f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {path.relative_to('packed').as_posix()}" in readme
     student, teacher = load_dit("packed/transformer"), load_dit(teacher_folder / "transformer")
     assert student.has_trained_gates()  # the VSA student's gates trained away from zero
     moved = sum(float((a.float() - b.float()).abs().max()) for a, b in

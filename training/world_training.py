@@ -347,14 +347,43 @@ def pack(teacher_model, student, out, dtype: str = "bf16", log: Log = print) -> 
     shutil.copy(teacher_model / "model_index.json", scratch / "model_index.json")
     save_dit(load_dit(student, dtype=DTYPES[dtype]), scratch / "transformer", layout="fastwan")
     save_dit(load_dit(teacher_model / "transformer", dtype=DTYPES[dtype]), scratch / "teacher", layout="diffusers")
-    readme = out / "README.md"
-    if readme.is_file():
-        shutil.copy(readme, scratch / "README.md")
+    write_readme(scratch)
     if out.exists():
         shutil.rmtree(out)
     scratch.rename(out)
     log(f"world-pack: wrote {out}")
     return out
+
+
+SHIPPED_README = """# The tiny world's models
+
+Trained from scratch by `bash scripts/train_tiny_world.sh` (one GPU, about 8 minutes), every stage a
+`fastwan` command: `world-vae` (the VAE), `world-teacher` (text encoder, tokenizer and the dense teacher
+DiT), `world-prompts` + `synth` (teacher samples), `distill --config training/configs/tiny_world.toml`
+(the 3-step VSA student, DMD) and `world-pack` (this folder). docs/training.md, "The tiny world", has
+the benchmark figures.
+
+- transformer/: the distilled student (FastWan layout, VSA gates), bf16
+- teacher/: the dense teacher (diffusers layout), bf16
+- vae/: AutoencoderKLWan at width 16, bf16
+- text_encoder/, tokenizer/: a 2-layer umT5 (random, fixed weights) and a tokenizer of the world's words
+
+SHA-256 of every file:
+
+"""
+
+
+def write_readme(folder: Path) -> Path:
+    """The shipped folder's README.md: what each part is, how it was made, and every file's SHA-256
+    (tests/test_tiny_world.py checks them)."""
+    import hashlib
+
+    lines = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "README.md"):
+        lines.append(f"    {hashlib.sha256(path.read_bytes()).hexdigest()}  {path.relative_to(folder).as_posix()}")
+    readme = folder / "README.md"
+    readme.write_text(SHIPPED_README + "\n".join(lines) + "\n")
+    return readme
 
 
 def save_vae(source, out, dtype: torch.dtype) -> Path:
