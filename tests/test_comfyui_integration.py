@@ -509,30 +509,40 @@ def world_prompt(name: str, captions, seed: int) -> dict:
     return prompt
 
 
-def world_videos(comfyui, name: str, captions, seed: int) -> list[torch.Tensor]:
-    """Run `world_prompt` and read each caption's saved video back: float [F, H, W, 3] in 0..1."""
+def world_in_comfyui(comfyui, world: Path, name: str, seed: int) -> list[tuple[torch.Tensor, object]]:
+    """Install `world`, run `world_prompt` on WORLD_CAPTIONS and read each saved video back (float
+    [F, H, W, 3] in 0..1) with the tiny world's judge: [(video, reading)] in caption order."""
     from fastwan.fastwan_core.video_io import read_video_frames
+    from fastwan.training.tiny_world import judge
 
-    entry = run_ok(world_prompt(name, captions, seed))
-    videos = []
-    for index in range(len(captions)):
+    install_world(comfyui, world, name)
+    entry = run_ok(world_prompt(name, WORLD_CAPTIONS, seed))
+    results = []
+    for index in range(len(WORLD_CAPTIONS)):
         (saved,) = entry["outputs"][f"{10 * (index + 1) + 3}"]["images"]
-        path = comfyui["base"] / "output" / saved["subfolder"] / saved["filename"]
-        videos.append(torch.from_numpy(read_video_frames(path)).float() / 255)
-    return videos
+        assert saved["filename"].endswith(".mp4")
+        video = torch.from_numpy(read_video_frames(comfyui["base"] / "output" / saved["subfolder"] / saved["filename"]))
+        video = video.float() / 255
+        (reading,) = judge(video)
+        results.append((video, reading))
+    return results
 
 
 @pytest.mark.slow
-def test_a_diffusers_model_folder_runs_through_our_loaders_and_core_vae_decode(comfyui, tmp_path):
-    """The tiny world's workflow on a random-weight folder in its layout (the demo folder: a FastWan
-    transformer, a umT5 of the DiT's text width, a diffusers Wan VAE of base width 8): every part is
-    found in ComfyUI's model folders and the videos have the world's size. Content is noise here;
-    the next test judges it once the trained world ships."""
+def test_a_world_shaped_model_folder_runs_through_our_loaders_and_core_vae_decode(comfyui, tmp_path):
+    """The tiny world's workflow on a random-weight folder packed as `fastwan world-pack` ships
+    models/tiny_world (the demo folder's parts: a FastWan-layout student, a narrow umT5, a diffusers
+    Wan VAE of base width 8 in bf16): every part is found in ComfyUI's model folders, the videos
+    have the world's size and the judge reads them. Their content is noise; the next test checks it
+    on the trained world."""
     from fastwan.fastwan_core.demo_models import build_demo_model_folder
+    from fastwan.training.world_training import pack
 
-    install_world(comfyui, build_demo_model_folder(tmp_path / "stand_in", seed=3), "stand_in")
-    for video in world_videos(comfyui, "stand_in", WORLD_CAPTIONS, seed=7):
+    stand_in = build_demo_model_folder(tmp_path / "random", seed=3)
+    world = pack(stand_in, stand_in / "transformer", tmp_path / "stand_in", log=lambda line: None)
+    for video, reading in world_in_comfyui(comfyui, world, "stand_in", seed=7):
         assert video.shape == (29, 192, 256, 3) and video.std() > 0.01
+        assert reading.background in ("black", "white", "gray")
 
 
 @pytest.mark.slow
@@ -540,15 +550,12 @@ def test_a_diffusers_model_folder_runs_through_our_loaders_and_core_vae_decode(c
                     reason="models/tiny_world is not in this checkout yet (train it with scripts/train_tiny_world.sh)")
 def test_the_tiny_world_in_comfyui_draws_what_the_caption_asks(comfyui):
     """The trained tiny world in ComfyUI's real model folders, through our loaders, VSA at 0.5, the
-    3-step sampler and core VAEDecode: the world's judge reads colour, shape, direction and
-    background of each saved mp4 as the caption asked."""
-    from fastwan.training.tiny_world import judge, parse_caption
+    3-step sampler, core VAEDecode and our mp4 saver: the world's judge reads colour, shape,
+    direction and background of each saved video as its caption asked."""
+    from fastwan.training.tiny_world import parse_caption
 
-    install_world(comfyui, WORLD, "tiny_world")
-    videos = world_videos(comfyui, "tiny_world", WORLD_CAPTIONS, seed=0)
-    for caption, video in zip(WORLD_CAPTIONS, videos):
+    for caption, (video, reading) in zip(WORLD_CAPTIONS, world_in_comfyui(comfyui, WORLD, "tiny_world", seed=0)):
         assert video.shape == (29, 192, 256, 3)
-        (reading,) = judge(video)
         assert reading.matches(parse_caption(caption)) == dict.fromkeys(
             ("color", "shape", "direction", "background"), True), (caption, reading)
 
