@@ -106,6 +106,13 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return comfy_wan_vae_state_dict(state)
 
 
+class NoWeightsWarningFilter(logging.Filter):
+    """Drops comfy.sd.VAE's warning for an empty state dict, which `native_wan_vae` passes on purpose."""
+
+    def filter(self, record):
+        return "No VAE weights detected" not in record.getMessage()
+
+
 def native_wan_vae(architecture: dict, weights: dict[str, torch.Tensor]):
     """A `comfy.sd.VAE` holding ComfyUI's WanVAE(**architecture) with `weights`, its attributes
     those comfy.sd.VAE gives its own Wan2.1 VAE.
@@ -128,12 +135,8 @@ def native_wan_vae(architecture: dict, weights: dict[str, torch.Tensor]):
     except RuntimeError as error:  # missing, extra or mis-shaped tensors
         raise CheckpointError(f"the weights do not fit the config's VAE: {str(error)[:600]}") from error
 
-    class DropNoWeightsWarning(logging.Filter):
-        def filter(self, record):
-            return "No VAE weights detected" not in record.getMessage()
-
-    quiet = DropNoWeightsWarning()
-    logging.getLogger().addFilter(quiet)
+    quiet = NoWeightsWarningFilter()
+    logging.getLogger().addFilter(quiet)  # comfy.sd logs through the root logger
     try:
         vae = comfy.sd.VAE(sd={})
     finally:

@@ -447,6 +447,8 @@ def test_the_folder_vae_decodes_and_encodes_like_diffusers_through_core_nodes(co
         # SaveImage truncates to 8 bits: within 1/255, plus float noise.
         assert (frames - expected).abs().max() <= 1.5 / 255
     torch.testing.assert_close(latent_of(comfyui, "fastwan_vae_encoded"), mean, rtol=1e-4, atol=1e-4)
+    log = comfyui["log"].read_text()
+    assert "No VAE weights detected" not in log and "Missing VAE keys" not in log
 
 
 def test_a_bad_vae_folder_is_refused_by_prompt(comfyui):

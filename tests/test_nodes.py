@@ -774,11 +774,16 @@ TINY_WAN_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=
 
 def build_vae_folder(folder: Path, seed: int = 0, **config) -> Path:
     """A diffusers AutoencoderKLWan folder (config.json + diffusion_pytorch_model.safetensors) with
-    random weights, written by diffusers' save_pretrained."""
+    random weights, written by diffusers' save_pretrained. Every tensor is perturbed (the norms'
+    gammas start at 1), so a tensor loaded into the wrong place shows in the outputs."""
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(seed)
-    AutoencoderKLWan(**{**TINY_WAN_VAE, **config}).save_pretrained(str(folder), safe_serialization=True)
+    vae = AutoencoderKLWan(**{**TINY_WAN_VAE, **config})
+    with torch.no_grad():
+        for param in vae.parameters():
+            param.mul_(1 + 0.3 * torch.randn_like(param))
+    vae.save_pretrained(str(folder), safe_serialization=True)
     return folder
 
 
