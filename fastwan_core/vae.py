@@ -8,6 +8,9 @@ Memory: the Wan VAE already decodes causally one latent frame at a time (with a 
 memory grows with the frame area, not the clip length. `tiling=True` bounds the area too, decoding
 overlapping spatial tiles (diffusers' `enable_tiling`, 256-pixel tiles with blended seams), which
 lets 480p decode fit in a few GB at a small speed cost.
+
+`comfy_wan_vae_config` / `comfy_wan_vae_state_dict` translate such a folder for ComfyUI's own Wan
+VAE class (the original Wan layout), for the ComfyUI VAE node.
 """
 from __future__ import annotations
 
@@ -171,7 +174,7 @@ def comfy_wan_vae_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, t
     up_samplers: set[int] = set()
     for key in state_dict:
         parts = key.split(".")
-        if parts[:2] == ["decoder", "up_blocks"] and len(parts) > 4:
+        if parts[:2] == ["decoder", "up_blocks"] and len(parts) > 4 and parts[2].isdigit() and parts[4].isdigit():
             block = int(parts[2])
             if parts[3] == "resnets":
                 up_resnets[block] = max(up_resnets.get(block, 0), int(parts[4]) + 1)
