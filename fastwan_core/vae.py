@@ -8,6 +8,9 @@ Memory: the Wan VAE already decodes causally one latent frame at a time (with a 
 memory grows with the frame area, not the clip length. `tiling=True` bounds the area too, decoding
 overlapping spatial tiles (diffusers' `enable_tiling`, 256-pixel tiles with blended seams), which
 lets 480p decode fit in a few GB at a small speed cost.
+
+`comfy_wan_vae_config` / `comfy_wan_vae_state_dict` translate such a folder for ComfyUI's own Wan
+VAE class (the original Wan layout), for the ComfyUI VAE node.
 """
 from __future__ import annotations
 
@@ -128,3 +131,120 @@ class WanVAE:
     def to(self, device) -> "WanVAE":
         self.vae.to(device)
         return self
+
+
+# ------------------------------------------------------------------------------------------------
+# ComfyUI's Wan2.1 VAE (`comfy.ldm.wan.vae.WanVAE`, the original Wan repository's layout) from a
+# diffusers `AutoencoderKLWan` folder. ComfyUI's own VAELoader only builds the full-width Wan2.1 VAE
+# from a file in that layout; these two functions let the VAE node build one of any width.
+
+# A diffusers residual block's tensors -> the same block's in the original layout, where the block
+# is one Sequential: RMS_norm, SiLU, conv, RMS_norm, SiLU, Dropout, conv (hence 0, 2, 3, 6).
+_RESIDUAL_NAMES = {
+    "norm1.gamma": "residual.0.gamma", "conv1.weight": "residual.2.weight", "conv1.bias": "residual.2.bias",
+    "norm2.gamma": "residual.3.gamma", "conv2.weight": "residual.6.weight", "conv2.bias": "residual.6.bias",
+    "conv_shortcut.weight": "shortcut.weight", "conv_shortcut.bias": "shortcut.bias",
+}
+# Attention (norm, to_qkv, proj) and resample (resample.1, time_conv) tensors keep their names.
+_KEPT_NAMES = ("norm.gamma", "to_qkv.weight", "to_qkv.bias", "proj.weight", "proj.bias",
+               "resample.1.weight", "resample.1.bias", "time_conv.weight", "time_conv.bias")
+_TOP_LEVEL = {"quant_conv": "conv1", "post_quant_conv": "conv2"}
+_ENDS = {"conv_in": "conv1", "norm_out": "head.0", "conv_out": "head.2"}
+
+
+def _block_tensor(name: str) -> str:
+    """A tensor name inside one residual, attention or resample block -> its original-layout name."""
+    if name in _RESIDUAL_NAMES:
+        return _RESIDUAL_NAMES[name]
+    if name in _KEPT_NAMES:
+        return name
+    raise KeyError(name)
+
+
+def comfy_wan_vae_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers `AutoencoderKLWan` tensors -> the same tensors under ComfyUI's `WanVAE` names.
+
+    The diffusers decoder groups its blocks (`up_blocks.i.resnets.j`, `up_blocks.i.upsamplers.0`);
+    the original layout numbers them in one Sequential (`upsamples.k`), so the offsets come from the
+    block sizes found in `state_dict` (any `num_res_blocks`, any number of levels). The encoder's
+    `down_blocks.k` is already flat. Tensors are not copied.
+    Raises CheckpointError naming the tensors that belong to no Wan2.1 VAE (e.g. a Wan2.2 VAE's).
+    """
+    up_resnets: dict[int, int] = {}
+    up_samplers: set[int] = set()
+    for key in state_dict:
+        parts = key.split(".")
+        if parts[:2] == ["decoder", "up_blocks"] and len(parts) > 4 and parts[2].isdigit() and parts[4].isdigit():
+            block = int(parts[2])
+            if parts[3] == "resnets":
+                up_resnets[block] = max(up_resnets.get(block, 0), int(parts[4]) + 1)
+            elif parts[3] == "upsamplers":
+                up_samplers.add(block)
+    up_offsets, offset = {}, 0
+    for block in sorted(set(up_resnets) | up_samplers):
+        up_offsets[block] = offset
+        offset += up_resnets.get(block, 0) + (block in up_samplers)
+
+    converted, unknown = {}, []
+    for key, tensor in state_dict.items():
+        parts = key.split(".")
+        try:
+            if len(parts) == 2 and parts[0] in _TOP_LEVEL:
+                new_key = f"{_TOP_LEVEL[parts[0]]}.{parts[1]}"
+            elif parts[0] not in ("encoder", "decoder"):
+                raise KeyError(key)
+            elif parts[1] in _ENDS:
+                new_key = f"{parts[0]}.{_ENDS[parts[1]]}.{'.'.join(parts[2:])}"
+            elif parts[1] == "mid_block":  # resnet, attention, resnet
+                index = {"resnets": {"0": 0, "1": 2}, "attentions": {"0": 1}}[parts[2]][parts[3]]
+                new_key = f"{parts[0]}.middle.{index}.{_block_tensor('.'.join(parts[4:]))}"
+            elif parts[:2] == ["encoder", "down_blocks"]:
+                new_key = f"encoder.downsamples.{int(parts[2])}.{_block_tensor('.'.join(parts[3:]))}"
+            elif parts[:2] == ["decoder", "up_blocks"]:
+                block = int(parts[2])
+                if parts[3] == "resnets":
+                    index, name = up_offsets[block] + int(parts[4]), _block_tensor(".".join(parts[5:]))
+                elif parts[3:5] == ["upsamplers", "0"]:
+                    index, name = up_offsets[block] + up_resnets.get(block, 0), _block_tensor(".".join(parts[5:]))
+                else:
+                    raise KeyError(key)
+                new_key = f"decoder.upsamples.{index}.{name}"
+            else:
+                raise KeyError(key)
+        except (KeyError, ValueError, IndexError):
+            unknown.append(key)
+            continue
+        converted[new_key] = tensor
+    if unknown:
+        raise CheckpointError(f"the VAE weights hold {len(unknown)} tensors that no Wan2.1 VAE has "
+                              f"({', '.join(sorted(unknown)[:4])}{', ...' if len(unknown) > 4 else ''}); "
+                              "only Wan2.1-style AutoencoderKLWan folders (not Wan2.2's VAE) can be loaded")
+    return converted
+
+
+def comfy_wan_vae_config(config: dict) -> dict:
+    """A diffusers `AutoencoderKLWan` config.json -> the constructor arguments of ComfyUI's
+    `comfy.ldm.wan.vae.WanVAE`. Only VAEs with Wan2.1's architecture and strides (8x space, 4x time,
+    which ComfyUI's VAE object assumes) fit; anything else raises InputError saying what differs."""
+    if config.get("_class_name", "AutoencoderKLWan") != "AutoencoderKLWan":
+        raise InputError(f"the VAE config is a {config.get('_class_name')}, not an AutoencoderKLWan (Wan's VAE)")
+    base_dim = config.get("base_dim", 96)
+    dim_mult = list(config.get("dim_mult", [1, 2, 4, 4]))
+    temporal = list(config.get("temperal_downsample", [False, True, True]))
+    problems = []
+    if config.get("is_residual", False) or config.get("patch_size") is not None:
+        problems.append("it is a Wan2.2 VAE (is_residual / patch_size), which this loader does not build")
+    if config.get("decoder_base_dim") not in (None, base_dim):
+        problems.append(f"decoder_base_dim {config['decoder_base_dim']} differs from base_dim {base_dim}")
+    if config.get("in_channels", 3) != 3 or config.get("out_channels", 3) != 3:
+        problems.append("it does not take and give RGB (in_channels and out_channels must be 3)")
+    if len(dim_mult) != 4 or len(temporal) != 3 or sum(bool(t) for t in temporal) != 2:
+        problems.append(f"dim_mult {dim_mult} / temperal_downsample {temporal} do not give Wan2.1's strides "
+                        "(4 levels, 2 of the 3 downsamples temporal: 8x space, 4x time)")
+    if list(config.get("attn_scales", [])):
+        problems.append(f"attn_scales {config['attn_scales']} is not empty (diffusers' decoder ignores it)")
+    if problems:
+        raise InputError("this VAE cannot be built as ComfyUI's Wan2.1 VAE: " + "; ".join(problems))
+    return {"dim": int(base_dim), "z_dim": int(config.get("z_dim", LATENT_CHANNELS)), "dim_mult": dim_mult,
+            "num_res_blocks": int(config.get("num_res_blocks", 2)), "attn_scales": [],
+            "temperal_downsample": [bool(t) for t in temporal], "dropout": 0.0}

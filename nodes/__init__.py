@@ -7,6 +7,7 @@ as ComfyUI's own MODEL type (see `native_model`).
 from .model_nodes import FastWanModelLoader, FastWanVSAPatch
 from .sampler_node import FastWanDMDSampler, FastWanDMDSamplerSelect, FastWanDMDSigmas
 from .text_encoder_node import FastWanTextEncoderLoader
+from .vae_node import FastWanVAELoader
 from .video_save_node import FastWanVideoSave
 
 NODE_CLASS_MAPPINGS = {
@@ -16,6 +17,7 @@ NODE_CLASS_MAPPINGS = {
     "FastWanDMDSamplerSelect": FastWanDMDSamplerSelect,
     "FastWanDMDSigmas": FastWanDMDSigmas,
     "FastWanTextEncoderLoader": FastWanTextEncoderLoader,
+    "FastWanVAELoader": FastWanVAELoader,
     "FastWanVideoSave": FastWanVideoSave,
 }
 
@@ -26,6 +28,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "FastWanDMDSamplerSelect": "FastWan DMD Sampler (SAMPLER)",
     "FastWanDMDSigmas": "FastWan DMD Sigmas",
     "FastWanTextEncoderLoader": "Load FastWan Text Encoder",
+    "FastWanVAELoader": "Load FastWan VAE",
     "FastWanVideoSave": "FastWan Video File Save",
 }
 

@@ -60,6 +60,8 @@ NATIVE_TINY = "wan_native_tiny.safetensors"
 LORA_RANK = 4
 FP8_TINY = "fastwan_tiny_fp8_e4m3fn_scaled.safetensors"
 TEXT_ENCODER = "tiny_umt5"  # a folder with text_encoder/ and tokenizer/ in models/text_encoders
+FOLDER_VAE = "wan/tiny_vae"  # a diffusers AutoencoderKLWan folder (base width 8) in models/vae
+WORLD = REPO / "models" / "tiny_world"  # the trained tiny world, once it ships
 # Latent previews as a user who wants the tiny decoder runs them; 8 px keeps a 64x48 clip's preview
 # at its latent size (ComfyUI resizes every preview to fit this).
 PREVIEW_SIZE = 8
@@ -181,7 +183,11 @@ def comfyui(tmp_path_factory):
     from test_nodes import build_text_encoder_folder
 
     build_text_encoder_folder(base / "models" / "text_encoders" / TEXT_ENCODER, WanConfig.tiny().text_dim)
+    from test_nodes import build_vae_folder
+
+    build_vae_folder(base / "models" / "vae" / FOLDER_VAE, seed=14)
     (base / "output").mkdir()
+    (base / "input").mkdir()
     python = os.environ.get("FASTWAN_COMFYUI_PYTHON", sys.executable)
     make_random_wan_vae(python, base / "models" / "vae" / RANDOM_VAE)
 
@@ -251,6 +257,7 @@ def test_object_info_lists_our_nodes_with_their_inputs(comfyui):
         "FastWanVideoSave": ("FastWan Video File Save", ["images", "fps", "format", "quality", "filename_prefix"],
                              []),
         "FastWanTextEncoderLoader": ("Load FastWan Text Encoder", ["folder"], ["CLIP"]),
+        "FastWanVAELoader": ("Load FastWan VAE", ["folder"], ["VAE"]),
     }
     for node_id, (display, required, outputs) in expected.items():
         node = info[node_id]
@@ -263,6 +270,7 @@ def test_object_info_lists_our_nodes_with_their_inputs(comfyui):
     models = info["FastWanModelLoader"]["input"]["required"]["model_name"][0]
     assert "fastwan_tiny.safetensors" in models and WORKFLOW_FILES["diffusion_models"] in models
     assert info["FastWanTextEncoderLoader"]["input"]["required"]["folder"][0] == [TEXT_ENCODER]
+    assert FOLDER_VAE in info["FastWanVAELoader"]["input"]["required"]["folder"][0]
     # The core nodes the workflow uses, with the widget order tests/test_workflows.py assumes.
     from test_workflows import CORE_WIDGETS
 
@@ -380,6 +388,178 @@ def test_a_bad_text_encoder_folder_is_refused_by_prompt(comfyui):
         details = answer["node_errors"]["3"]["errors"][0]["details"]
         assert "Load FastWan Text Encoder: " in details and message in details, details
     shutil.rmtree(incomplete.parent)
+
+
+def diffusers_vae(folder: Path):
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan.from_pretrained(str(folder), torch_dtype=torch.float32).eval()
+
+
+def saved_frames(comfyui, entry: dict, node: str) -> torch.Tensor:
+    """The PNGs core SaveImage wrote for `node`, as float [F, H, W, 3] in 0..1."""
+    from PIL import Image
+
+    images = entry["outputs"][node]["images"]
+    return torch.stack([torch.from_numpy(np.array(Image.open(
+        comfyui["base"] / "output" / image["subfolder"] / image["filename"]).convert("RGB"))).float() / 255
+        for image in images])
+
+
+def test_the_folder_vae_decodes_and_encodes_like_diffusers_through_core_nodes(comfyui):
+    """Load FastWan VAE (a random diffusers AutoencoderKLWan of base width 8 and one residual block
+    a level, which ComfyUI's VAELoader cannot build) -> core VAEDecode, VAEDecodeTiled and VAEEncode.
+    Oracle: diffusers' AutoencoderKLWan on the same folder, decoding the same latent (frames saved
+    as 8-bit PNGs by core SaveImage) and encoding the same image (the posterior mean)."""
+    folder = comfyui["base"] / "models" / "vae" / FOLDER_VAE
+    latent = torch.randn(1, 16, 3, 6, 8, generator=torch.Generator().manual_seed(5)) * 2
+    save_file({"latent_tensor": latent, "latent_format_version_0": torch.tensor([])},
+              str(comfyui["base"] / "input" / "fastwan_vae_test.latent"))
+    from PIL import Image
+
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, 48), torch.linspace(0, 1, 64), indexing="ij")
+    pixels = (torch.stack([xs, ys, (xs - ys).abs()], -1) * 255).round().to(torch.uint8)  # [48, 64, 3]
+    Image.fromarray(pixels.numpy()).save(comfyui["base"] / "input" / "fastwan_vae.png")
+    picture = pixels.float() / 255  # what LoadImage gives
+    prompt = {
+        "1": {"class_type": "FastWanVAELoader", "inputs": {"folder": FOLDER_VAE}},
+        "2": {"class_type": "LoadLatent", "inputs": {"latent": "fastwan_vae_test.latent"}},
+        "3": {"class_type": "VAEDecode", "inputs": {"samples": ["2", 0], "vae": ["1", 0]}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "fastwan_vae/plain"}},
+        # One tile bigger than the clip: the tiled path (ratios, index formulas) must give the same frames.
+        "5": {"class_type": "VAEDecodeTiled", "inputs": {"samples": ["2", 0], "vae": ["1", 0], "tile_size": 512,
+                                                         "overlap": 64, "temporal_size": 64, "temporal_overlap": 8}},
+        "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "fastwan_vae/tiled"}},
+        "7": {"class_type": "LoadImage", "inputs": {"image": "fastwan_vae.png"}},
+        "8": {"class_type": "VAEEncode", "inputs": {"pixels": ["7", 0], "vae": ["1", 0]}},
+        "9": {"class_type": "FastWanTestSaveLatent", "inputs": {"samples": ["8", 0], "name": "fastwan_vae_encoded"}},
+    }
+    entry = run_ok(prompt)
+    vae = diffusers_vae(folder)
+    with torch.no_grad():
+        video = vae.decode(latent).sample  # [1, 3, 9, 48, 64] in -1..1
+        mean = vae.encode(picture.permute(2, 0, 1)[None, :, None] * 2 - 1).latent_dist.mode()
+    expected = ((video.clamp(-1, 1) + 1) / 2)[0].permute(1, 2, 3, 0)  # [9, 48, 64, 3]
+    assert expected.std() > 0.05 and ((expected > 0.02) & (expected < 0.98)).float().mean() > 0.5  # not flat
+    for node in ("4", "6"):
+        frames = saved_frames(comfyui, entry, node)
+        assert frames.shape == (9, 48, 64, 3)
+        # SaveImage truncates to 8 bits: within 1/255, plus float noise.
+        assert (frames - expected).abs().max() <= 1.5 / 255
+    torch.testing.assert_close(latent_of(comfyui, "fastwan_vae_encoded"), mean, rtol=1e-4, atol=1e-4)
+    log = comfyui["log"].read_text()
+    assert "No VAE weights detected" not in log and "Missing VAE keys" not in log
+
+
+def test_a_bad_vae_folder_is_refused_by_prompt(comfyui):
+    folder = comfyui["base"] / "models" / "vae" / "wan22_vae"
+    shutil.copytree(comfyui["base"] / "models" / "vae" / FOLDER_VAE, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "is_residual": True}))
+    try:
+        for name, message in [("wan22_vae", "Wan2.2 VAE"), ("gone", "press R in the UI")]:
+            prompt = {"1": {"class_type": "FastWanVAELoader", "inputs": {"folder": name}},
+                      "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+                      "3": {"class_type": "VAEDecode", "inputs": {"samples": ["2", 0], "vae": ["1", 0]}},
+                      "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}}}
+            status, answer = queue(prompt)
+            assert status == 400, answer
+            details = answer["node_errors"]["1"]["errors"][0]["details"]
+            assert "Load FastWan VAE: " in details and message in details, details
+    finally:
+        shutil.rmtree(folder)
+
+
+WORLD_CAPTIONS = ("a red circle moves left on a black background", "a blue square moves down on a white background")
+
+
+def install_world(comfyui, world: Path, name: str) -> None:
+    """A diffusers model folder's parts into ComfyUI's model folders, linked: the transformer file
+    in diffusion_models, text_encoder/ + tokenizer/ in text_encoders/<name>/, vae/ as vae/<name>."""
+    models = comfyui["base"] / "models"
+    (models / "diffusion_models" / f"{name}.safetensors").symlink_to(
+        world / "transformer" / "diffusion_pytorch_model.safetensors")
+    (models / "text_encoders" / name).mkdir()
+    for part in ("text_encoder", "tokenizer"):
+        (models / "text_encoders" / name / part).symlink_to(world / part, target_is_directory=True)
+    (models / "vae" / name).symlink_to(world / "vae", target_is_directory=True)
+
+
+def world_prompt(name: str, captions, seed: int) -> dict:
+    """Load FastWan -> VSA Attention Patch (0.5) -> 3-Step DMD Sampler at the world's size (29 frames
+    of 256x192) for each caption through Load FastWan Text Encoder + CLIPTextEncode -> core VAEDecode
+    with Load FastWan VAE -> FastWan Video File Save (mp4)."""
+    prompt = {
+        "1": {"class_type": "FastWanModelLoader", "inputs": {"model_name": f"{name}.safetensors",
+                                                              "weight_dtype": "fp32"}},
+        "2": {"class_type": "FastWanVSAPatch", "inputs": {"model": ["1", 0], "sparsity": 0.5, "backend": "reference"}},
+        "3": {"class_type": "FastWanTextEncoderLoader", "inputs": {"folder": name}},
+        "4": {"class_type": "FastWanVAELoader", "inputs": {"folder": name}},
+    }
+    for index, caption in enumerate(captions):
+        node = 10 * (index + 1)
+        prompt.update({
+            f"{node}": {"class_type": "CLIPTextEncode", "inputs": {"text": caption, "clip": ["3", 0]}},
+            f"{node + 1}": {"class_type": "FastWanDMDSampler", "inputs": {
+                "model": ["2", 0], "positive": [f"{node}", 0], "width": 256, "height": 192, "length": 29,
+                "batch_size": 1, "seed": seed + index, "timesteps": "1000,757,522", "shift": 8.0}},
+            f"{node + 2}": {"class_type": "VAEDecode", "inputs": {"samples": [f"{node + 1}", 0], "vae": ["4", 0]}},
+            f"{node + 3}": {"class_type": "FastWanVideoSave", "inputs": {
+                "images": [f"{node + 2}", 0], "fps": 8.0, "format": "mp4", "quality": 90,
+                "filename_prefix": f"{name}/caption{index}"}},
+        })
+    return prompt
+
+
+def world_in_comfyui(comfyui, world: Path, name: str, seed: int) -> list[tuple[torch.Tensor, object]]:
+    """Install `world`, run `world_prompt` on WORLD_CAPTIONS and read each saved video back (float
+    [F, H, W, 3] in 0..1) with the tiny world's judge: [(video, reading)] in caption order."""
+    from fastwan.fastwan_core.video_io import read_video_frames
+    from fastwan.training.tiny_world import judge
+
+    install_world(comfyui, world, name)
+    entry = run_ok(world_prompt(name, WORLD_CAPTIONS, seed))
+    results = []
+    for index in range(len(WORLD_CAPTIONS)):
+        (saved,) = entry["outputs"][f"{10 * (index + 1) + 3}"]["images"]
+        assert saved["filename"].endswith(".mp4")
+        video = torch.from_numpy(read_video_frames(comfyui["base"] / "output" / saved["subfolder"] / saved["filename"]))
+        video = video.float() / 255
+        (reading,) = judge(video)
+        results.append((video, reading))
+    return results
+
+
+@pytest.mark.slow
+def test_a_world_shaped_model_folder_runs_through_our_loaders_and_core_vae_decode(comfyui, tmp_path):
+    """The tiny world's workflow on a random-weight folder packed as `fastwan world-pack` ships
+    models/tiny_world (the demo folder's parts: a FastWan-layout student, a narrow umT5, a diffusers
+    Wan VAE of base width 8 in bf16): every part is found in ComfyUI's model folders, the videos
+    have the world's size and the judge reads them. Their content is noise; the next test checks it
+    on the trained world."""
+    from fastwan.fastwan_core.demo_models import build_demo_model_folder
+    from fastwan.training.world_training import pack
+
+    stand_in = build_demo_model_folder(tmp_path / "random", seed=3)
+    world = pack(stand_in, stand_in / "transformer", tmp_path / "stand_in", log=lambda line: None)
+    for video, reading in world_in_comfyui(comfyui, world, "stand_in", seed=7):
+        assert video.shape == (29, 192, 256, 3) and video.std() > 0.01
+        assert reading.background in ("black", "white", "gray")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (WORLD / "transformer").is_dir(),
+                    reason="models/tiny_world is not in this checkout yet (train it with scripts/train_tiny_world.sh)")
+def test_the_tiny_world_in_comfyui_draws_what_the_caption_asks(comfyui):
+    """The trained tiny world in ComfyUI's real model folders, through our loaders, VSA at 0.5, the
+    3-step sampler, core VAEDecode and our mp4 saver: the world's judge reads colour, shape,
+    direction and background of each saved video as its caption asked."""
+    from fastwan.training.tiny_world import parse_caption
+
+    for caption, (video, reading) in zip(WORLD_CAPTIONS, world_in_comfyui(comfyui, WORLD, "tiny_world", seed=0)):
+        assert video.shape == (29, 192, 256, 3)
+        assert reading.matches(parse_caption(caption)) == dict.fromkeys(
+            ("color", "shape", "direction", "background"), True), (caption, reading)
 
 
 def test_an_error_found_while_running_reaches_the_ui_with_its_message(comfyui):

@@ -35,6 +35,7 @@ EXPECTED_NODES = {
     "FastWanDMDSamplerSelect": "FastWan DMD Sampler (SAMPLER)",
     "FastWanDMDSigmas": "FastWan DMD Sigmas",
     "FastWanTextEncoderLoader": "Load FastWan Text Encoder",
+    "FastWanVAELoader": "Load FastWan VAE",
     "FastWanVideoSave": "FastWan Video File Save",
 }
 # Wan2.1 VAE latent statistics, copied from the reference release (DESIGN §5), as an oracle
@@ -994,6 +995,128 @@ def test_text_encoder_loader_refuses_bad_folders_at_prompt_time(text_encoder_fol
 def test_text_encoder_loader_lists_nothing_without_comfyui(monkeypatch):
     monkeypatch.setitem(sys.modules, "folder_paths", None)
     assert NODE_CLASS_MAPPINGS["FastWanTextEncoderLoader"].INPUT_TYPES()["required"]["folder"][0] == []
+
+
+# ------------------------------------------------------------------------------------------------
+# Load FastWan VAE (building ComfyUI's VAE needs ComfyUI: tests/test_comfyui_integration.py decodes
+# with it against diffusers; here the key map, the listing and the checks)
+
+TINY_WAN_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
+                    temperal_downsample=[False, True, True])
+
+
+def build_vae_folder(folder: Path, seed: int = 0, **config) -> Path:
+    """A diffusers AutoencoderKLWan folder (config.json + diffusion_pytorch_model.safetensors) with
+    random weights, written by diffusers' save_pretrained. Every tensor is perturbed (the norms'
+    gammas start at 1), so a tensor loaded into the wrong place shows in the outputs."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(**{**TINY_WAN_VAE, **config})
+    with torch.no_grad():
+        for param in vae.parameters():
+            param.mul_(1 + 0.3 * torch.randn_like(param))
+    vae.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+@pytest.mark.parametrize("sizes", [dict(), dict(base_dim=8, z_dim=4), dict(temperal_downsample=[True, True, False])])
+def test_vae_key_map_is_the_inverse_of_diffusers_own_original_wan_map(sizes):
+    """Oracle: diffusers' single-file converter, original Wan (= ComfyUI) layout -> diffusers. It
+    knows only Wan2.1's block structure (dim_mult [1, 2, 4, 4], 2 residual blocks a level), so only
+    widths vary here; the real-ComfyUI test decodes other structures against diffusers."""
+    from diffusers import AutoencoderKLWan
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    from fastwan.fastwan_core.vae import comfy_wan_vae_state_dict
+
+    config = {"base_dim": 4, "z_dim": 16, **sizes, "num_res_blocks": 2}
+    state = AutoencoderKLWan(**config).state_dict()
+    converted = comfy_wan_vae_state_dict(state)
+    assert len(converted) == len(state)
+    back = convert_wan_vae_to_diffusers(converted)
+    assert set(back) == set(state)
+    assert all(back[key] is state[key] for key in state)
+
+
+def test_vae_key_map_refuses_a_wan22_vae():
+    from diffusers import AutoencoderKLWan
+
+    from fastwan.fastwan_core.errors import CheckpointError
+    from fastwan.fastwan_core.vae import comfy_wan_vae_state_dict
+
+    wan22 = AutoencoderKLWan(base_dim=8, decoder_base_dim=8, z_dim=4, is_residual=True, dim_mult=[1, 2, 2, 2],
+                             num_res_blocks=1, temperal_downsample=[False, True, True])
+    with pytest.raises(CheckpointError, match="tensors that no Wan2.1 VAE has .*upsampler.resample"):
+        comfy_wan_vae_state_dict(wan22.state_dict())
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(_class_name="AutoencoderKL"), "not an AutoencoderKLWan"),
+    (dict(is_residual=True), "Wan2.2 VAE"),
+    (dict(patch_size=2), "Wan2.2 VAE"),
+    (dict(decoder_base_dim=16), "decoder_base_dim 16"),
+    (dict(in_channels=12), "RGB"),
+    (dict(dim_mult=[1, 2, 4]), "strides"),
+    (dict(temperal_downsample=[False, False, True]), "strides"),
+    (dict(attn_scales=[0.5]), "attn_scales"),
+])
+def test_vae_config_outside_wan21s_architecture_is_refused(change, words):
+    from fastwan.fastwan_core.vae import comfy_wan_vae_config
+
+    config = {"_class_name": "AutoencoderKLWan", **TINY_WAN_VAE}
+    assert comfy_wan_vae_config(config) == {"dim": 8, "z_dim": 16, "dim_mult": [1, 2, 2, 2], "num_res_blocks": 1,
+                                            "attn_scales": [], "temperal_downsample": [False, True, True],
+                                            "dropout": 0.0}
+    with pytest.raises(InputError, match=words):
+        comfy_wan_vae_config({**config, **change})
+
+
+@pytest.fixture(scope="module")
+def vae_source(tmp_path_factory):
+    return build_vae_folder(tmp_path_factory.mktemp("wan_vae") / "tiny_vae")
+
+
+def test_vae_loader_lists_wan_vae_folders_and_refuses_bad_ones_at_prompt_time(comfy_folders, vae_source):
+    import shutil
+
+    loader = NODE_CLASS_MAPPINGS["FastWanVAELoader"]
+    root = Path(comfy_folders.models_dir) / "vae"
+    (root / "wan_2.1_vae.safetensors").write_bytes(b"a single-file VAE: VAELoader's, not listed here")
+    shutil.copytree(vae_source, root / "wan" / "tiny_vae")
+    sd_vae = root / "sd_vae"  # a diffusers folder of another VAE class
+    shutil.copytree(vae_source, sd_vae)
+    (sd_vae / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
+    no_config = root / "no_config"
+    shutil.copytree(vae_source, no_config)
+    (no_config / "config.json").unlink()
+    truncated = root / "truncated"
+    shutil.copytree(vae_source, truncated)
+    weights = truncated / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    pickled = root / "pickled"
+    shutil.copytree(vae_source, pickled)
+    (pickled / "diffusion_pytorch_model.safetensors").rename(pickled / "diffusion_pytorch_model.bin")
+    wan22 = root / "wan22"
+    shutil.copytree(vae_source, wan22)
+    config = json.loads((wan22 / "config.json").read_text())
+    (wan22 / "config.json").write_text(json.dumps({**config, "is_residual": True}))
+
+    assert loader.INPUT_TYPES()["required"]["folder"][0] == ["no_config", "truncated", "wan/tiny_vae", "wan22"]
+    assert loader.VALIDATE_INPUTS(folder="wan/tiny_vae") is True
+    for folder, words in [("no_config", "no Wan VAE here"), ("truncated", str(weights)),
+                          ("wan22", "Wan2.2 VAE"), ("pickled", "not a folder with diffusion_pytorch_model"),
+                          ("sd_vae", "press R in the UI"), ("gone", "press R in the UI")]:
+        message = loader.VALIDATE_INPUTS(folder=folder)
+        assert message.startswith("Load FastWan VAE: ") and words in message, message
+        assert message == runtime_message(lambda: loader().load(folder))
+    # A good folder passes every check and only then needs ComfyUI to build its VAE.
+    assert "run it inside ComfyUI" in runtime_message(lambda: loader().load("wan/tiny_vae"))
+
+
+def test_vae_loader_lists_nothing_without_comfyui(monkeypatch):
+    monkeypatch.setitem(sys.modules, "folder_paths", None)
+    assert NODE_CLASS_MAPPINGS["FastWanVAELoader"].INPUT_TYPES()["required"]["folder"][0] == []
 
 
 # ------------------------------------------------------------------------------------------------
