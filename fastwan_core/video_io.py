@@ -38,6 +38,7 @@ from .errors import InputError
 from .files import atomic_write, new_temporary_file
 
 VIDEO_FORMATS = ("mp4", "webm", "webp", "gif")
+FFMPEG_FORMATS = ("mp4", "webm")  # written through ffmpeg (imageio-ffmpeg); webp and gif through Pillow
 DEFAULT_QUALITY = 80
 
 # EXIF tags ComfyUI uses for webp metadata: the prompt goes in Model, the other keys count down
@@ -251,7 +252,7 @@ def check_video_settings(path, fps: float, quality: Optional[int] = None, format
         raise InputError(f"fps {fps!r}: the frame rate must be a positive number (Wan: 16)")
     quality = _check_quality(quality)
     metadata = _check_metadata(metadata)
-    if format in ("mp4", "webm"):
+    if format in FFMPEG_FORMATS:
         ffmpeg_executable()
     return format, quality, metadata
 
@@ -280,7 +281,7 @@ def write_video(frames, path, fps: float, format: Optional[str] = None, quality:
     frames = frames_to_uint8(frames)
     if format == "mp4":
         frames = _pad_to_even(frames)
-    writer = _write_with_ffmpeg if format in ("mp4", "webm") else _write_with_pillow
+    writer = _write_with_ffmpeg if format in FFMPEG_FORMATS else _write_with_pillow
     return atomic_write(path, lambda temporary: writer(frames, temporary, float(fps), format, quality, metadata),
                         suffix=".part")
 

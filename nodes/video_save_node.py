@@ -12,7 +12,7 @@ import os
 import re
 
 from ..fastwan_core.errors import InputError
-from ..fastwan_core.video_io import DEFAULT_QUALITY, VIDEO_FORMATS, write_video
+from ..fastwan_core.video_io import DEFAULT_QUALITY, FFMPEG_FORMATS, VIDEO_FORMATS, ffmpeg_executable, write_video
 from . import comfy_env
 from .model_nodes import CATEGORY
 
@@ -68,6 +68,14 @@ def check_filename_prefix(prefix: str, output_dir: str) -> None:
                          "'..' or a drive/absolute path.")
 
 
+def check_format(format: str) -> None:
+    """A format Video Save can write here: one of VIDEO_FORMATS, and for mp4/webm an installed ffmpeg."""
+    if format not in VIDEO_FORMATS:
+        raise InputError(f"{NODE_NAME}: format {format!r} is not one of {', '.join(VIDEO_FORMATS)}")
+    if format in FFMPEG_FORMATS:
+        ffmpeg_executable()
+
+
 def workflow_metadata(prompt, extra_pnginfo) -> dict[str, str]:
     """The text tags ComfyUI embeds: "prompt" (API graph) and each EXTRA_PNGINFO key ("workflow")."""
     if comfy_env.metadata_disabled():
@@ -114,12 +122,15 @@ class FastWanVideoSave:
                    "and previews it.")
 
     @classmethod
-    def VALIDATE_INPUTS(cls, filename_prefix=None):
-        paths = comfy_env.folder_paths()
-        if filename_prefix is None or paths is None:
-            return True
+    def VALIDATE_INPUTS(cls, filename_prefix=None, format=None):
+        # Naming `format` here makes ComfyUI skip its own list check of it, so the hook does that too.
+        # An mp4/webm without imageio-ffmpeg is refused at Queue time, not after the whole generation.
         try:
-            check_filename_prefix(filename_prefix, paths.get_output_directory())
+            if format is not None:
+                check_format(format)
+            paths = comfy_env.folder_paths()
+            if filename_prefix is not None and paths is not None:
+                check_filename_prefix(filename_prefix, paths.get_output_directory())
         except InputError as error:
             return str(error)
         return True
@@ -130,8 +141,7 @@ class FastWanVideoSave:
         if paths is None:
             raise InputError(f"{NODE_NAME} needs ComfyUI's folder_paths (it runs inside ComfyUI); headless, use "
                              "fastwan_core.video_io.write_video or `fastwan generate --out clip.mp4`.")
-        if format not in VIDEO_FORMATS:
-            raise InputError(f"{NODE_NAME}: format {format!r} is not one of {', '.join(VIDEO_FORMATS)}")
+        check_format(format)
         if getattr(images, "ndim", 0) != 4 or images.shape[0] == 0:
             shape = list(images.shape) if hasattr(images, "shape") else type(images).__name__
             raise InputError(f"{NODE_NAME}: 'images' must be IMAGE frames [frames, height, width, 3]; got {shape}. "

@@ -1199,6 +1199,31 @@ def test_video_save_refuses_bad_prefixes_at_prompt_time(comfy_folders, prefix):
     assert message == runtime_message(lambda: save().save(frames(count=1), 16.0, "mp4", 80, prefix))
 
 
+def test_video_save_refuses_mp4_without_ffmpeg_at_prompt_time(comfy_folders, monkeypatch):
+    """Without imageio-ffmpeg, an mp4/webm Video Save is refused when the prompt is queued (the run
+    would fail only after sampling and decoding); webp and gif need no ffmpeg."""
+    save = NODE_CLASS_MAPPINGS["FastWanVideoSave"]
+    assert save.VALIDATE_INPUTS(filename_prefix="FastWan", format="mp4") is True  # installed here
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # `import imageio_ffmpeg` now fails
+    for format in ("mp4", "webm"):
+        message = save.VALIDATE_INPUTS(filename_prefix="FastWan", format=format)
+        assert "imageio-ffmpeg" in message and "webp/gif" in message
+        assert message == runtime_message(lambda: save().save(frames(count=1), 16.0, format, 80, "FastWan"))
+    assert list(Path(comfy_folders.get_output_directory()).iterdir()) == []
+    assert save.VALIDATE_INPUTS(filename_prefix="FastWan", format="webp") is True
+    assert save.VALIDATE_INPUTS(format="gif") is True
+    assert save.VALIDATE_INPUTS() is True  # both linked from other nodes: nothing to check yet
+
+
+def test_video_save_checks_the_format_list_that_comfyui_skips_for_hooked_inputs(comfy_folders):
+    save = NODE_CLASS_MAPPINGS["FastWanVideoSave"]
+    message = save.VALIDATE_INPUTS(filename_prefix="FastWan", format="avi")
+    assert "'avi'" in message and "mp4, webm, webp, gif" in message
+    assert message == runtime_message(lambda: save().save(frames(count=1), 16.0, "avi", 80, "FastWan"))
+    # the prefix is still checked when a format is given
+    assert "filename_prefix" in save.VALIDATE_INPUTS(filename_prefix="../x", format="webp")
+
+
 def test_video_save_writes_files_readable_by_everyone_like_comfyuis_savers(comfy_folders):
     """ComfyUI's savers create files with the default mode (0644 under the usual umask 022).
     Passes once fastwan_core.video_io creates the file with the umask's mode."""
