@@ -113,6 +113,37 @@ def test_vae_training_decode_keeps_the_gradient_that_the_clamp_drops():
     assert latents.grad.abs().sum() > 0
 
 
+def test_world_vae_and_teacher_trainers_write_folders_the_chain_reads_and_the_teacher_learns(tmp_path):
+    """`world-vae` and `world-teacher` at a tiny size: the VAE folder loads in diffusers, the teacher
+    folder is a complete model folder that load_dit reads, and flow matching on a 2-clip pool lowers
+    the teacher's loss well below its first step's (it starts memorising the pool)."""
+    from diffusers import AutoencoderKLWan
+
+    from fastwan.fastwan_core.checkpoint import load_dit
+    from fastwan.fastwan_core.config import WanConfig
+    from fastwan.training.world_training import train_teacher, train_vae
+
+    size = (5, 32, 32)
+    vae_figures = train_vae(tmp_path / "vae", steps=2, batch=1, crop=(32, 32), device="cpu", clip_size=size,
+                            log=lambda line: None)
+    assert vae_figures["steps"] == 2 and math.isfinite(vae_figures["psnr_db"])
+    assert AutoencoderKLWan.from_pretrained(str(tmp_path / "vae")).config.z_dim == 16
+
+    lines = []
+    config = WanConfig(dim=64, ffn_dim=128, num_heads=1, num_layers=2, text_dim=64, freq_dim=64)
+    figures = train_teacher(tmp_path / "vae", tmp_path / "teacher", steps=200, batch=4, lr=3e-3, pool_size=2,
+                            device="cpu", clip_size=size, config=config, log=lines.append)
+    assert figures["steps"] == 200
+    losses = [float(line.split(" loss ")[1].split()[0]) for line in lines if line.startswith("world-teacher step")]
+    assert len(losses) == 2  # step 1, then the mean of steps 2..200
+    # Predicting zero velocity scores about 2 (noise and latents each of unit variance).
+    assert figures["final_loss"] == pytest.approx(losses[-1], abs=1e-4) and losses[-1] < 0.75 * losses[0]
+    for part in ("transformer", "text_encoder", "tokenizer", "vae", "scheduler", "model_index.json"):
+        assert (tmp_path / "teacher" / part).exists(), part
+    assert load_dit(tmp_path / "teacher" / "transformer").config.dim == 64
+    assert not (tmp_path / "teacher.building").exists()
+
+
 needs_shipped = pytest.mark.skipif(not (SHIPPED / "transformer").is_dir(),
                                    reason="the tiny-world models are not in this checkout (scripts/train_tiny_world.sh)")
 

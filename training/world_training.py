@@ -39,6 +39,7 @@ WORLD_VAE = dict(base_dim=16, z_dim=LATENT_CHANNELS, dim_mult=[1, 2, 2, 2], num_
                  temperal_downsample=[False, True, True])
 TEXT_SEED = 0
 CAPTION_DROPOUT = 0.1
+LOG_EVERY = 200  # teacher steps between loss reports
 TEACHER_TRAIN_SHIFT = 3.0  # training sigmas: shift_sigma(uniform, 3), weighted towards noise like sampling
 
 Log = Callable[[str], None]
@@ -264,15 +265,18 @@ def train_teacher(vae_folder, out, steps: int = 3000, time_limit: float = 0.0, b
     model = WanDiT(config).to(device).train()
     average = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
-    generator = torch.Generator().manual_seed(seed + 1)
-    started, step, losses = time.perf_counter(), 0, []
+    # Random draws on the device and the loss read every LOG_EVERY steps: a CPU draw copied over or a
+    # loss read each step would make the host wait for the GPU every step, and the run trains for a
+    # fixed wall-clock budget.
+    generator = torch.Generator(device).manual_seed(seed + 1)
+    started, step, window_loss, window_steps, mean_loss = time.perf_counter(), 0, 0.0, 0, float("nan")
     for step in range(1, steps + 1):
-        index = torch.randint(0, len(latents), (batch,), generator=generator).to(device)
+        index = torch.randint(0, len(latents), (batch,), generator=generator, device=device)
         x0 = latents[index].float()
-        rows = torch.where(torch.rand(batch, generator=generator).to(device) < CAPTION_DROPOUT,
+        rows = torch.where(torch.rand(batch, generator=generator, device=device) < CAPTION_DROPOUT,
                            torch.full_like(caption_rows[index], negative_row), caption_rows[index])
-        sigma = shift_sigma(torch.rand(batch, generator=generator), TEACHER_TRAIN_SHIFT).to(device)
-        noise = torch.randn(x0.shape, generator=generator).to(device)
+        sigma = shift_sigma(torch.rand(batch, generator=generator, device=device), TEACHER_TRAIN_SHIFT)
+        noise = torch.randn(x0.shape, generator=generator, device=device)
         x_t = add_noise(x0, noise, sigma)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             velocity = model(x_t, sigma * 1000, table[rows])
@@ -287,18 +291,19 @@ def train_teacher(vae_folder, out, steps: int = 3000, time_limit: float = 0.0, b
             decay = min(ema, (1 + step) / (10 + step))
             for target, source in zip(average.parameters(), model.parameters()):
                 target.lerp_(source, 1 - decay)
-        losses.append(float(loss.detach()))
-        if step % 200 == 0 or step == 1:
-            log(f"world-teacher step {step}/{steps} loss {sum(losses[-200:]) / len(losses[-200:]):.4f} "
-                f"({time.perf_counter() - started:.0f} s)")
-        if time_limit and time.perf_counter() - started > time_limit:
+        window_loss, window_steps = window_loss + loss.detach(), window_steps + 1
+        out_of_time = bool(time_limit) and time.perf_counter() - started > time_limit
+        if step % LOG_EVERY == 0 or step == 1 or step == steps or out_of_time:
+            mean_loss, window_loss, window_steps = float(window_loss) / window_steps, 0.0, 0
+            log(f"world-teacher step {step}/{steps} loss {mean_loss:.4f} ({time.perf_counter() - started:.0f} s)")
+        if out_of_time:
             break
     save_dit(average.float().cpu(), scratch / "transformer", layout="diffusers")
     if out.exists():
         shutil.rmtree(out)
     scratch.rename(out)
     figures = {"steps": step, "seconds": round(time.perf_counter() - started, 1),
-               "final_loss": round(sum(losses[-200:]) / len(losses[-200:]), 4)}
+               "final_loss": round(mean_loss, 4)}
     log(f"world-teacher: {json.dumps(figures)} -> {out}")
     return figures
 
