@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fastwan.cli import main
+from fastwan.fastwan_core.errors import InputError
 from fastwan.training import tiny_world as world
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "tiny_world"
@@ -127,7 +128,13 @@ def test_world_vae_and_teacher_trainers_write_folders_the_chain_reads_and_the_te
     vae_figures = train_vae(tmp_path / "vae", steps=2, batch=1, crop=(32, 32), device="cpu", clip_size=size,
                             log=lambda line: None)
     assert vae_figures["steps"] == 2 and math.isfinite(vae_figures["psnr_db"])
+    assert set(vae_figures["reconstruction_adherence"]) == {"all", "color", "shape", "direction", "background"}
     assert AutoencoderKLWan.from_pretrained(str(tmp_path / "vae")).config.z_dim == 16
+    # A VAE whose reconstructions the judge cannot read is refused after it is saved (a bar none can meet).
+    with pytest.raises(InputError, match="loses the objects.*saved at"):
+        train_vae(tmp_path / "vae_refused", steps=1, batch=1, crop=(32, 32), device="cpu", clip_size=size,
+                  min_adherence=101, log=lambda line: None)
+    assert (tmp_path / "vae_refused" / "config.json").is_file()
 
     lines = []
     config = WanConfig(dim=64, ffn_dim=128, num_heads=1, num_layers=2, text_dim=64, freq_dim=64)
@@ -142,6 +149,62 @@ def test_world_vae_and_teacher_trainers_write_folders_the_chain_reads_and_the_te
         assert (tmp_path / "teacher" / part).exists(), part
     assert load_dit(tmp_path / "teacher" / "transformer").config.dim == 64
     assert not (tmp_path / "teacher.building").exists()
+
+
+def test_vae_training_crops_hold_the_object():
+    """Each training crop holds object pixels (the renderer's colour differs from the background there)
+    in its clip's frames, far more of them than crops at random places hold."""
+    from fastwan.training.world_training import object_crops
+
+    captions = world.random_captions(16, 3)
+    clips = world.sample_clips(captions, seed=3, **SMALL)
+    crops = object_crops(clips, (24, 24), torch.Generator().manual_seed(0))
+    assert crops.shape == (16, SMALL["frames"], 24, 24, 3)
+
+    def object_fraction(x):
+        background = torch.tensor([world.BACKGROUNDS[c.background] for c in captions]).view(-1, 1, 1, 1, 3)
+        return ((x - background).norm(dim=-1) > world.OBJECT_THRESHOLD).float().mean(dim=(1, 2, 3))
+
+    assert (object_fraction(crops) > 0).all()
+    generator = torch.Generator().manual_seed(1)
+    random_crops = []
+    for clip in clips:
+        top = int(torch.randint(0, SMALL["height"] - 24 + 1, (1,), generator=generator))
+        left = int(torch.randint(0, SMALL["width"] - 24 + 1, (1,), generator=generator))
+        random_crops.append(clip[:, top:top + 24, left:left + 24])
+    assert object_fraction(crops).mean() > 1.5 * object_fraction(torch.stack(random_crops)).mean()
+
+
+def _bench_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "tiny_world.py"
+    spec = importlib.util.spec_from_file_location("tiny_world_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _sampler(all_training, all_held_out, frechet):
+    return {"adherence": {"training": {"all": all_training}, "held_out": {"all": all_held_out}},
+            "frechet_to_teacher": frechet}
+
+
+def test_bench_bar_fails_when_the_teacher_draws_nothing():
+    """A run on an H100 (2026-12-07) had a VAE that reconstructed only the background: every sampler drew
+    no object (adherence 0%), so "the student within 5 points of the teacher" held and the old bar passed.
+    These are that run's figures; the bar must fail them, and pass the same comparison with a teacher
+    that follows its captions."""
+    bench = _bench_module()
+    judge = {"training": {"all": 100.0}, "held_out": {"all": 100.0}}
+    measured = {"teacher": _sampler(0.0, 0.0, 0.0085), "teacher_3step": _sampler(0.0, 0.0, 0.4101),
+                "student_dense": _sampler(0.0, 0.0, 0.1281), "student_vsa": _sampler(0.0, 0.0, 0.0912),
+                "control_vsa": _sampler(0.0, 0.0, 1.9353)}
+    checks = bench._checks(measured, judge)
+    assert not checks["teacher_follows_training_captions"] and not all(checks.values())
+    working = dict(measured, teacher=_sampler(92.0, 70.0, 0.0085), student_vsa=_sampler(89.0, 66.0, 0.0912))
+    assert all(bench._checks(working, judge).values())
+    assert not all(bench._checks(working, {"training": {"all": 100.0}, "held_out": {"all": 60.0}}).values())
 
 
 needs_shipped = pytest.mark.skipif(not (SHIPPED / "transformer").is_dir(),
