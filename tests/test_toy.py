@@ -133,6 +133,9 @@ def test_cli_prints_one_json_line_and_writes_png(tmp_path, capsys, monkeypatch):
                 "swd_teacher_1000step"):
         assert key in result
     assert result["modes_total"] == 4 and code == (0 if result["passed"] else 1)
+    # one tv per student step along the sampled chain; the last step's output is the sample itself
+    assert len(result["tv_by_student_step"]) == 3
+    assert result["tv_by_student_step"][-1] == pytest.approx(result["tv"], abs=1e-4)
     from PIL import Image
 
     with Image.open(out) as image:

@@ -528,14 +528,19 @@ def _evaluate(options: ToyOptions, runs: list[ToyRun], settings, student, mixtur
     noise_1000 = torch.cat([torch.randn(n_1000, 2, generator=g) for g in eval_generators]).to(device)
     teacher_3 = euler_teacher(mixtures.velocity, noise_3, 3, options.shift).view(len(runs), n, 2)
     teacher_1000 = euler_teacher(mixtures.velocity, noise_1000, 1000, options.shift).view(len(runs), n_1000, 2)
+    step_outputs = []  # each student step's x0 along the chain: the last is the sample
     student_samples = sample_dmd(student, None, (len(runs) * n, 2), seed=runs[0].seed + 2, device=device,
-                                 timesteps=settings.student_timesteps, shift=settings.shift).view(len(runs), n, 2)
+                                 timesteps=settings.student_timesteps, shift=settings.shift,
+                                 callback=lambda step, steps, x0: step_outputs.append(x0.view(len(runs), n, 2)))
+    student_samples = student_samples.view(len(runs), n, 2)
     results, sample_sets = [], []
     for r, run in enumerate(runs):
         target = targets[r].to(device)
         to_target = SlicedWassersteinTo(target)
         result = {"mixture": run.name, "seed": run.seed, "recipe": options.recipe}
         result.update(mode_metrics(student_samples[r], run.mixture))
+        # DMD's fake score sees all student steps' outputs together; each step's own balance shows drift.
+        result["tv_by_student_step"] = [round(mode_metrics(x0[r], run.mixture)["tv"], 4) for x0 in step_outputs]
         result.update({
             "swd_student": to_target(student_samples[r]),
             "swd_teacher_3step": to_target(teacher_3[r]),
