@@ -195,6 +195,13 @@ def _nearest(colors: torch.Tensor, palette: dict) -> list[str]:
     return [names[i] for i in torch.cdist(colors, table).argmin(1).tolist()]
 
 
+def object_mask(pixels: torch.Tensor, background_rgb: torch.Tensor) -> torch.Tensor:
+    """Which pixels are object: pixels [N, ..., 3] in 0..1 further than OBJECT_THRESHOLD from their
+    clip's background colour background_rgb [N, 3]. Returns bool [N, ...]."""
+    background = background_rgb.view(background_rgb.shape[0], *([1] * (pixels.ndim - 2)), 3)
+    return (pixels - background).norm(dim=-1) > OBJECT_THRESHOLD
+
+
 @torch.no_grad()
 def judge(frames: torch.Tensor) -> list[Reading]:
     """Read clips, float [N, F, H, W, 3] (or one clip [F, H, W, 3]) in 0..1, on any device."""
@@ -203,7 +210,7 @@ def judge(frames: torch.Tensor) -> list[Reading]:
         clips = clips[None]
     count, num_frames, height, width, _ = clips.shape
     background_rgb = clips[:, ::2, ::2, ::2].reshape(count, -1, 3).median(dim=1).values  # [N, 3], from a subsample
-    mask = (clips - background_rgb[:, None, None, None]).norm(dim=-1) > OBJECT_THRESHOLD  # [N, F, H, W]
+    mask = object_mask(clips, background_rgb)  # [N, F, H, W]
     weights = mask.float()
     areas = weights.sum((2, 3))  # [N, F]
     present = areas >= 0.002 * height * width  # [N, F]

@@ -122,7 +122,7 @@ def object_crops(clips: torch.Tensor, crop, generator: torch.Generator) -> torch
     crops = []
     for index in range(count):
         frame = int(torch.randint(0, frames, (1,), generator=generator))
-        ys, xs = torch.nonzero((clips[index, frame] - background[index]).norm(dim=-1) > world.OBJECT_THRESHOLD,
+        ys, xs = torch.nonzero(world.object_mask(clips[index, frame][None], background[index][None])[0],
                                as_tuple=True)
         centre_y, centre_x = ((ys.float().mean().item(), xs.float().mean().item()) if ys.numel()
                               else (height / 2, width / 2))
@@ -227,16 +227,17 @@ def calibrate_vae(vae, seed: int, device, count: int = 32, clip_size=None) -> No
 def reconstruction_quality(vae, device, count: int = 16, seed: int = 123456, clip_size=None) -> tuple[float, dict]:
     """(mean PSNR in dB with pixels in 0..1, the judge's `world.adherence`) of the VAE's reconstructions
     of world clips with held-out captions (posterior mean, decoded)."""
+    from ..fastwan_core.vae import WanVAE
+
     frames, height, width = clip_size or (world.FRAMES, world.HEIGHT, world.WIDTH)
     captions, clips = _world_batch(count, seed, device, frames, width, height, pool=world.HELD_OUT)
-    dtype = next(vae.parameters()).dtype
+    codec = WanVAE(vae)  # the pixel conventions (0..1 frames, clamped decode) of the pipeline
     psnrs, readings = [], []
     for clip in clips.split(4):
-        x = _pixels(clip).to(dtype)
-        recon = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
-        mse = ((recon - x.float()) / 2).pow(2).mean(dim=(1, 2, 3, 4))
+        recon = codec.decode(codec.encode(clip))
+        mse = (recon - clip.float()).pow(2).mean(dim=(1, 2, 3, 4))
         psnrs.append(-10 * torch.log10(mse.clamp(min=1e-10)))
-        readings += world.judge((recon.permute(0, 2, 3, 4, 1) + 1) / 2)
+        readings += world.judge(recon)
     return float(torch.cat(psnrs).mean()), world.adherence(readings, captions)
 
 
