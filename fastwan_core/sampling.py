@@ -32,6 +32,42 @@ def _start(context, shape: Sequence[int], seed: int, device):
     return device, generator, seeded_noise(shape, generator, device)
 
 
+class ODEStates:
+    """The states x(sigma) of a teacher's flow ODE at given sigmas, taken while a sampler steps.
+
+    A sampler calls `observe(sigma, next_sigma, x, x0)` at each step, with x its state at `sigma`
+    and x0 the (guided) data prediction there. A wanted sigma s in (next_sigma, sigma] is read off
+    the first-order step from that state, x(s) = x0 + (s / sigma)(x - x0): the flow's straight line
+    through x and x0, exact where the ODE's x0 prediction is constant over the step, and the Euler
+    step itself. So the sampler's grid need not hold the wanted sigmas (the student's sigmas on the
+    shift-8 grid are not points of the teacher's shift-5 grid). At s = sigma (within 1e-5: UniPC
+    starts at 1 - 1e-6 for a student's 1.0) the state is x itself.
+
+    These are the inputs of the regression term's ODE-trajectory targets ([dmd] regression_inputs =
+    "trajectory"): the teacher's state at each student sigma, whose endpoint is the stored sample.
+    """
+
+    def __init__(self, sigmas: Sequence[float]):
+        self.sigmas = [float(s) for s in sigmas]
+        self.states: list[Optional[torch.Tensor]] = [None] * len(self.sigmas)
+
+    def observe(self, sigma: float, next_sigma: float, x: torch.Tensor, x0: torch.Tensor) -> None:
+        for index, wanted in enumerate(self.sigmas):
+            if self.states[index] is not None or not next_sigma < wanted <= sigma + 1e-5:
+                continue
+            if abs(wanted - sigma) <= 1e-5:
+                self.states[index] = x.float().clone()
+            else:
+                self.states[index] = (x0 + (wanted / sigma) * (x - x0)).float()
+
+    def stacked(self) -> torch.Tensor:
+        """[B, K, ...]: the state at each wanted sigma, in the order given."""
+        missing = [s for s, state in zip(self.sigmas, self.states) if state is None]
+        if missing:
+            raise ValueError(f"ODEStates: the sampler never passed sigma {missing} (its grid starts below them)")
+        return torch.stack(self.states, dim=1)
+
+
 def _timestep(sigma: float, batch: int, device) -> torch.Tensor:
     """The model's conditioning [batch] for one sigma: t = 1000 * sigma."""
     return torch.full((batch,), sigma_to_timestep(sigma), device=device, dtype=torch.float32)
@@ -127,6 +163,7 @@ def sample_euler(
     sigmas: Optional[Sequence[float]] = None,
     callback: Optional[StepCallback] = None,
     device=None,
+    ode_states: Optional[ODEStates] = None,
 ) -> torch.Tensor:
     """Multi-step Euler sampling of the flow ODE dx/dsigma = v, with classifier-free guidance.
 
@@ -140,6 +177,7 @@ def sample_euler(
         guidance: CFG scale (1 = no guidance).
         num_steps, shift: build the Wan grid `teacher_sigmas(num_steps, shift)` unless `sigmas`
             (descending, ending at 0) is given.
+        ode_states: records the ODE's states at its sigmas along the way (`ODEStates`).
     Returns:
         float32 normalized latents of `shape`.
     """
@@ -150,6 +188,8 @@ def sample_euler(
         sigma, next_sigma = sigmas[step], sigmas[step + 1]
         velocity = guided_velocity(model, x, _timestep(sigma, shape[0], device), context, negative_context, guidance)
         x0 = predict_x0(x, velocity, sigma)
+        if ode_states is not None:
+            ode_states.observe(sigma, next_sigma, x, x0)
         x = x + (next_sigma - sigma) * velocity
         if callback is not None:
             callback(step, total, x0)
@@ -180,6 +220,7 @@ def sample_unipc(
     shift: float = DEFAULT_TEACHER_SHIFT,
     callback: Optional[StepCallback] = None,
     device=None,
+    ode_states: Optional[ODEStates] = None,
 ) -> torch.Tensor:
     """Wan's default sampler: UniPC (B(h) = e^h - 1, order 2, data prediction, corrector on every
     step, first order at the first and last step) on the flow grid `teacher_sigmas`, with CFG.
@@ -206,6 +247,8 @@ def sample_unipc(
         if step > 0:  # UniC: re-do the last step knowing the prediction at its end
             previous, earlier = x0_history[-1], (x0_history[-2] if last_order == 2 else None)
             x = _unipc_update(last_sample, previous, earlier, sigmas, lambdas, step - 1, last_order, corrector=x0)
+        if ode_states is not None:  # x corrected, with the prediction made at the uncorrected x
+            ode_states.observe(sigma, sigmas[step + 1], x, x0)
         x0_history = (x0_history + [x0])[-2:]
         # Second order needs one earlier prediction; the last step (to sigma = 0) is first order.
         order = min(2, step + 1, num_steps - step)

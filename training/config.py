@@ -56,20 +56,30 @@ class DMDSection:
     real_guidance_scale: float = 4.5  # standard CFG scale (the reference's "cond + 3.5 (cond - uncond)")
     generator_update_interval: int = 5
     fake_score_updates: int = 1  # fake-score updates per step (each on a fresh student sample)
-    regression_weight: float = 0.0  # student regression onto teacher ODE pairs (shards with noise)
-    regression_every_step: bool = False  # regress at every student sigma (reflow), not only the first (sigma 1)
+    regression_weight: float = 0.0  # student regression onto teacher samples (REGRESSION_INPUTS says from where)
+    regression_inputs: str = "noise"  # a key of REGRESSION_INPUTS
     gan_generator_weight: float = 0.0  # weight of the generator's non-saturating GAN loss
     gan_discriminator_weight: float = 0.0  # weight of the head's loss in the fake score's update
     gan_feature_layer: int = -1  # the fake-score block whose output the GAN head reads (-1: the middle one)
 
 
+# What the student starts from in the regression term; the target is always the teacher's sample.
+REGRESSION_INPUTS = {
+    "noise": "the first student step only, from the noise the teacher's sample started from (DMD's pairs)",
+    "line": "every student step, from the straight line between that noise and the sample (reflow)",
+    "trajectory": "every student step, from the teacher ODE's own state at that step's sigma (CausVid); "
+                  "needs shards written by `fastwan synth --trajectory`",
+}
+
 # Named recipes: [dmd] keys that differ from the DMDSection defaults. "fastwan" reproduces FastWan;
-# "balanced" adds DMD's regression onto teacher ODE pairs (which anchors the first student step to the
-# teacher's own, balanced, noise -> sample map) and a fake score updated twice per step, against
-# DMD's mode-seeking (docs/training.md, "Why DMD drops modes").
+# "balanced" keeps the teacher's modes (docs/training.md, "Why DMD drops modes"): every student step
+# regresses onto the teacher's ODE map from the teacher's own state at that step's sigma, which pins
+# each step's mode shares to the teacher's (DMD's fake score sees the steps' outputs only mixed
+# together), with a fake score updated twice per step and the generator every second step.
 RECIPES: dict[str, dict] = {
     "fastwan": {},
-    "balanced": {"regression_weight": 0.5, "fake_score_updates": 2},
+    "balanced": {"regression_weight": 1.0, "regression_inputs": "trajectory", "fake_score_updates": 2,
+                 "generator_update_interval": 2},
 }
 
 
@@ -343,6 +353,9 @@ def check_dmd(d: DMDSection, where: str) -> None:
     for key in ("regression_weight", "gan_generator_weight", "gan_discriminator_weight"):
         if getattr(d, key) < 0:
             fail(key, "must be >= 0 (0: off).")
+    if d.regression_inputs not in REGRESSION_INPUTS:
+        fail("regression_inputs", f"= {d.regression_inputs!r} must be one of "
+             + "; ".join(f'"{name}" ({what})' for name, what in REGRESSION_INPUTS.items()) + ".")
     if d.gan_generator_weight > 0 and d.gan_discriminator_weight == 0:
         fail("gan_generator_weight", "> 0 needs gan_discriminator_weight > 0: the head must learn to be of use.")
 

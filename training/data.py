@@ -10,7 +10,12 @@ Format (version 1). A data folder holds
     `noise`            optional, [N, 16, T, H, W] float32: the (normalized-space) noise a teacher
                        sampler started from to make `latents` (`fastwan synth`): a teacher ODE pair
                        for the regression term ([dmd] regression_weight).
-  and metadata {"fastwan_shard_format": "1", "prompts": JSON list of the N prompts}.
+    `trajectory`       optional, [N, K, 16, T, H, W] float32: the (normalized-space) state of that
+                       teacher ODE at each of K sigmas, listed in the metadata's "trajectory_sigmas"
+                       (`fastwan synth --trajectory`: the student's sigmas), for [dmd]
+                       regression_inputs = "trajectory".
+  and metadata {"fastwan_shard_format": "1", "prompts": JSON list of the N prompts} (plus
+  "trajectory_sigmas": JSON list of K floats with `trajectory`).
 - `negative_prompt.safetensors`: `text_embeddings` [1, L, D] of the negative prompt used for the
   real score's classifier-free guidance (Wan's default negative prompt in the recipe), metadata
   {"fastwan_shard_format": "1", "prompt": the text}.
@@ -49,12 +54,14 @@ def shard_path(folder, index: int) -> Path:
 
 def write_shard(path, latents: torch.Tensor, text_embeddings: torch.Tensor,
                 text_lengths: Optional[torch.Tensor] = None, prompts: Optional[Sequence[str]] = None,
-                noise: Optional[torch.Tensor] = None) -> Path:
+                noise: Optional[torch.Tensor] = None, trajectory: Optional[torch.Tensor] = None,
+                trajectory_sigmas: Optional[Sequence[float]] = None) -> Path:
     """Write one shard atomically.
 
     latents [N, 16, T, H, W] un-normalized Wan VAE latents; text_embeddings [N, L, D] zero-padded
     umT5 states; text_lengths [N] int (default: the count of non-zero rows); prompts: N strings;
     noise: like latents, the sampler's starting noise of each teacher sample (optional).
+    trajectory: [N, K, 16, T, H, W], the sampler's ODE states at `trajectory_sigmas` (K floats), optional.
     """
     path = Path(path)
     n = latents.shape[0]
@@ -70,10 +77,19 @@ def write_shard(path, latents: torch.Tensor, text_embeddings: torch.Tensor,
     if noise is not None and noise.shape != latents.shape:
         raise DataError(f"write_shard({path}): noise must have the latents' shape {list(latents.shape)}, "
                         f"got {list(noise.shape)}.")
+    if (trajectory is None) != (trajectory_sigmas is None):
+        raise DataError(f"write_shard({path}): trajectory and trajectory_sigmas come together (the states and "
+                        "the sigmas they are at).")
+    if trajectory is not None and tuple(trajectory.shape) != (n, len(trajectory_sigmas), *latents.shape[1:]):
+        raise DataError(f"write_shard({path}): trajectory must be [N={n}, K={len(trajectory_sigmas)}, "
+                        f"{', '.join(map(str, latents.shape[1:]))}], got {list(trajectory.shape)}.")
     metadata = {"fastwan_shard_format": SHARD_FORMAT_VERSION, "prompts": json.dumps(prompts)}
     tensors = {"latents": latents, "text_embeddings": text_embeddings, "text_lengths": text_lengths.to(torch.int64)}
     if noise is not None:
         tensors["noise"] = noise.float()
+    if trajectory is not None:
+        tensors["trajectory"] = trajectory.float()
+        metadata["trajectory_sigmas"] = json.dumps([float(sigma) for sigma in trajectory_sigmas])
     atomic_save_safetensors(tensors, path, metadata)
     return path
 
@@ -110,6 +126,18 @@ def write_synthetic_shards(folder, num_samples: int = 4, latent_shape=(16, 2, 8,
     return folder
 
 
+@dataclass
+class Batch:
+    """Samples of a data folder: normalized latents [B, 16, T, H, W] and text embeddings [B, L, D]
+    (float32), and when asked for, the teacher sampler's noise [B, 16, T, H, W] and ODE states
+    [B, K, 16, T, H, W] of each."""
+
+    latents: torch.Tensor
+    text_embeddings: torch.Tensor
+    noise: Optional[torch.Tensor] = None
+    trajectory: Optional[torch.Tensor] = None
+
+
 @dataclass(frozen=True)
 class SampleRef:
     shard: Path
@@ -133,6 +161,9 @@ class ShardDataset:
                             "(or training.data.write_synthetic_shards for a smoke test) and point [data] dir here.")
         self.samples: list[SampleRef] = []
         self.has_noise = True  # every shard holds teacher ODE pairs (latents + their noise)
+        # the sigmas of the teacher ODE states every shard holds (None: not every shard holds them)
+        self.trajectory_sigmas: Optional[tuple[float, ...]] = None
+        trajectories = []
         self.latent_shape: Optional[tuple] = None
         self.text_len: Optional[int] = None
         for shard in shards:
@@ -155,12 +186,19 @@ class ShardDataset:
                 raise DataError(f"{shard}: latents {list(latents[1:])} / text length {text[1]} differ from the first "
                                 f"shard's {list(self.latent_shape)} / {self.text_len}; one data folder holds one "
                                 "video size and one text length.")
-            noise = self._read_shapes(shard, ()).get("noise")
+            noise, trajectory = shapes.get("noise"), shapes.get("trajectory")
             self.has_noise = self.has_noise and noise is not None
             if noise is not None and noise != latents:
                 raise DataError(f"{shard}: 'noise' has shape {list(noise)}; expected the latents' {list(latents)}. "
                                 "Re-run `fastwan synth` for this shard.")
+            trajectories.append(self._trajectory_sigmas(shard, trajectory, latents))
             self.samples += [SampleRef(shard, row) for row in range(latents[0])]
+        if all(sigmas is not None for sigmas in trajectories):
+            if len(set(trajectories)) > 1:
+                raise DataError(f"{self.folder}: the shards hold teacher ODE states at different sigmas "
+                                f"({sorted(set(trajectories))}); one folder holds one student schedule. Write "
+                                "all shards with the same `fastwan synth --trajectory` settings.")
+            self.trajectory_sigmas = trajectories[0]
         negative = self.folder / NEGATIVE_PROMPT_FILE
         if not negative.is_file():
             raise DataError(f"{self.folder}: {NEGATIVE_PROMPT_FILE} is missing; the real score's guidance needs the "
@@ -173,6 +211,24 @@ class ShardDataset:
         self._handles: dict = {}
 
     @staticmethod
+    def _trajectory_sigmas(shard: Path, shape: Optional[tuple], latents: tuple) -> Optional[tuple[float, ...]]:
+        """The sigmas of a shard's `trajectory` (None without one), checked against its shape."""
+        if shape is None:
+            return None
+        with safe_open(str(shard), framework="pt") as handle:
+            text = (handle.metadata() or {}).get("trajectory_sigmas")
+        try:
+            sigmas = tuple(float(s) for s in json.loads(text))
+        except (TypeError, ValueError) as error:
+            raise DataError(f"{shard}: 'trajectory' comes without a readable 'trajectory_sigmas' list in the "
+                            f"metadata ({error}). Re-run `fastwan synth --trajectory` for this shard.") from None
+        if tuple(shape) != (latents[0], len(sigmas), *latents[1:]):
+            raise DataError(f"{shard}: 'trajectory' has shape {list(shape)}; expected [N={latents[0]}, "
+                            f"K={len(sigmas)} sigmas, {', '.join(map(str, latents[1:]))}]. Re-run `fastwan synth "
+                            "--trajectory` for this shard.")
+        return sigmas
+
+    @staticmethod
     def _read_shapes(path: Path, names=("latents", "text_embeddings", "text_lengths")) -> dict:
         try:
             with safe_open(str(path), framework="pt") as handle:
@@ -182,8 +238,9 @@ class ShardDataset:
                     raise DataError(f"{path}: tensors {missing} are missing (it has {sorted(keys)}); not a FastWan "
                                     "data shard. Re-run `fastwan preprocess`.")
                 shapes = {n: tuple(handle.get_slice(n).get_shape()) for n in names}
-                if "noise" in keys:
-                    shapes["noise"] = tuple(handle.get_slice("noise").get_shape())
+                for optional in ("noise", "trajectory"):
+                    if optional in keys:
+                        shapes[optional] = tuple(handle.get_slice(optional).get_shape())
                 return shapes
         except DataError:
             raise
@@ -194,22 +251,25 @@ class ShardDataset:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load(self, indices: Sequence[int], with_noise: bool = False) -> tuple[torch.Tensor, ...]:
-        """Samples -> (normalized latents [B, 16, T, H, W] float32, text embeddings [B, L, D] float32),
-        and with_noise: their teacher sampler noise [B, 16, T, H, W] float32 as a third tensor."""
+    def load(self, indices: Sequence[int], with_noise: bool = False, with_trajectory: bool = False) -> Batch:
+        """The samples at `indices`, with their teacher noise and ODE states when asked for."""
         if with_noise and not self.has_noise:
             raise DataError(f"{self.folder}: the shards hold no 'noise'; the regression term needs teacher ODE "
                             "pairs. Write the data with `fastwan synth`, or set [dmd] regression_weight = 0.")
-        latents, texts, noises = [], [], []
+        if with_trajectory and self.trajectory_sigmas is None:
+            raise DataError(f"{self.folder}: the shards hold no 'trajectory'; [dmd] regression_inputs = "
+                            "\"trajectory\" needs the teacher's ODE states. Write the data with `fastwan synth "
+                            "--trajectory`.")
+        names = ["latents", "text_embeddings"] + ["noise"] * with_noise + ["trajectory"] * with_trajectory
+        rows: dict = {name: [] for name in names}
         for index in indices:
             ref = self.samples[index]
             with safe_open(str(ref.shard), framework="pt") as handle:
-                latents.append(handle.get_slice("latents")[ref.row:ref.row + 1].float())
-                texts.append(handle.get_slice("text_embeddings")[ref.row:ref.row + 1].float())
-                if with_noise:
-                    noises.append(handle.get_slice("noise")[ref.row:ref.row + 1].float())
-        loaded = (normalize_latents(torch.cat(latents)), torch.cat(texts))
-        return loaded + (torch.cat(noises),) if with_noise else loaded
+                for name in names:
+                    rows[name].append(handle.get_slice(name)[ref.row:ref.row + 1].float())
+        joined = {name: torch.cat(values) for name, values in rows.items()}
+        return Batch(normalize_latents(joined["latents"]), joined["text_embeddings"], joined.get("noise"),
+                     joined.get("trajectory"))
 
 
 class DataStream:
@@ -244,8 +304,8 @@ class DataStream:
         self.cursor += self.global_batch
         return order[start:start + self.batch_size].tolist()
 
-    def next_batch(self, with_noise: bool = False) -> tuple[torch.Tensor, ...]:
-        return self.dataset.load(self.next_indices(), with_noise)
+    def next_batch(self, with_noise: bool = False, with_trajectory: bool = False) -> Batch:
+        return self.dataset.load(self.next_indices(), with_noise, with_trajectory)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor}

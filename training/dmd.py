@@ -16,7 +16,8 @@ the student's and the teacher's noised distributions.
 
 The settings are the config's `[dmd]` section (`config.DMDSection`); a named recipe fills them
 (`config.RECIPES`). Besides plain DMD a recipe can add, against DMD's mode-seeking:
-- a regression of the student's first step onto teacher ODE pairs (noise -> teacher sample; DMD),
+- a regression of the student onto the teacher's samples: from their noise at the first step (DMD),
+  or at every step from the teacher ODE's own state at that step's sigma (CausVid),
 - DMD2's GAN term: a small head on the fake score's features tells real data from student samples,
   the fake score's own loss trains it, the generator gets the non-saturating loss,
 - more fake-score updates per step, so that the fake score keeps up with the student.
@@ -63,11 +64,17 @@ def draw_dmd_sigmas(batch: int, generator: torch.Generator, shift: float, min_ra
     return grid[index].clamp(min_ratio, max_ratio)
 
 
-def draw_student_sigmas(batch: int, generator: torch.Generator, sigmas: Sequence[float]) -> torch.Tensor:
-    """One of the student's sigmas per sample, uniformly; float32 [batch] on the CPU."""
+def draw_student_steps(batch: int, generator: torch.Generator, sigmas: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One of the student's steps per sample, uniformly: (step index int64 [batch], its sigma
+    float32 [batch]), on the CPU."""
     table = torch.tensor(list(sigmas), dtype=torch.float32)
     index = torch.randint(0, table.numel(), (batch,), generator=generator)
-    return table[index]
+    return index, table[index]
+
+
+def draw_student_sigmas(batch: int, generator: torch.Generator, sigmas: Sequence[float]) -> torch.Tensor:
+    """One of the student's sigmas per sample, uniformly; float32 [batch] on the CPU."""
+    return draw_student_steps(batch, generator, sigmas)[1]
 
 
 def generator_loss(x0: torch.Tensor, fake_x0: torch.Tensor, real_x0: torch.Tensor) -> torch.Tensor:
@@ -124,6 +131,7 @@ class StepDraws:
     student_noise: torch.Tensor  # like x0
     dmd_sigma: torch.Tensor  # [B]
     dmd_noise: torch.Tensor  # like x0
+    student_step: torch.Tensor  # [B] int64: the index of student_sigma in the student's sigmas
 
     @classmethod
     def draw(cls, shape, generator: torch.Generator, settings: DMDSection, device,
@@ -131,12 +139,13 @@ class StepDraws:
         if student_sigma_table is None:
             student_sigma_table = student_sigmas(settings.student_timesteps, settings.shift)
         batch = shape[0]
-        student_sigma = draw_student_sigmas(batch, generator, student_sigma_table)
+        student_step, student_sigma = draw_student_steps(batch, generator, student_sigma_table)
         student_noise = torch.randn(tuple(shape), generator=generator)
         dmd_sigma = draw_dmd_sigmas(batch, generator, settings.shift, settings.dmd_min_ratio,
                                     settings.dmd_max_ratio)
         dmd_noise = torch.randn(tuple(shape), generator=generator)
-        return cls(student_sigma.to(device), student_noise.to(device), dmd_sigma.to(device), dmd_noise.to(device))
+        return cls(student_sigma.to(device), student_noise.to(device), dmd_sigma.to(device), dmd_noise.to(device),
+                   student_step.to(device))
 
 
 class FeatureTap:
@@ -186,16 +195,62 @@ def gan_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor)
     return F.softplus(-real_logits.float()).mean() + F.softplus(fake_logits.float()).mean()
 
 
-def regression_loss(student: Model, noise: torch.Tensor, teacher_sample: torch.Tensor, context,
-                    sigma: torch.Tensor) -> torch.Tensor:
-    """MSE between teacher_sample and the student's x0 from x = (1 - sigma) teacher_sample + sigma noise.
+@dataclass
+class RegressionData:
+    """The teacher's side of the regression term, for a batch like data_x0.
 
-    (noise, teacher_sample) is a teacher ODE pair. At sigma = 1 (the first student step) x is the
-    noise itself: the student's one-step map regresses onto the teacher's ODE map (DMD's regression
-    term). At lower sigma x lies on the straight line between the pair, the target of rectified
-    flow's reflow. sigma: [B] or one per element group, as `student_x0` takes it.
+    teacher_sample: the teacher's samples (the target).
+    noise: the noise each sample's teacher ODE started from (`fastwan synth` keeps it), for
+        regression_inputs "noise" and "line".
+    trajectory: [K, *teacher_sample.shape], the teacher ODE's state at each of the K student sigmas
+        (`fastwan synth --trajectory`), for regression_inputs "trajectory".
     """
-    x0 = student_x0(student, teacher_sample, context, sigma, noise)
+
+    teacher_sample: torch.Tensor
+    noise: Optional[torch.Tensor] = None
+    trajectory: Optional[torch.Tensor] = None
+
+
+def regression_input(data: RegressionData, draws: StepDraws, settings: DMDSection,
+                     student_sigma_table: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the regression's student forward starts: (x, sigma), by settings.regression_inputs.
+
+    - "noise": at the first student sigma, on the line between the pair (at sigma 1: the noise itself),
+      DMD's regression of the one-step map onto the teacher's noise -> sample map.
+    - "line": at each sample's drawn student sigma, on the straight line between noise and sample
+      (reflow's target; the line is not the teacher's path, so its marginals are not the student's inputs).
+    - "trajectory": at each sample's drawn student step, the teacher ODE's own state at that sigma.
+      The ODE is a bijection, so the sample is a function of that state and the target does not blur;
+      and the states have the marginals of noised data, which is what the student sees at that step.
+    draws.student_sigma / student_step broadcast against the sample (one per sample, or per point).
+    """
+    mode = settings.regression_inputs
+    sample = data.teacher_sample
+    if mode == "trajectory":
+        if data.trajectory is None:
+            raise ValueError("regression_input: regression_inputs = \"trajectory\" needs the teacher's ODE states")
+        step = draws.student_step
+        step = step.view(-1, *([1] * (sample.ndim - 1))) if step.ndim == 1 else step
+        index = step.expand(sample.shape)[None]  # [1, *sample.shape]
+        x = torch.gather(data.trajectory, 0, index.to(data.trajectory.device))[0]
+        return x.float(), draws.student_sigma
+    if data.noise is None:
+        raise ValueError(f"regression_input: regression_inputs = {mode!r} needs the noise of each teacher sample")
+    if mode == "line":
+        sigma = draws.student_sigma
+    else:
+        sigma = torch.full((sample.shape[0],), float(student_sigma_table[0]), device=sample.device)
+    return add_noise(sample.float(), data.noise.float(), sigma), sigma
+
+
+def regression_loss(student: Model, x: torch.Tensor, teacher_sample: torch.Tensor, context,
+                    sigma: torch.Tensor) -> torch.Tensor:
+    """MSE between teacher_sample and the student's x0 from the input x at sigma (`regression_input`).
+
+    sigma: [B], or one per element group broadcasting against x.
+    """
+    velocity = student(x, _timestep(sigma), context)
+    x0 = predict_x0(x, velocity.float(), sigma)
     return F.mse_loss(x0, teacher_sample.float().detach())
 
 
@@ -209,8 +264,8 @@ class GANParts:
 
 def generator_step_losses(student: Model, real_score: Model, fake_score: Model, data_x0: torch.Tensor,
                           context, negative_context, draws: StepDraws, settings: DMDSection,
-                          gan: Optional[GANParts] = None,
-                          regression_pair: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> dict:
+                          gan: Optional[GANParts] = None, regression: Optional[RegressionData] = None,
+                          student_sigma_table: Optional[Sequence[float]] = None) -> dict:
     """The generator's losses for one batch, weighted: {"dmd", and "gan" / "regression" when on}.
 
     The student forward carries grad; the real score never does. data_x0 [B, ...]: data samples
@@ -218,7 +273,8 @@ def generator_step_losses(student: Model, real_score: Model, fake_score: Model, 
     for the student & scores / for the real score's unconditional branch (None: no guidance).
     gan: needed when settings.gan_generator_weight > 0; the fake score then runs with grad, so the
     head's verdict on the noised student sample reaches the student (the DMD term stays detached).
-    regression_pair: (noise, teacher sample) like data_x0, needed when settings.regression_weight > 0.
+    regression: the teacher's samples and the inputs settings.regression_inputs names, needed when
+    settings.regression_weight > 0. student_sigma_table: the student's sigmas (default: the settings').
     """
     x0 = student_x0(student, data_x0, context, draws.student_sigma, draws.student_noise)
     use_gan = settings.gan_generator_weight > 0
@@ -245,14 +301,12 @@ def generator_step_losses(student: Model, real_score: Model, fake_score: Model, 
     fake_x0 = predict_x0(x_t.detach().float(), fake_v, draws.dmd_sigma)
     losses["dmd"] = generator_loss(x0, fake_x0, real_x0)
     if settings.regression_weight > 0:
-        if regression_pair is None:
-            raise ValueError("generator_step_losses: regression_weight > 0 needs (noise, teacher sample) pairs")
-        noise, teacher_sample = regression_pair
-        sigma = draws.student_sigma
-        if not settings.regression_every_step:
-            first = student_sigmas(settings.student_timesteps, settings.shift)[0]
-            sigma = torch.full((noise.shape[0],), first, device=noise.device)
-        losses["regression"] = settings.regression_weight * regression_loss(student, noise, teacher_sample,
+        if regression is None:
+            raise ValueError("generator_step_losses: regression_weight > 0 needs the teacher's samples (regression=)")
+        if student_sigma_table is None:
+            student_sigma_table = student_sigmas(settings.student_timesteps, settings.shift)
+        x, sigma = regression_input(regression, draws, settings, student_sigma_table)
+        losses["regression"] = settings.regression_weight * regression_loss(student, x, regression.teacher_sample,
                                                                              context, sigma)
     return losses
 

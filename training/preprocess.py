@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from ..fastwan_core.errors import InputError
 from ..fastwan_core.latents import denormalize_latents, latent_shape, validate_video_size
 from ..fastwan_core.pipeline import check_teacher_settings
+from ..fastwan_core.schedule import (FASTWAN_SHIFT, FASTWAN_TIMESTEPS_TEXT, check_shift, check_timesteps,
+                                     parse_timesteps, student_sigmas)
 from .data import shard_path, write_negative_prompt, write_shard
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".gif", ".webp")
@@ -169,25 +171,59 @@ def read_prompts(path) -> list[str]:
     return prompts
 
 
+def check_resumed_trajectory(out, trajectory_sigmas: Optional[Sequence[float]]) -> None:
+    """A resumed `synth` (it skips the shards that exist) must write what the existing shards hold:
+    the teacher ODE states at the same sigmas, or none. Raises InputError before any model loads."""
+    import json
+
+    from safetensors import safe_open
+
+    wanted = None if trajectory_sigmas is None else [round(float(s), 6) for s in trajectory_sigmas]
+    for shard in sorted(Path(out).glob("shard-*.safetensors")):
+        try:
+            with safe_open(str(shard), framework="pt") as handle:
+                text = (handle.metadata() or {}).get("trajectory_sigmas")
+        except Exception:  # a damaged shard: ShardDataset names it when training reads the folder
+            continue
+        held = None if text is None else [round(float(s), 6) for s in json.loads(text)]
+        if held != wanted:
+            have = "no teacher ODE states" if held is None else f"teacher ODE states at sigmas {held}"
+            want = "none" if wanted is None else f"states at sigmas {wanted}"
+            raise InputError(f"synth: {shard} from an earlier run holds {have}, but this run would write {want}; "
+                             f"synth resumes a folder only with the same --trajectory settings. Write to a new "
+                             f"--out folder, or repeat the earlier run's flags.")
+
+
 def synth(prompts: Sequence[str], model_folder, out, width: int = 832, height: int = 448, frames: int = 77,
           num_steps: int = 50, guidance: float = 5.0, shift: float = 8.0, seed: int = 0,
           samples_per_shard: int = 8, sampler: str = "unipc", device=None, dtype: Optional[torch.dtype] = None,
-          negative_prompt: Optional[str] = None, log: Callable[[str], None] = print) -> Path:
+          negative_prompt: Optional[str] = None, trajectory_timesteps: Optional[Sequence[float]] = None,
+          trajectory_shift: float = FASTWAN_SHIFT, log: Callable[[str], None] = print) -> Path:
     """The frozen teacher (dense, multi-step, CFG) turns prompts into latents; no video and no VAE
     needed. Sample i uses seed `seed + i`, so shards are reproducible and independent of sharding; each
-    shard keeps the noise each sample started from (`noise`), so its samples are teacher ODE pairs."""
+    shard keeps the noise each sample started from (`noise`), so its samples are teacher ODE pairs.
+
+    trajectory_timesteps: a student's timesteps (on the grid of `trajectory_shift`, as the distill
+    config's [dmd] student_timesteps and shift); each shard then also keeps the teacher ODE's state at
+    each of their sigmas (`trajectory`, `sampling.ODEStates`) for [dmd] regression_inputs =
+    "trajectory". It costs K more latents of storage per sample and no extra model call."""
     from ..fastwan_core.attention import AttentionConfig
     from ..fastwan_core.checkpoint import load_dit
-    from ..fastwan_core.sampling import sample_euler, sample_unipc, seeded_noise
+    from ..fastwan_core.sampling import ODEStates, sample_euler, sample_unipc, seeded_noise
     from ..fastwan_core.text_encoder import WAN_NEGATIVE_PROMPT, UMT5TextEncoder
 
     shape = latent_shape(1, width, height, frames)
     check_teacher_settings(num_steps, guidance, shift, sampler)
+    trajectory_sigmas = None
+    if trajectory_timesteps is not None:
+        check_timesteps(tuple(trajectory_timesteps), "--student-timesteps")
+        trajectory_sigmas = student_sigmas(trajectory_timesteps, check_shift(trajectory_shift, "--student-shift"))
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise InputError(f"--seed {seed}: must be a whole number >= 0")
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise InputError("synth: every prompt must be non-empty text (one prompt per line)")
     device = check_data_run(model_folder, out, samples_per_shard, device, parts=("text_encoder", "transformer"))
+    check_resumed_trajectory(out, trajectory_sigmas)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     text_encoder = UMT5TextEncoder.from_folder(model_folder, dtype=dtype, device=device)
     teacher = load_dit(Path(model_folder), dtype=dtype, device=device)
@@ -206,16 +242,20 @@ def synth(prompts: Sequence[str], model_folder, out, width: int = 832, height: i
             continue
         batch = list(prompts[start:end])
         context = text_encoder.encode(batch)
-        latents, noises = [], []
+        latents, noises, trajectories = [], [], []
         for offset in range(len(batch)):
+            states = ODEStates(trajectory_sigmas) if trajectory_sigmas is not None else None
             x0 = sample(teacher, context[offset:offset + 1], shape, seed + start + offset,
                         negative_context=negative_context, guidance=guidance, num_steps=num_steps, shift=shift,
-                        device=device)
+                        device=device, ode_states=states)
             latents.append(denormalize_latents(x0.float()).cpu())
+            if states is not None:
+                trajectories.append(states.stacked().cpu())
             # the noise the sampler started from (its first draw from this seed): with the sample, a
             # teacher ODE pair for the regression term
             noises.append(seeded_noise(shape, torch.Generator("cpu").manual_seed(seed + start + offset), "cpu"))
-        write_shard(path, torch.cat(latents), context.float().cpu(), prompts=batch, noise=torch.cat(noises))
+        write_shard(path, torch.cat(latents), context.float().cpu(), prompts=batch, noise=torch.cat(noises),
+                    trajectory=torch.cat(trajectories) if trajectories else None, trajectory_sigmas=trajectory_sigmas)
     log(f"synth: {len(prompts)} teacher samples ({num_steps} {sampler} steps, CFG {guidance}) in "
         f"{len(ranges)} shards under {out}")
     return out
@@ -253,6 +293,13 @@ def add_parsers(subparsers) -> None:
     syn.add_argument("--shift", type=float, default=8.0, help="flow shift, > 0")
     syn.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
     syn.add_argument("--sampler", default="unipc", choices=["unipc", "euler"], help="teacher sampler")
+    syn.add_argument("--trajectory", action="store_true",
+                     help="also keep the teacher ODE's state at each student sigma (for [dmd] regression_inputs = "
+                          "\"trajectory\", the balanced recipe); K more latents per sample")
+    syn.add_argument("--student-timesteps", default=FASTWAN_TIMESTEPS_TEXT,
+                     help="with --trajectory: the distill config's [dmd] student_timesteps, comma-separated")
+    syn.add_argument("--student-shift", type=float, default=FASTWAN_SHIFT,
+                     help="with --trajectory: the distill config's [dmd] shift")
     common(syn)
     syn.set_defaults(run=_run_synth)
 
@@ -274,5 +321,7 @@ def _run_synth(args) -> int:
     synth(read_prompts(args.prompts), args.model, args.out, width=args.width, height=args.height,
           frames=args.frames, num_steps=args.steps, guidance=args.guidance, shift=args.shift, seed=args.seed,
           samples_per_shard=args.samples_per_shard, sampler=args.sampler, device=args.device,
-          dtype=_dtype(args.dtype), negative_prompt=args.negative_prompt)
+          dtype=_dtype(args.dtype), negative_prompt=args.negative_prompt,
+          trajectory_timesteps=parse_timesteps(args.student_timesteps, "--student-timesteps") if args.trajectory
+          else None, trajectory_shift=args.student_shift)
     return 0

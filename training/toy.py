@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from ..fastwan_core.files import atomic_write
-from ..fastwan_core.sampling import sample_dmd
+from ..fastwan_core.sampling import ODEStates, sample_dmd
 from ..fastwan_core.schedule import FASTWAN_TIMESTEPS, student_sigmas, teacher_sigmas
 from . import dmd
 from .config import RECIPES, recipe_settings
@@ -349,11 +349,16 @@ def fit_teacher_network(mixtures: MixtureBatch, data_std, seeds, options: ToyOpt
     return net
 
 
-def euler_teacher(velocity, noise: torch.Tensor, num_steps: int, shift: float) -> torch.Tensor:
-    """The flow ODE from `noise` [N, 2], Euler with `num_steps` on the shifted sigma grid."""
+def euler_teacher(velocity, noise: torch.Tensor, num_steps: int, shift: float,
+                  ode_states: Optional[ODEStates] = None) -> torch.Tensor:
+    """The flow ODE from `noise` [N, 2], Euler with `num_steps` on the shifted sigma grid (in float64);
+    `ode_states` records its states on the way, as `fastwan synth --trajectory` does."""
     x = noise.double()
     for sigma, next_sigma in zip(teacher_sigmas(num_steps, shift)[:-1], teacher_sigmas(num_steps, shift)[1:]):
-        x = x + (next_sigma - sigma) * velocity(x, torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device))
+        v = velocity(x, torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device))
+        if ode_states is not None:
+            ode_states.observe(sigma, next_sigma, x, x - sigma * v)
+        x = x + (next_sigma - sigma) * v
     return x.float()
 
 
@@ -470,10 +475,12 @@ def _run_ensemble(options: ToyOptions, runs: list[ToyRun], log=None) -> tuple[li
     if settings.gan_discriminator_weight > 0 and not options.freeze_fake_score:
         gan = dmd.GANParts(ToyGANHead(seeds).to(device), dmd.FeatureTap(fake_score.net.features))
         fake_parameters += list(gan.head.parameters())
-    pairs = None
-    if settings.regression_weight > 0:  # what `fastwan synth` stores: noise and the teacher's sample from it
+    bank = None  # the regression's teacher side, as `fastwan synth` stores it: noise, sample, ODE states
+    if settings.regression_weight > 0:
         noise = torch.randn(len(runs) * options.ode_pairs, 2, generator=generator).to(device)
-        pairs = (noise, euler_teacher(mixtures.velocity, noise, options.ode_steps, options.shift))
+        states = ODEStates(table) if settings.regression_inputs == "trajectory" else None
+        sample = euler_teacher(mixtures.velocity, noise, options.ode_steps, options.shift, states)
+        bank = dmd.RegressionData(sample, noise, None if states is None else states.stacked().transpose(0, 1))
     fused = dict(fused=True) if device.type in ("cpu", "cuda") else {}
     generator_optimizer = torch.optim.Adam(student.parameters(), lr=options.generator_lr,
                                            betas=tuple(options.generator_betas), **fused)
@@ -487,15 +494,18 @@ def _run_ensemble(options: ToyOptions, runs: list[ToyRun], log=None) -> tuple[li
             data = mixtures.sample(options.generator_batch, generator).view(generator_shape).to(device)
             draws = dmd.StepDraws.draw(generator_shape, generator, settings, device, table)
             # each point of a sample from its own student step
-            point_sigma = dmd.draw_student_sigmas(generator_shape[0] * generator_shape[1], generator, table)
+            point_step, point_sigma = dmd.draw_student_steps(generator_shape[0] * generator_shape[1], generator, table)
             draws.student_sigma = point_sigma.view(*generator_shape[:2], 1).to(device)
-            pair = None
-            if pairs is not None:
+            draws.student_step = point_step.view(*generator_shape[:2], 1).to(device)
+            regression = None
+            if bank is not None:
                 index = torch.randint(0, options.ode_pairs, (len(runs), options.generator_batch), generator=generator)
                 index = (index + options.ode_pairs * torch.arange(len(runs))[:, None]).view(-1).to(device)
-                pair = tuple(p[index].view(generator_shape) for p in pairs)
+                regression = dmd.RegressionData(
+                    bank.teacher_sample[index].view(generator_shape), bank.noise[index].view(generator_shape),
+                    None if bank.trajectory is None else bank.trajectory[:, index].view(len(table), *generator_shape))
             losses = dmd.generator_step_losses(student, mixtures.score, fake_score, data, None, None, draws, settings,
-                                               gan, pair)
+                                               gan, regression, table)
             generator_optimizer.zero_grad(set_to_none=True)
             (sum(losses.values()) * len(runs)).backward()  # each run's loss at its own scale
             generator_optimizer.step()

@@ -72,6 +72,35 @@ def trainable(model) -> list:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def check_regression_data(config: DistillConfig, dataset: ShardDataset, student_sigma_table) -> None:
+    """The shards hold what the regression term reads ([dmd] regression_weight, regression_inputs):
+    the noise of each teacher sample, or the teacher's ODE states at the student's own sigmas."""
+    d = config.dmd
+    if d.regression_weight <= 0:
+        return
+    where = f"{config.source}: [dmd] regression_weight = {d.regression_weight} with regression_inputs = " \
+            f"{d.regression_inputs!r}"
+    timesteps = ",".join(f"{t:g}" for t in d.student_timesteps)
+    synth_flags = f"`fastwan synth --trajectory --student-timesteps {timesteps} --student-shift {d.shift:g}`"
+    if d.regression_inputs != "trajectory":
+        if not dataset.has_noise:
+            raise ConfigError(f"{where} needs teacher ODE pairs, but the shards in {config.data.dir} hold no 'noise'. "
+                              "Write the data with `fastwan synth` (it keeps each sample's noise), or set [dmd] "
+                              "regression_weight = 0.")
+        return
+    sigmas = dataset.trajectory_sigmas
+    if sigmas is None:
+        raise ConfigError(f"{where} needs the teacher's ODE states at the student's sigmas, but the shards in "
+                          f"{config.data.dir} hold no 'trajectory'. Write the data with {synth_flags}, or use "
+                          "[dmd] regression_inputs = \"noise\".")
+    if len(sigmas) != len(student_sigma_table) or any(abs(a - b) > 1e-5 for a, b in zip(sigmas, student_sigma_table)):
+        raise ConfigError(f"{where}: the shards in {config.data.dir} hold the teacher's ODE states at sigmas "
+                          f"{[round(s, 4) for s in sigmas]}, but the student's sigmas ([dmd] student_timesteps = "
+                          f"{list(d.student_timesteps)}, shift = {d.shift:g}) are "
+                          f"{[round(s, 4) for s in student_sigma_table]}. Write the data again with {synth_flags}, "
+                          "or set [dmd] student_timesteps and shift to the data's.")
+
+
 def sparsity_at(config: DistillConfig, step: int) -> float:
     """The student's VSA sparsity at `step` (1-based): a linear ramp, then constant."""
     a = config.attention
@@ -111,12 +140,8 @@ class Distiller:
         # processes of one sequence-parallel group share their samples and their noise
         self.data = DataStream(self.dataset, config.data.batch_size, config.data.seed, data_rank, data_size)
         self.settings = config.dmd
-        if self.settings.regression_weight > 0 and not self.dataset.has_noise:
-            raise ConfigError(
-                f"{config.source}: [dmd] regression_weight = {self.settings.regression_weight} needs teacher ODE "
-                f"pairs, but the shards in {config.data.dir} hold no 'noise'. Write the data with `fastwan synth` "
-                "(it keeps each sample's noise), or set [dmd] regression_weight = 0.")
         self.student_sigma_table = student_sigmas(self.settings.student_timesteps, self.settings.shift)
+        check_regression_data(config, self.dataset, self.student_sigma_table)
 
         # -- models --------------------------------------------------------------------------------
         m = config.model
@@ -233,9 +258,15 @@ class Distiller:
         """Step `step` (1-based): the generator update on every N-th step, then the fake-score update(s)."""
         started = time.perf_counter()
         settings = self.settings
-        batch = self.data.next_batch(with_noise=settings.regression_weight > 0)
-        latents, text = batch[0].to(self.device), batch[1].to(self.device)
-        pair = (batch[2].to(self.device), latents) if len(batch) == 3 else None
+        regression_inputs = settings.regression_inputs if settings.regression_weight > 0 else None
+        batch = self.data.next_batch(with_noise=regression_inputs in ("noise", "line"),
+                                     with_trajectory=regression_inputs == "trajectory")
+        latents, text = batch.latents.to(self.device), batch.text_embeddings.to(self.device)
+        regression = None
+        if regression_inputs is not None:  # the data are the teacher's samples
+            regression = dmd.RegressionData(
+                latents, None if batch.noise is None else batch.noise.to(self.device),
+                None if batch.trajectory is None else batch.trajectory.transpose(0, 1).to(self.device))
         negative = self.negative.expand(latents.shape[0], -1, -1)
         self.student.attention = self.student_attention(step)
         student = self._caller(self.student)
@@ -244,7 +275,8 @@ class Distiller:
         if dmd.is_generator_step(step, settings.generator_update_interval):
             draws = dmd.StepDraws.draw(latents.shape, self.generator, settings, self.device, self.student_sigma_table)
             losses = dmd.generator_step_losses(student, self._caller(self.teacher), fake_score, latents, text,
-                                               negative, draws, settings, self.gan, pair)
+                                               negative, draws, settings, self.gan, regression,
+                                               self.student_sigma_table)
             loss = sum(losses.values())
             metrics["generator_grad_norm"] = self._update(self.student, self.student_optimizer, loss, "generator", step)
             metrics["generator_loss"] = float(loss.detach())
