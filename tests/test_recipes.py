@@ -476,3 +476,31 @@ def test_synth_trajectory_holds_the_teachers_states_at_the_student_sigmas(tmp_pa
     assert main(["synth", "--prompts", str(prompts), "--model", str(folder), "--out", str(tmp_path / "bad"),
                  "--trajectory", "--student-timesteps", "757,1000"]) == 2
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_toy_suite_bench_reports_recipe_control_and_ablation(tmp_path):
+    """bench/toy_suite.py end to end at a tiny size: one JSON object with the recipe, the control (DMD
+    with a frozen fake score) and the recipe's frozen-fake-score ablation, each with its worst case."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "toy_suite.py"
+    partial = tmp_path / "partial.jsonl"
+    done = subprocess.run([sys.executable, str(script), "--recipes", "balanced", "--mixtures", "pair-unequal-far",
+                           "--seeds", "0", "--steps", "20", "--eval-samples", "2048", "--frozen-ablation",
+                           "--device", "cpu", "--processes", "2", "--partial", str(partial)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert set(report["recipes"]) == {"balanced", "control", "balanced, frozen fake score"}
+    for label, entry in report["recipes"].items():
+        (run,) = entry["runs"]
+        assert run["mixture"] == "pair-unequal-far" and run["steps"] == 20
+        assert run["freeze_fake_score"] == (label != "balanced")
+        assert entry["worst"]["runs"] == 1 and entry["every_run_passed"] == run["passed"]
+    assert report["recipes"]["control"]["runs"][0]["recipe"] == "fastwan"
+    assert report["recipes"]["control"]["every_run_failed"] == (not report["recipes"]["control"]["runs"][0]["passed"])
+    assert len(partial.read_text().splitlines()) == 3
