@@ -14,7 +14,7 @@ if [ -e "$RUN" ]; then
     exit 2
 fi
 # Stops here (exit status 2) when the judge cannot read the VAE's reconstructions: a teacher trained on
-# latents without objects draws none.
+# latents without objects draws none. The message says how to go on training that VAE (--init).
 $FASTWAN world-vae --out $RUN/vae --steps 40000 --time-limit "${VAE_SECONDS:-180}" --batch 8 --min-adherence 90
 $FASTWAN world-teacher --vae $RUN/vae --out $RUN/teacher_model --steps 40000 --time-limit "${TEACHER_SECONDS:-200}" \
     --pool 1024

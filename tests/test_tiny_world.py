@@ -135,6 +135,20 @@ def test_world_vae_and_teacher_trainers_write_folders_the_chain_reads_and_the_te
         train_vae(tmp_path / "vae_refused", steps=1, batch=1, crop=(32, 32), device="cpu", clip_size=size,
                   min_adherence=101, log=lambda line: None)
     assert (tmp_path / "vae_refused" / "config.json").is_file()
+    # --init goes on training a saved VAE: with a vanishing learning rate the weights are the saved ones
+    train_vae(tmp_path / "vae_more", steps=1, batch=1, lr=1e-30, crop=(32, 32), device="cpu", clip_size=size,
+              init=tmp_path / "vae", seed=1, log=lambda line: None)
+    saved, continued = (AutoencoderKLWan.from_pretrained(str(tmp_path / name)) for name in ("vae", "vae_more"))
+    torch.testing.assert_close(continued.decoder.conv_out.weight, saved.decoder.conv_out.weight)
+    torch.testing.assert_close(continued.encoder.conv_in.weight, saved.encoder.conv_in.weight)
+    # a folder that is not the world's VAE is refused before any training
+    other = tmp_path / "other_vae"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"base_dim": 32, "z_dim": 16}))
+    with pytest.raises(InputError, match=r"--init .*other_vae is not the world's VAE architecture: \{'base_dim': 32"):
+        train_vae(tmp_path / "vae_other", steps=1, crop=(32, 32), device="cpu", clip_size=size, init=other,
+                  log=lambda line: None)
+    assert not (tmp_path / "vae_other").exists()
 
     lines = []
     config = WanConfig(dim=64, ffn_dim=128, num_heads=1, num_layers=2, text_dim=64, freq_dim=64)

@@ -135,7 +135,7 @@ def object_crops(clips: torch.Tensor, crop, generator: torch.Generator) -> torch
 
 def train_vae(out, steps: int = 2000, time_limit: float = 0.0, batch: int = 8, lr: float = 2e-4,
               crop=(64, 64), kl_weight: float = 1e-4, seed: int = 0, device=None, clip_size=None,
-              min_adherence: float = 0.0, log: Log = print) -> dict:
+              min_adherence: float = 0.0, init=None, log: Log = print) -> dict:
     """Train the world VAE and save it (diffusers `save_pretrained`) at `out`. Returns figures:
     steps done, seconds, PSNR (dB) of reconstructions of 16 held-out-caption clips at full size, and
     the judge's caption adherence on those reconstructions (% of clips read right): PSNR alone looks
@@ -151,6 +151,9 @@ def train_vae(out, steps: int = 2000, time_limit: float = 0.0, batch: int = 8, l
         short clips drifts on long ones (reconstruction error growing with the frame index).
     time_limit: stop early after this many seconds (0: none).
     clip_size: (frames, height, width) of the world clips (default the world's size).
+    init: a VAE folder written by an earlier `world-vae` to go on training (one that stopped short of
+        `min_adherence`): runs of a few minutes add up. Its clips repeat the earlier run's unless `seed`
+        differs.
     """
     from diffusers import AutoencoderKLWan
 
@@ -160,7 +163,11 @@ def train_vae(out, steps: int = 2000, time_limit: float = 0.0, batch: int = 8, l
     if crop_height % 8 or crop_width % 8 or crop_height > height or crop_width > width:
         raise InputError(f"world-vae: crop {crop} must be multiples of 8 within the clip size {height}x{width}")
     torch.manual_seed(seed)
-    vae = AutoencoderKLWan(**WORLD_VAE).to(device).train()
+    if init is not None:
+        vae = AutoencoderKLWan.from_pretrained(str(check_world_vae(init, "world-vae: --init")),
+                                               torch_dtype=torch.float32).to(device).train()
+    else:
+        vae = AutoencoderKLWan(**WORLD_VAE).to(device).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     crop_generator = torch.Generator().manual_seed(seed + 1)
     started, step = time.perf_counter(), 0
@@ -193,8 +200,23 @@ def train_vae(out, steps: int = 2000, time_limit: float = 0.0, batch: int = 8, l
         raise InputError(f"world-vae: the judge reads only {adherence['all']:.0f}% of the VAE's reconstructions "
                          f"right (needed {min_adherence:.0f}%; colour {adherence['color']:.0f}%, shape "
                          f"{adherence['shape']:.0f}%): it loses the objects, and a teacher trained on its latents "
-                         f"would draw none. The VAE is saved at {out}; train longer (--time-limit, --steps).")
+                         f"would draw none. The VAE is saved at {out}; train it longer: `fastwan world-vae --init {out} "
+                         f"--out {out}-more --seed {seed + 1}` (then use {out}-more), or a longer --time-limit.")
     return figures
+
+
+def check_world_vae(folder, where: str) -> Path:
+    """A folder holding a VAE of the world's architecture (WORLD_VAE), or InputError saying what is off."""
+    folder = Path(folder)
+    config = folder / "config.json"
+    if not config.is_file():
+        raise InputError(f"{where} {folder} holds no VAE (config.json); give a folder written by `fastwan world-vae`.")
+    values = json.loads(config.read_text())
+    different = {key: values.get(key) for key, wanted in WORLD_VAE.items() if values.get(key) != wanted}
+    if different:
+        raise InputError(f"{where} {folder} is not the world's VAE architecture: {different} differ from "
+                         f"{ {key: WORLD_VAE[key] for key in different} }.")
+    return folder
 
 
 @torch.no_grad()
@@ -274,10 +296,7 @@ def train_teacher(vae_folder, out, steps: int = 3000, time_limit: float = 0.0, b
 
     device = _device(device)
     out = Path(out)
-    vae_folder = Path(vae_folder)
-    if not (vae_folder / "config.json").is_file():
-        raise InputError(f"world-teacher: --vae {vae_folder} holds no VAE (config.json); train one with "
-                         "`fastwan world-vae` first.")
+    vae_folder = check_world_vae(vae_folder, "world-teacher: --vae")
     scratch = out.with_name(out.name + ".building")
     shutil.rmtree(scratch, ignore_errors=True)
     build_text_encoder(scratch)
@@ -455,11 +474,13 @@ def add_parsers(subparsers) -> None:
     vae.add_argument("--lr", type=float, default=2e-4)
     vae.add_argument("--seed", type=int, default=0)
     vae.add_argument("--device", default=None)
+    vae.add_argument("--init", default=None,
+                     help="go on training this VAE folder (from an earlier world-vae run); use another --seed")
     vae.add_argument("--min-adherence", type=float, default=0.0,
                      help="fail (exit status 2, the VAE still saved) when the judge reads fewer than this %% of "
                           "reconstructed held-out clips right")
     vae.set_defaults(run=lambda a: _print(train_vae(a.out, a.steps, a.time_limit, a.batch, a.lr, seed=a.seed,
-                                                    device=a.device, min_adherence=a.min_adherence)))
+                                                    device=a.device, min_adherence=a.min_adherence, init=a.init)))
 
     teacher = subparsers.add_parser("world-teacher", help="train the tiny world's dense teacher DiT (flow matching)")
     teacher.add_argument("--vae", required=True, help="the VAE folder written by world-vae")
