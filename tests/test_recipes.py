@@ -464,6 +464,13 @@ def test_synth_trajectory_holds_the_teachers_states_at_the_student_sigmas(tmp_pa
     for k, s in enumerate(sigmas):
         torch.testing.assert_close(batch.trajectory[:, k], (1 - s) * batch.latents + s * batch.noise,
                                    atol=1e-4, rtol=1e-4)
+    # the distill trainer reads them with the balanced recipe's defaults (the student's sigmas match)
+    from fastwan.training.trainer import Distiller
+
+    values = config_dict(out, tmp_path / "run", {"recipe": "balanced", "generator_update_interval": 1})
+    values["model"] = {"teacher": str(folder / "transformer")}
+    metrics = Distiller(config_from_dict(values, "x.toml"), log=lambda *a: None).train_step(1)
+    assert math.isfinite(metrics["generator_regression_loss"]) and metrics["generator_regression_loss"] > 0
     # resuming the folder without --trajectory (or at other sigmas) would mix shards: refused up front
     (out / "shard-00001.safetensors").unlink()
     with pytest.raises(InputError, match="holds teacher ODE states at sigmas .* but this run would write none"):
