@@ -170,9 +170,6 @@ def train_vae(out, steps: int = 2000, time_limit: float = 0.0, batch: int = 8, l
         vae = AutoencoderKLWan(**WORLD_VAE).to(device).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     crop_generator = torch.Generator().manual_seed(seed + 1)
-    # The shapes repeat every step (fixed crops, the causal chunks of 1 then 4 frames): let cuDNN pick
-    # its fastest 3D convolutions once instead of its heuristic choice for these small channel counts.
-    previous_benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, device.type == "cuda"
     started, step = time.perf_counter(), 0
     for step in range(1, steps + 1):
         _, clips = _world_batch(batch, seed * 7919 + step, device, frames, width, height)
@@ -191,7 +188,6 @@ def train_vae(out, steps: int = 2000, time_limit: float = 0.0, batch: int = 8, l
             log(f"world-vae step {step}/{steps} loss {float(loss.detach()):.5f} ({time.perf_counter() - started:.0f} s)")
         if time_limit and time.perf_counter() - started > time_limit:
             break
-    torch.backends.cudnn.benchmark = previous_benchmark
     vae.eval()
     calibrate_vae(vae, seed=seed + 2, device=device, clip_size=(frames, height, width))
     psnr, adherence = reconstruction_quality(vae, device=device, clip_size=(frames, height, width))
