@@ -39,7 +39,8 @@ SHIPPED = Path(__file__).resolve().parents[1] / "models" / "tiny_world"
 TEACHER_MIN_ADHERENCE = 80.0  # % of training captions the teacher must draw right for the comparison to mean anything
 JUDGE_MIN_ACCURACY = 95.0  # % of ground-truth clips the judge must read right
 BAR = (f"the judge reads at least {JUDGE_MIN_ACCURACY:.0f}% of ground-truth clips right and the teacher draws at "
-       f"least {TEACHER_MIN_ADHERENCE:.0f}% of training captions right (else the comparison below is empty: a teacher that draws nothing is matched by anything); "
+       f"least {TEACHER_MIN_ADHERENCE:.0f}% of training captions right (else the comparison below is empty: a "
+       "teacher that draws nothing is matched by anything); "
        "student_vsa adherence (all attributes) within 5 points of the teacher's on training and on held-out "
        "captions; student_vsa's Frechet distance at most half of teacher_3step's; with --control, the control "
        "clearly worse (Frechet distance over twice the student's or training adherence 10 points lower)")

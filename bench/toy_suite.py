@@ -101,7 +101,7 @@ def main(argv=None) -> int:
             if args.partial:
                 with open(args.partial, "a") as handle:
                     handle.write(json.dumps({futures[future]: future.result()}) + "\n")
-    for label, _, freeze in labels:
+    for label, _, _ in labels:
         results = sorted(collected[label], key=lambda r: (mixtures.index(r["mixture"]), r["seed"]))
         entry = {"worst": worst_case(results), "runs": results, "every_run_passed": all(r["passed"] for r in results)}
         if label == "control":

@@ -82,7 +82,8 @@ def test_student_sigma_draw_uses_the_student_grid():
     from fastwan.fastwan_core.schedule import student_sigmas
 
     table = student_sigmas((1000, 757, 522), 8.0)
-    draws = dmd.draw_student_sigmas(3000, torch.Generator().manual_seed(1), table)
+    steps, draws = dmd.draw_student_steps(3000, torch.Generator().manual_seed(1), table)
+    torch.testing.assert_close(draws, torch.tensor(table, dtype=torch.float32)[steps])
     values = sorted(set(draws.tolist()))
     assert len(values) == 3
     torch.testing.assert_close(torch.tensor(values[::-1]), torch.tensor([1.0, 0.7568, 0.5217]), atol=2e-4, rtol=0)

@@ -64,17 +64,13 @@ def draw_dmd_sigmas(batch: int, generator: torch.Generator, shift: float, min_ra
     return grid[index].clamp(min_ratio, max_ratio)
 
 
-def draw_student_steps(batch: int, generator: torch.Generator, sigmas: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_student_steps(batch: int, generator: torch.Generator,
+                       sigmas: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """One of the student's steps per sample, uniformly: (step index int64 [batch], its sigma
     float32 [batch]), on the CPU."""
     table = torch.tensor(list(sigmas), dtype=torch.float32)
     index = torch.randint(0, table.numel(), (batch,), generator=generator)
     return index, table[index]
-
-
-def draw_student_sigmas(batch: int, generator: torch.Generator, sigmas: Sequence[float]) -> torch.Tensor:
-    """One of the student's sigmas per sample, uniformly; float32 [batch] on the CPU."""
-    return draw_student_steps(batch, generator, sigmas)[1]
 
 
 def generator_loss(x0: torch.Tensor, fake_x0: torch.Tensor, real_x0: torch.Tensor) -> torch.Tensor:

@@ -174,8 +174,6 @@ def read_prompts(path) -> list[str]:
 def check_resumed_trajectory(out, trajectory_sigmas: Optional[Sequence[float]]) -> None:
     """A resumed `synth` (it skips the shards that exist) must write what the existing shards hold:
     the teacher ODE states at the same sigmas, or none. Raises InputError before any model loads."""
-    import json
-
     from safetensors import safe_open
 
     wanted = None if trajectory_sigmas is None else [round(float(s), 6) for s in trajectory_sigmas]
